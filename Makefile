@@ -1,0 +1,42 @@
+# Set-up and everyday commands. `make test` and `make demo` work on a fresh machine with only
+# Python 3.11+, Java 17+ and Maven installed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+KAFKA := deploy/kafka/kafka.sh
+
+.PHONY: install kafka-up kafka-down test unit lint format demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+kafka-up:
+	$(KAFKA) up
+
+kafka-down:
+	$(KAFKA) down
+
+# The broker is brought down even when the tests fail; the tests' exit status is kept.
+test: install
+	$(KAFKA) up
+	status=0; $(BIN)/python -m pytest $(PYTEST_ARGS) || status=$$?; $(KAFKA) down; exit $$status
+
+unit: install
+	$(BIN)/python -m pytest -m 'not integration' $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

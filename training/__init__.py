@@ -1,0 +1,1 @@
+"""ner-train: train and evaluate the ner-stream tagger."""
