@@ -1,0 +1,134 @@
+"""Vocabularies: words, characters and tags become integer ids.
+
+Index 0 is always `<PAD>` and index 1 `<UNK>` for words and characters, as in the classic recipe.
+The tag vocabulary has no specials: padded positions are masked out of loss and metrics, so they
+never need a tag of their own.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+PAD = "<PAD>"
+UNK = "<UNK>"
+PAD_ID = 0
+UNK_ID = 1
+
+# Casing classes, looked up per token. The word embeddings are lowercase (GloVe), so casing reaches
+# the model through the characters and through this small feature.
+CASES = ("<PAD>", "other", "numeric", "mostly_numeric", "lower", "upper", "title", "has_digit")
+
+# Characters past this many are not seen by the character encoder: long URLs and hashes would
+# otherwise blow up the padded character tensor of a whole batch.
+MAX_WORD_CHARS = 20
+
+
+@dataclass
+class Vocab:
+    """A bidirectional map between strings and ids."""
+
+    itos: list[str]
+    stoi: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.stoi = {s: i for i, s in enumerate(self.itos)}
+        if len(self.stoi) != len(self.itos):
+            raise ValueError("vocabulary has duplicate entries")
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def __contains__(self, item: str) -> bool:
+        return item in self.stoi
+
+    def id(self, item: str, default: int = UNK_ID) -> int:
+        """The id of `item`, or `default` when it is unknown."""
+        return self.stoi.get(item, default)
+
+    @classmethod
+    def build(
+        cls,
+        counts: Counter[str],
+        min_count: int = 1,
+        extra: Iterable[str] = (),
+        specials: Sequence[str] = (PAD, UNK),
+    ) -> Vocab:
+        """Specials first, then items seen `min_count` times (most frequent first), then `extra`."""
+        itos = list(specials)
+        seen = set(itos)
+        for item, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+            if n >= min_count and item not in seen:
+                itos.append(item)
+                seen.add(item)
+        for item in extra:
+            if item not in seen:
+                itos.append(item)
+                seen.add(item)
+        return cls(itos)
+
+
+def word_key(token: str) -> str:
+    """The form under which a token is looked up in the word vocabulary."""
+    return token.lower()
+
+
+def case_id(token: str) -> int:
+    """The casing class of a token (index into CASES)."""
+    digits = sum(c.isdigit() for c in token)
+    if token.isdigit():
+        return 2
+    if digits / max(len(token), 1) > 0.5:
+        return 3
+    if token.islower():
+        return 4
+    if token.isupper():
+        return 5
+    if token[:1].isupper():
+        return 6
+    if digits:
+        return 7
+    return 1
+
+
+@dataclass
+class EncodedSentence:
+    """One sentence as ids, ready to be padded into a batch."""
+
+    words: list[int]
+    chars: list[list[int]]
+    cases: list[int]
+    tags: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+
+@dataclass
+class Vocabularies:
+    """Everything needed to turn tokens into ids and tag ids back into tags."""
+
+    words: Vocab
+    chars: Vocab
+    tags: Vocab
+
+    def encode(self, tokens: Sequence[str], tags: Sequence[str] | None = None) -> EncodedSentence:
+        """Tokens (and optionally their tags) as ids; unknown tags are an error."""
+        words = self.words.stoi
+        chars = self.chars.stoi
+        return EncodedSentence(
+            words=[words.get(word_key(t), UNK_ID) for t in tokens],
+            chars=[[chars.get(c, UNK_ID) for c in t[:MAX_WORD_CHARS]] for t in tokens],
+            cases=[case_id(t) for t in tokens],
+            tags=None if tags is None else [self.tags.stoi[t] for t in tags],
+        )
+
+    def to_dict(self) -> dict[str, list[str]]:
+        """Plain lists, for the model file."""
+        return {"words": self.words.itos, "chars": self.chars.itos, "tags": self.tags.itos}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, list[str]]) -> Vocabularies:
+        """Inverse of `to_dict`."""
+        return cls(Vocab(data["words"]), Vocab(data["chars"]), Vocab(data["tags"]))

@@ -1,0 +1,202 @@
+"""`ner-train`: train the tagger from labelled corpora, evaluate it, and try it on text."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import torch
+
+from ner_stream import __version__
+from ner_stream.checkpoint import CheckpointError, default_model_path, load, save
+from ner_stream.model import ARCHS, CHAR_ENCODERS
+from ner_stream.spans import SCHEMES
+from training.datasets import FORMATS, DatasetError, load_corpus
+from training.embeddings import load_embeddings
+from training.evaluate import format_report
+from training.trainer import TrainConfig, evaluate_model, fingerprint, resolve_device, train
+
+
+def _load_model(path: Path | None):
+    try:
+        return load(path or default_model_path())
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _read(path: Path, fmt: str):
+    try:
+        return load_corpus(path, fmt)
+    except DatasetError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _progress(batches: Iterator, total: int, label: str) -> Iterator:
+    """A progress bar over one epoch's batches (on a terminal; quiet in logs)."""
+    with click.progressbar(batches, length=total, label=label, file=sys.stderr) as bar:
+        yield from bar
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ner-train")
+def main() -> None:
+    """Train and evaluate ner-stream taggers."""
+
+
+@main.command("train")
+@click.option(
+    "--train",
+    "train_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="Training corpus.",
+)
+@click.option(
+    "--dev",
+    "dev_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="Development corpus (early stopping, reported figures).",
+)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="conll", show_default=True)
+@click.option("--arch", type=click.Choice(ARCHS), default="bilstm-crf", show_default=True)
+@click.option(
+    "--embeddings",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="GloVe/word2vec text file (.gz accepted).",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Model file to write.",
+)
+@click.option(
+    "--name", default="ner-stream-model", show_default=True, help="Model name stored in the file."
+)
+@click.option("--model-version", default=__version__, show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=2e-3, show_default=True)
+@click.option("--patience", type=click.IntRange(1), default=8, show_default=True)
+@click.option(
+    "--hidden",
+    type=click.IntRange(1),
+    default=200,
+    show_default=True,
+    help="LSTM units (per direction).",
+)
+@click.option(
+    "--word-dim",
+    type=click.IntRange(1),
+    default=50,
+    show_default=True,
+    help="Without --embeddings.",
+)
+@click.option("--char-encoder", type=click.Choice(CHAR_ENCODERS), default="cnn", show_default=True)
+@click.option(
+    "--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True
+)
+@click.option(
+    "--tag-scheme",
+    type=click.Choice(SCHEMES),
+    default="bioes",
+    show_default=True,
+    help="Scheme the model predicts in.",
+)
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads for torch.")
+@click.option(
+    "--max-minutes",
+    type=click.FloatRange(0, min_open=True),
+    help="Stop before this much training time.",
+)
+def train_cmd(
+    train_path,
+    dev_path,
+    fmt,
+    arch,
+    embeddings,
+    out,
+    name,
+    model_version,
+    epochs,
+    batch_size,
+    lr,
+    patience,
+    hidden,
+    word_dim,
+    char_encoder,
+    dropout,
+    tag_scheme,
+    seed,
+    device,
+    threads,
+    max_minutes,
+) -> None:  # noqa: E501
+    """Train a tagger; keep the epoch with the best dev entity F1."""
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        resolve_device(device)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--device") from None
+    started = time.monotonic()
+    train_sents, dev_sents = _read(train_path, fmt), _read(dev_path, fmt)
+    click.echo(f"train: {len(train_sents)} sentences, dev: {len(dev_sents)} sentences", err=True)
+    vectors = load_embeddings(embeddings) if embeddings else None
+    cfg = TrainConfig(
+        arch=arch, tag_scheme=tag_scheme, epochs=epochs, batch_size=batch_size, lr=lr,
+        patience=patience, seed=seed, device=device, word_dim=word_dim,
+        char_encoder=char_encoder, hidden=hidden, dropout=dropout, max_minutes=max_minutes,
+    )  # fmt: skip
+    result = train(
+        train_sents,
+        dev_sents,
+        cfg,
+        embeddings=vectors,
+        name=name,
+        version=model_version,
+        data_fingerprint=fingerprint([train_path, dev_path]),
+        log=lambda line: click.echo(line, err=True),
+        progress=_progress if sys.stderr.isatty() else None,
+    )
+    result.info.metrics["total_seconds"] = round(time.monotonic() - started, 1)
+    result.info.extra["train_command"] = " ".join(["ner-train", *sys.argv[1:]])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save(out, result.model, result.info)
+    report = result.best_report
+    assert report is not None
+    click.echo(format_report(report, result.info.metrics["dev"]["accuracy"]))
+    click.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)", err=True)
+
+
+@main.command("evaluate")
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Model file (default: the packaged English model).",
+)
+@click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="conll", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def evaluate_cmd(model_path, data, fmt, device, as_json) -> None:
+    """Entity P/R/F1 per type (conlleval rules) and masked token accuracy on labelled data."""
+    loaded = _load_model(model_path)
+    sentences = _read(data, fmt)
+    dev = resolve_device(device)
+    model = loaded.model.to(dev)
+    report, accuracy = evaluate_model(
+        model, loaded.info.vocabs, sentences, loaded.info.config.tag_scheme, dev
+    )
+    if as_json:
+        click.echo(json.dumps({**report.to_dict(), "accuracy": accuracy}, indent=2))
+    else:
+        click.echo(format_report(report, accuracy))

@@ -1,0 +1,349 @@
+"""The training loop: batches of similar length, masked loss, clipping, early stopping on dev F1."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ner_stream.batching import pad_batch
+from ner_stream.checkpoint import ModelInfo, round_half_precision
+from ner_stream.model import ModelConfig, NerModel
+from ner_stream.spans import convert_tags
+from ner_stream.vocab import UNK_ID, EncodedSentence, Vocab, Vocabularies, word_key
+from training.datasets import Sentence
+from training.embeddings import Embeddings
+from training.evaluate import EntityReport, entity_scores, masked_token_accuracy
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run."""
+
+    arch: str = "bilstm-crf"
+    tag_scheme: str = "bioes"
+    epochs: int = 50
+    batch_size: int = 64
+    lr: float = 2e-3
+    lr_decay: float = 0.05  # lr / (1 + decay * epoch)
+    weight_decay: float = 0.0
+    clip: float = 5.0
+    patience: int = 8
+    seed: int = 1
+    device: str = "auto"
+    word_dim: int = 50
+    char_encoder: str = "cnn"
+    char_filters: int = 50
+    case_dim: int = 8
+    hidden: int = 200
+    dropout: float = 0.5
+    min_word_count: int = 1
+    max_minutes: float | None = None
+    word_dropout: float = 0.01  # replace known words by <UNK> so the model learns to use chars
+
+
+@dataclass
+class EpochStats:
+    """One line of the training history."""
+
+    epoch: int
+    loss: float
+    tokens_per_s: float
+    dev_f1: float
+    dev_accuracy: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    """The best model (by dev F1), its description and how training went."""
+
+    model: NerModel
+    info: ModelInfo
+    history: list[EpochStats] = field(default_factory=list)
+    best_report: EntityReport | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` means CUDA when present, else CPU; a CUDA request without CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def fingerprint(paths: Sequence[str | Path]) -> str:
+    """sha256 over the bytes of the training data files, in order."""
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def build_vocabs(
+    train: Sequence[Sentence], scheme: str, min_count: int, embeddings: Embeddings | None
+) -> Vocabularies:
+    """Words from the training data (and every pretrained word), characters and tags."""
+    word_counts = Counter(word_key(t) for s in train for t in s.tokens)
+    char_counts = Counter(c for s in train for t in s.tokens for c in t)
+    tag_counts = Counter(t for s in train for t in convert_tags(s.tags, "iob2", scheme))
+    extra = embeddings.words if embeddings is not None else ()
+    words = Vocab.build(word_counts, min_count=min_count, extra=extra)
+    chars = Vocab.build(char_counts)
+    # "O" first so that padding positions (tag id 0 under the mask) read as outside.
+    tags = Vocab(["O"] + sorted(t for t in tag_counts if t != "O"))
+    return Vocabularies(words=words, chars=chars, tags=tags)
+
+
+def encode_corpus(
+    sentences: Sequence[Sentence], vocabs: Vocabularies, scheme: str
+) -> list[EncodedSentence]:
+    """Every sentence as ids, tags converted to the model's scheme."""
+    return [vocabs.encode(s.tokens, convert_tags(s.tags, "iob2", scheme)) for s in sentences]
+
+
+def iterate_batches(
+    data: Sequence[EncodedSentence], batch_size: int, rng: random.Random, shuffle: bool = True
+) -> Iterator[list[EncodedSentence]]:
+    """The data generator: sentences of similar length together, batches in random order.
+
+    Sorting by length (with a little noise, so batches differ between epochs) keeps padding low.
+    """
+    order = list(range(len(data)))
+    if shuffle:
+        order.sort(key=lambda i: len(data[i]) + rng.random() * 2)
+    else:
+        order.sort(key=lambda i: len(data[i]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if shuffle:
+        rng.shuffle(batches)
+    for idx in batches:
+        yield [data[i] for i in idx]
+
+
+def init_embeddings(model: NerModel, vocabs: Vocabularies, embeddings: Embeddings) -> int:
+    """Copy pretrained vectors into the word embedding table; returns how many were found."""
+    weight = model.word_embed.weight
+    if embeddings.dim != weight.shape[1]:
+        raise ValueError(
+            f"the embeddings have {embeddings.dim} dimensions but the model's words have "
+            f"{weight.shape[1]}; pass --word-dim {embeddings.dim}"
+        )
+    rows = [vocabs.words.stoi.get(w) for w in embeddings.words]
+    pairs = [(r, i) for i, r in enumerate(rows) if r is not None]
+    scale = float(np.std(embeddings.vectors))
+    with torch.no_grad():
+        torch.nn.init.uniform_(weight, -scale * math.sqrt(3), scale * math.sqrt(3))
+        target = torch.tensor([r for r, _ in pairs])
+        source = torch.from_numpy(embeddings.vectors[[i for _, i in pairs]])
+        weight[target] = source
+        weight[0].zero_()
+    return len(pairs)
+
+
+def predict_tags(
+    model: NerModel,
+    data: Sequence[EncodedSentence],
+    device: torch.device,
+    batch_size: int = 256,
+) -> list[list[int]]:
+    """Best tag ids for each sentence, in input order."""
+    model.eval()
+    out: list[list[int]] = [[] for _ in data]
+    order = sorted(range(len(data)), key=lambda i: len(data[i]))
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = pad_batch([data[i] for i in idx]).to(device)
+            tags, _ = model.decode(batch, with_scores=False)
+            rows = tags.cpu().tolist()
+            for i, row in zip(idx, rows, strict=True):
+                out[i] = row[: len(data[i])]
+    return out
+
+
+def evaluate_model(
+    model: NerModel,
+    vocabs: Vocabularies,
+    sentences: Sequence[Sentence],
+    scheme: str,
+    device: torch.device,
+) -> tuple[EntityReport, float]:
+    """Entity P/R/F1 (conlleval) and masked token accuracy on labelled sentences."""
+    encoded = encode_corpus(sentences, vocabs, scheme)
+    pred_ids = predict_tags(model, encoded, device)
+    gold_ids = [e.tags or [] for e in encoded]
+    pred = [convert_tags([vocabs.tags.itos[i] for i in p], scheme, "iob2") for p in pred_ids]
+    report = entity_scores([s.tags for s in sentences], pred, scheme="iob2")
+    accuracy = masked_token_accuracy(*_flat_with_mask(pred_ids, gold_ids))
+    return report, accuracy
+
+
+def _flat_with_mask(pred: list[list[int]], gold: list[list[int]]):
+    """Pad both to one matrix with a mask, the shape masked accuracy is defined on."""
+    t = max((len(g) for g in gold), default=1)
+    p = np.zeros((len(gold), t), dtype=np.int64)
+    g = np.zeros((len(gold), t), dtype=np.int64)
+    m = np.zeros((len(gold), t), dtype=bool)
+    for i, (pi, gi) in enumerate(zip(pred, gold, strict=True)):
+        p[i, : len(pi)] = pi
+        g[i, : len(gi)] = gi
+        m[i, : len(gi)] = True
+    return p, g, m
+
+
+def _word_dropout(batch_words: torch.Tensor, rate: float, gen: torch.Generator) -> torch.Tensor:
+    if rate <= 0:
+        return batch_words
+    drop = (torch.rand(batch_words.shape, generator=gen) < rate) & (batch_words > UNK_ID)
+    return batch_words.masked_fill(drop, UNK_ID)
+
+
+ProgressFn = Callable[[str], None]
+
+
+def train(
+    train_sents: Sequence[Sentence],
+    dev_sents: Sequence[Sentence],
+    cfg: TrainConfig,
+    embeddings: Embeddings | None = None,
+    name: str = "ner-stream-model",
+    version: str = "0",
+    data_fingerprint: str = "",
+    log: ProgressFn = print,
+    progress: Callable[[Iterator, int, str], Iterator] | None = None,
+) -> TrainResult:
+    """Train a tagger and return the best epoch's model by dev entity F1."""
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    if not train_sents:
+        raise ValueError("the training data holds no sentences")
+
+    vocabs = build_vocabs(train_sents, cfg.tag_scheme, cfg.min_word_count, embeddings)
+    word_dim = embeddings.dim if embeddings is not None else cfg.word_dim
+    mcfg = ModelConfig(
+        arch=cfg.arch,
+        num_words=len(vocabs.words),
+        num_chars=len(vocabs.chars),
+        num_tags=len(vocabs.tags),
+        tag_scheme=cfg.tag_scheme,
+        word_dim=word_dim,
+        char_encoder=cfg.char_encoder,
+        char_filters=cfg.char_filters,
+        case_dim=cfg.case_dim,
+        hidden=cfg.hidden,
+        dropout=cfg.dropout,
+    )
+    model = NerModel(mcfg)
+    if embeddings is not None:
+        found = init_embeddings(model, vocabs, embeddings)
+        log(f"pretrained vectors: {found} of {len(vocabs.words)} words")
+    model.to(device)
+    train_data = encode_corpus(train_sents, vocabs, cfg.tag_scheme)
+    # The word table is most of the parameters but a batch touches few of its rows: sparse
+    # gradients and SparseAdam update only those rows, a third of the step time on a CPU.
+    model.word_embed.sparse = True
+    dense_params = [p for n, p in model.named_parameters() if n != "word_embed.weight"]
+    optimizers = [
+        torch.optim.Adam(dense_params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+        torch.optim.SparseAdam([model.word_embed.weight], lr=cfg.lr),
+    ]
+    schedulers = [
+        torch.optim.lr_scheduler.LambdaLR(o, lambda e: 1.0 / (1.0 + cfg.lr_decay * e))
+        for o in optimizers
+    ]
+
+    history: list[EpochStats] = []
+    best_f1, best_state, stale = -1.0, None, 0
+    started = time.monotonic()
+    n_batches = math.ceil(len(train_data) / cfg.batch_size)
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        t0 = time.monotonic()
+        total_loss, tokens = 0.0, 0
+        batches = iterate_batches(train_data, cfg.batch_size, rng)
+        if progress is not None:
+            batches = progress(batches, n_batches, f"epoch {epoch}")
+        for sents in batches:
+            batch = pad_batch(sents)
+            batch.words = _word_dropout(batch.words, cfg.word_dropout, gen)
+            batch = batch.to(device)
+            loss = model.loss(batch)
+            for o in optimizers:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(dense_params, cfg.clip)
+            for o in optimizers:
+                o.step()
+            total_loss += loss.item() * len(sents)
+            tokens += batch.num_tokens
+        for sched in schedulers:
+            sched.step()
+        train_s = time.monotonic() - t0
+        report, acc = evaluate_model(model, vocabs, dev_sents, cfg.tag_scheme, device)
+        stats = EpochStats(
+            epoch=epoch,
+            loss=total_loss / len(train_data),
+            tokens_per_s=tokens / max(train_s, 1e-9),
+            dev_f1=report.micro.f1,
+            dev_accuracy=acc,
+            seconds=time.monotonic() - t0,
+        )
+        history.append(stats)
+        improved = report.micro.f1 > best_f1
+        log(
+            f"epoch {epoch:3d}  loss {stats.loss:8.4f}  dev F1 {stats.dev_f1:6.2f}  "
+            f"acc {100 * acc:6.2f}  {stats.tokens_per_s:7.0f} tok/s  {stats.seconds:5.1f}s"
+            + ("  *" if improved else "")
+        )
+        if improved:
+            best_f1, stale = report.micro.f1, 0
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+        elapsed_min = (time.monotonic() - started) / 60
+        if stale >= cfg.patience:
+            log(f"early stop: no dev F1 gain in {cfg.patience} epochs")
+            break
+        if cfg.max_minutes is not None and elapsed_min * (epoch + 1) / epoch > cfg.max_minutes:
+            log(f"time budget: stopping after {elapsed_min:.1f} min")
+            break
+
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    model.word_embed.sparse = False
+    round_half_precision(model)
+    final_report, final_acc = evaluate_model(model, vocabs, dev_sents, cfg.tag_scheme, device)
+    metrics = {
+        "dev": {**final_report.to_dict(), "accuracy": final_acc},
+        "epochs": len(history),
+        "best_epoch": max(history, key=lambda h: h.dev_f1).epoch,
+        "train_seconds": round(time.monotonic() - started, 1),
+        "device": str(device),
+        "train_config": asdict(cfg),
+    }
+    info = ModelInfo(
+        name=name,
+        version=version,
+        config=mcfg,
+        vocabs=vocabs,
+        metrics=metrics,
+        data_fingerprint=data_fingerprint,
+    )
+    model.cpu().eval()
+    return TrainResult(model=model, info=info, history=history, best_report=final_report)
