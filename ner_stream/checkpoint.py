@@ -97,7 +97,14 @@ def _read(path: Path) -> dict:
         raise CheckpointError(f"model file not found: {path}")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as e:
+    except (
+        zipfile.BadZipFile,
+        pickle.UnpicklingError,
+        EOFError,
+        OSError,
+        RuntimeError,
+        ValueError,
+    ) as e:
         raise CheckpointError(
             f"{path} is not a readable ner-stream model (corrupt or truncated?): {e}"
         ) from None

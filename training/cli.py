@@ -6,6 +6,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -15,6 +16,7 @@ from ner_stream import __version__
 from ner_stream.checkpoint import CheckpointError, default_model_path, load, save
 from ner_stream.model import ARCHS, CHAR_ENCODERS
 from ner_stream.spans import SCHEMES
+from ner_stream.tagger import Tagger, TaggerOptions
 from training.datasets import FORMATS, DatasetError, load_corpus
 from training.embeddings import load_embeddings
 from training.evaluate import format_report
@@ -200,3 +202,29 @@ def evaluate_cmd(model_path, data, fmt, device, as_json) -> None:
         click.echo(json.dumps({**report.to_dict(), "accuracy": accuracy}, indent=2))
     else:
         click.echo(format_report(report, accuracy))
+
+
+@main.command("predict")
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Model file (default: the packaged English model).",
+)
+@click.option("--device", default="auto", show_default=True)
+@click.argument("inputs", nargs=-1, type=click.File("r", encoding="utf-8"))
+def predict_cmd(model_path, device, inputs) -> None:
+    """Tag text lines (from files or stdin); print one JSON object per line."""
+    try:
+        tagger = Tagger(_load_model(model_path), TaggerOptions(device=device))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--device") from None
+    for stream in inputs or (click.open_file("-", encoding="utf-8"),):
+        for line in stream:
+            text = line.rstrip("\n")
+            entities = tagger.tag([text])[0]
+            click.echo(
+                json.dumps(
+                    {"text": text, "entities": [asdict(e) for e in entities]}, ensure_ascii=False
+                )
+            )

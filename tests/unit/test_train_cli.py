@@ -1,0 +1,92 @@
+"""ner-train end to end on a tiny hand-made corpus: train, evaluate, predict."""
+
+import json
+import random
+
+import pytest
+from click.testing import CliRunner
+
+from training.cli import main
+
+PEOPLE = [("Anna", "Berg"), ("Tom", "Hale"), ("Ines", "Moreau"), ("Raj", "Patel")]
+PLACES = ["Oslo", "Lima", "Cairo", "Quito", "Perth"]
+ORGS = ["Acme", "Globex", "Initech"]
+
+
+def sentence(rng: random.Random) -> list[tuple[str, str]]:
+    first, last = rng.choice(PEOPLE)
+    place, org = rng.choice(PLACES), rng.choice(ORGS)
+    shape = rng.randrange(3)
+    if shape == 0:
+        return [(first, "I-PER"), (last, "I-PER"), ("visited", "O"), (place, "I-LOC"), (".", "O")]
+    if shape == 1:
+        return [(org, "I-ORG"), ("hired", "O"), (first, "I-PER"), ("in", "O"), (place, "I-LOC")]
+    return [("In", "O"), (place, "I-LOC"), (",", "O"), (org, "I-ORG"), ("grew", "O"), (".", "O")]
+
+
+def write_corpus(path, n: int, seed: int) -> None:
+    rng = random.Random(seed)
+    lines = ["-DOCSTART- -X- O O", ""]
+    for _ in range(n):
+        lines += [f"{tok} NN O {tag}" for tok, tag in sentence(rng)] + [""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    write_corpus(d / "train.txt", 120, 1)
+    write_corpus(d / "dev.txt", 30, 2)
+    model = d / "tiny.nerm"
+    args = ["train", "--train", str(d / "train.txt"), "--dev", str(d / "dev.txt")]
+    args += ["--out", str(model), "--epochs", "8", "--hidden", "32", "--batch-size", "8"]
+    args += ["--dropout", "0.1", "--lr", "0.01", "--device", "cpu", "--name", "tiny"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    return d, model, result.output
+
+
+def test_train_writes_a_model_and_reports_dev_scores(trained):
+    _, model, output = trained
+    assert model.stat().st_size > 0
+    assert "FB1" in output
+
+
+def test_evaluate_json_reports_percentages_and_types(trained):
+    d, model, _ = trained
+    args = ["evaluate", "--model", str(model), "--data", str(d / "dev.txt"), "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["f1"] >= 90.0
+    assert 0.9 <= report["accuracy"] <= 1.0
+    assert set(report["per_type"]) == {"PER", "LOC", "ORG"}
+
+
+def test_predict_gives_entities_with_offsets(trained):
+    _, model, _ = trained
+    text = "Anna Berg visited Lima ."
+    result = CliRunner().invoke(main, ["predict", "--model", str(model)], input=text + "\n")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    found = {(e["text"], e["type"]) for e in out["entities"]}
+    assert found == {("Anna Berg", "PER"), ("Lima", "LOC")}
+    for e in out["entities"]:
+        assert text[e["start"] : e["end"]] == e["text"]
+        assert 0.0 < e["score"] <= 1.0
+
+
+def test_bad_corpus_line_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("Anna NN O I-PER\nBerg NN\n", encoding="utf-8")
+    args = ["train", "--train", str(bad), "--dev", str(bad), "--out", str(tmp_path / "m")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0
+    assert "bad.txt:2" in result.output
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    args = ["predict", "--model", str(tmp_path / "none.nerm")]
+    result = CliRunner().invoke(main, args, input="x\n")
+    assert result.exit_code == 1
+    assert "model file not found" in result.output
