@@ -1,14 +1,18 @@
-"""Padding encoded sentences into tensors, and grouping them into length buckets."""
+"""Micro-batching of documents, and padding encoded sentences into bucket-length tensors."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
 
 from ner_stream.model import Batch
 from ner_stream.vocab import PAD_ID, EncodedSentence
+
+T = TypeVar("T")
 
 
 def bucket_length(n: int, buckets: Sequence[int]) -> int:
@@ -64,3 +68,67 @@ def pad_batch(
         mask=tensor(mask),
         tags=None if tags is None else tensor(tags),
     )
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """When a micro-batch is closed: enough documents, enough tokens, or waited long enough."""
+
+    max_docs: int
+    max_tokens: int
+    max_wait_s: float
+
+
+class MicroBatcher(Generic[T]):
+    """Collects items into micro-batches under `BatchLimits`. Pure: the caller passes the time."""
+
+    def __init__(self, limits: BatchLimits) -> None:
+        self.limits = limits
+        self._items: list[T] = []
+        self._tokens = 0
+        self._opened_at = 0.0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def tokens(self) -> int:
+        return self._tokens
+
+    def fits(self, tokens: int) -> bool:
+        """Whether an item of `tokens` can join without passing the token budget.
+
+        An empty batch takes any item, so that one large document still makes progress.
+        """
+        return not self._items or self._tokens + tokens <= self.limits.max_tokens
+
+    def add(self, item: T, tokens: int, now: float) -> None:
+        """Add an item; the first item of a batch starts its wait clock."""
+        if not self._items:
+            self._opened_at = now
+        self._items.append(item)
+        self._tokens += tokens
+
+    def due(self, now: float) -> bool:
+        """Whether the batch should run now."""
+        if not self._items:
+            return False
+        return (
+            len(self._items) >= self.limits.max_docs
+            or self._tokens >= self.limits.max_tokens
+            or now - self._opened_at >= self.limits.max_wait_s
+        )
+
+    def time_left(self, now: float) -> float | None:
+        """Seconds until the wait limit closes the batch (None when empty)."""
+        if not self._items:
+            return None
+        return max(0.0, self._opened_at + self.limits.max_wait_s - now)
+
+    def opened_at(self) -> float:
+        return self._opened_at
+
+    def take(self) -> list[T]:
+        """The batch's items; the batcher is empty afterwards."""
+        items, self._items, self._tokens = self._items, [], 0
+        return items

@@ -1,0 +1,266 @@
+"""`ner-stream`: run the streaming worker, or tag, produce and consume from the command line.
+
+Exit codes of `run`: 0 clean shutdown; 1 stopped on a runtime error; 2 bad configuration (flag,
+model file, missing topic); 3 Kafka unreachable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ner_stream import __version__
+from ner_stream.checkpoint import CheckpointError
+from ner_stream.config import SETTINGS, WorkerConfig
+from ner_stream.logs import configure_logging
+from ner_stream.tagger import Tagger, TaggerOptions
+
+log = logging.getLogger("ner_stream")
+
+BOOTSTRAP = next(s for s in SETTINGS if s.name == "bootstrap_servers")
+
+
+def settings_options(func):
+    """Attach one click option per worker setting, each also read from its NER_STREAM_* variable."""
+    for s in reversed(SETTINGS):
+        if s.flag:
+            decl = [f"{s.option}/--no-{s.option[2:]}", s.name]
+            func = click.option(*decl, default=s.default, envvar=s.envvar, show_envvar=True,
+                                help=s.help)(func)  # fmt: skip
+        else:
+            func = click.option(s.option, s.name, type=s.type, default=s.default,
+                                envvar=s.envvar, show_envvar=True, show_default=not s.secret,
+                                help=s.help)(func)  # fmt: skip
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ner-stream")
+def main() -> None:
+    """Streaming named-entity recognition for Apache Kafka."""
+
+
+@main.command()
+@settings_options
+def run(**values: Any) -> None:
+    """Consume documents, tag them, produce their entities; commit only what is delivered."""
+    try:
+        cfg = WorkerConfig(**values)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    configure_logging(cfg.log_level, cfg.log_format)
+    sys.exit(_run_worker(cfg))
+
+
+def _fail(message: str, code: int) -> int:
+    log.error("%s", message)
+    click.echo(f"ner-stream: {message}", err=True)
+    return code
+
+
+def _run_worker(cfg: WorkerConfig) -> int:
+    # Imports here keep `ner-stream tag` and `--help` free of the Kafka client's start-up cost.
+    from ner_stream.kafka_io import (
+        StartupError,
+        connect_admin,
+        ensure_topics,
+        make_consumer,
+        make_producer,
+    )
+    from ner_stream.metrics import Health, Metrics, MetricsServer
+    from ner_stream.worker import Worker
+
+    log.info("starting ner-stream %s with %s", __version__, cfg.redacted())
+    try:
+        tagger = Tagger.from_file(cfg.model, _tagger_options(cfg))
+    except CheckpointError as e:
+        return _fail(str(e), 2)
+    except ValueError as e:
+        return _fail(str(e), 2)
+    log.info("model %s %s (%s) on %s", tagger.name, tagger.version, tagger.info.config.arch,
+             tagger.device)  # fmt: skip
+    metrics, health = Metrics(), Health()
+    server = None
+    if cfg.metrics_port:
+        try:
+            server = MetricsServer(metrics, health, cfg.metrics_host, cfg.metrics_port).start()
+        except OSError as e:
+            return _fail(f"cannot serve metrics on {cfg.metrics_host}:{cfg.metrics_port}: {e}", 2)
+        log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, server.port)
+    try:
+        admin = connect_admin(cfg)
+        try:
+            ensure_topics(admin, cfg)
+        finally:
+            admin.close()
+        consumer = make_consumer(cfg)
+        producer = make_producer(cfg)
+    except StartupError as e:
+        return _fail(str(e), e.exit_code)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    worker = Worker(cfg, tagger, consumer, producer, metrics, health)
+    try:
+        return worker.run(stop)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _tagger_options(cfg: WorkerConfig) -> TaggerOptions:
+    return TaggerOptions(
+        device=cfg.device,
+        max_chunk_tokens=cfg.max_chunk_tokens,
+        max_batch_tokens=cfg.max_batch_tokens,
+    )
+
+
+def _documents(streams, fmt: str) -> Iterator[tuple[str, str, dict]]:
+    """(id, text, extra fields) per input line; `auto` takes JSON objects with a text as such."""
+    n = 0
+    for stream in streams:
+        name = getattr(stream, "name", "<stdin>")
+        for lineno, line in enumerate(stream, 1):
+            line = line.rstrip("\n")
+            if fmt == "text" or (fmt == "auto" and not line.lstrip().startswith("{")):
+                n += 1
+                yield str(n), line, {}
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise click.ClickException(f"{name}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise click.ClickException(f"{name}:{lineno}: expected an object with a text")
+            n += 1
+            extra = {k: v for k, v in obj.items() if k not in ("id", "text")}
+            yield str(obj.get("id", n)), obj["text"], extra
+
+
+def _chunks(items: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+FORMAT = click.Choice(["auto", "jsonl", "text"])
+
+
+@main.command()
+@click.option("--model", type=click.Path(dir_okay=False), envvar="NER_STREAM_MODEL",
+              help="Model file (default: the packaged English model).")  # fmt: skip
+@click.option("--device", default="auto", show_default=True, envvar="NER_STREAM_DEVICE")
+@click.option("--format", "fmt", type=FORMAT, default="auto", show_default=True,
+              help="Input lines: JSON objects with a text, plain text, or either.")  # fmt: skip
+@click.option("--batch-docs", type=click.IntRange(1), default=64, show_default=True)
+@click.argument("inputs", nargs=-1, type=click.File("r", encoding="utf-8"))
+def tag(model, device, fmt, batch_docs, inputs) -> None:
+    """Tag text or JSONL from files or stdin; print one JSON object per document. No Kafka."""
+    try:
+        tagger = Tagger.from_file(model, TaggerOptions(device=device))
+    except (CheckpointError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    streams = inputs or (click.open_file("-", encoding="utf-8"),)
+    for batch in _chunks(_documents(streams, fmt), batch_docs):
+        results = tagger.tag([text for _, text, _ in batch])
+        for (doc_id, _, extra), entities in zip(batch, results, strict=True):
+            out = {"id": doc_id, "entities": [_entity(e) for e in entities], **extra}
+            click.echo(json.dumps(out, ensure_ascii=False))
+
+
+def _entity(e) -> dict:
+    d = asdict(e)
+    d["score"] = round(d["score"], 4)
+    return d
+
+
+@main.command()
+@click.option("--bootstrap-servers", default=BOOTSTRAP.default, envvar=BOOTSTRAP.envvar,
+              show_default=True)  # fmt: skip
+@click.option("--topic", default="documents", show_default=True, envvar="NER_STREAM_INPUT_TOPIC")
+@click.option("--format", "fmt", type=FORMAT, default="auto", show_default=True)
+@click.option("--repeat", type=click.IntRange(1), default=1, show_default=True,
+              help="Send the input N times (later rounds add #round to the ids).")  # fmt: skip
+@click.argument("inputs", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def produce(bootstrap_servers, topic, fmt, repeat, inputs) -> None:
+    """Send JSONL or text lines to the input topic, keyed by document id."""
+    from ner_stream.kafka_io import make_producer
+
+    cfg = WorkerConfig(bootstrap_servers=bootstrap_servers, input_topic=topic)
+    producer = make_producer(cfg)
+    sent = 0
+    t0 = time.monotonic()
+    for round_ in range(repeat):
+        streams = [p.open(encoding="utf-8") for p in inputs] or [click.open_file("-", "r")]
+        docs = list(_documents(streams, fmt))
+        with click.progressbar(docs, label=f"producing to {topic}", file=sys.stderr) as bar:
+            for doc_id, text, extra in bar:
+                doc_id = doc_id if round_ == 0 else f"{doc_id}#{round_}"
+                value = json.dumps({"id": doc_id, "text": text, **extra}, ensure_ascii=False)
+                producer.send(topic, value=value.encode(), key=doc_id.encode())
+                sent += 1
+    producer.flush()
+    producer.close()
+    click.echo(f"sent {sent} documents to {topic} in {time.monotonic() - t0:.1f} s", err=True)
+
+
+@main.command()
+@click.option("--bootstrap-servers", default=BOOTSTRAP.default, envvar=BOOTSTRAP.envvar,
+              show_default=True)  # fmt: skip
+@click.option("--topic", default="entities", show_default=True, envvar="NER_STREAM_OUTPUT_TOPIC")
+@click.option("--max-messages", type=click.IntRange(1), help="Stop after this many.")
+@click.option("--idle-timeout-s", type=float, default=10.0, show_default=True,
+              help="Stop when nothing arrives for this long.")  # fmt: skip
+@click.option("--pretty", is_flag=True, help="One line per entity instead of raw JSON.")
+def consume(bootstrap_servers, topic, max_messages, idle_timeout_s, pretty) -> None:
+    """Print the output topic from the beginning (no consumer group, nothing committed)."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap_servers,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=int(idle_timeout_s * 1000),
+    )
+    seen = 0
+    try:
+        for record in consumer:
+            value = record.value.decode("utf-8", errors="replace")
+            click.echo(_pretty(value) if pretty else value)
+            seen += 1
+            if max_messages and seen >= max_messages:
+                break
+    finally:
+        consumer.close()
+
+
+def _pretty(value: str) -> str:
+    try:
+        out = json.loads(value)
+        ents = ", ".join(f"{e['text']} [{e['type']} {e['score']:.2f}]" for e in out["entities"])
+        return f"{out['id']}: {ents or '(no entities)'}"
+    except (ValueError, KeyError, TypeError):
+        return value

@@ -1,0 +1,171 @@
+"""Every setting of `ner-stream run`, defined once: name, type, default, help, environment.
+
+The CLI builds its flags from `SETTINGS`; each flag is also read from `NER_STREAM_<NAME>` (for
+example `NER_STREAM_BOOTSTRAP_SERVERS`). `WorkerConfig` holds the resolved values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+ENV_PREFIX = "NER_STREAM_"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration key."""
+
+    name: str
+    default: Any
+    help: str
+    type: Any = str
+    secret: bool = False  # never printed in logs
+    flag: bool = False  # a boolean switch (--x / --no-x)
+
+    @property
+    def envvar(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("bootstrap_servers", "127.0.0.1:9092", "Kafka bootstrap servers, comma separated."),
+    Setting("input_topic", "documents", "Topic the documents are read from."),
+    Setting("output_topic", "entities", "Topic the entities are written to."),
+    Setting("dlq_topic", "documents.dlq", "Dead-letter topic for input that cannot be tagged."),
+    Setting("group_id", "ner-stream", "Consumer group; workers in one group share partitions."),
+    Setting("client_id", "ner-stream", "Kafka client id prefix."),
+    Setting("model", None, "Model file (default: the packaged English model)."),
+    Setting("device", "auto", "auto (CUDA when present), cpu or cuda."),
+    Setting("max_batch_docs", 64, "Most documents in one micro-batch.", int),
+    Setting("max_batch_tokens", 4096, "Most padded tokens in one forward pass.", int),
+    Setting("max_wait_ms", 20, "Longest wait for a batch to fill, from its first document.", int),
+    Setting("max_doc_bytes", 1_048_576, "Larger input values go to the dead-letter topic.", int),
+    Setting("max_chunk_tokens", 128, "Sentences longer than this are cut into windows.", int),
+    Setting("queue_docs", 512, "Documents buffered between consuming and tagging.", int),
+    Setting("commit_interval_ms", 1000, "How often acknowledged offsets are committed.", int),
+    Setting("shutdown_timeout_s", 30.0, "Bound on a graceful shutdown.", float),
+    Setting("connect_timeout_s", 30.0, "How long to retry an unreachable broker at start.", float),
+    Setting("create_topics", False, "Create the input, output and dead-letter topics.", flag=True),
+    Setting("topic_partitions", 4, "Partitions of topics made by --create-topics.", int),
+    Setting("security_protocol", "PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."),
+    Setting("sasl_mechanism", None, "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512."),
+    Setting("sasl_username", None, "SASL user name."),
+    Setting("sasl_password", None, "SASL password.", secret=True),
+    Setting("ssl_cafile", None, "CA certificate file (PEM)."),
+    Setting("ssl_certfile", None, "Client certificate file (PEM)."),
+    Setting("ssl_keyfile", None, "Client private key file (PEM)."),
+    Setting("metrics_host", "127.0.0.1", "Address of the /metrics, /healthz, /readyz server."),
+    Setting("metrics_port", 9400, "Port of the metrics server (0: no server).", int),
+    Setting("log_level", "INFO", "DEBUG, INFO, WARNING or ERROR."),
+    Setting("log_format", "text", "text or json."),
+)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Resolved settings of one worker; field names are the `SETTINGS` names."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    input_topic: str = "documents"
+    output_topic: str = "entities"
+    dlq_topic: str = "documents.dlq"
+    group_id: str = "ner-stream"
+    client_id: str = "ner-stream"
+    model: str | None = None
+    device: str = "auto"
+    max_batch_docs: int = 64
+    max_batch_tokens: int = 4096
+    max_wait_ms: int = 20
+    max_doc_bytes: int = 1_048_576
+    max_chunk_tokens: int = 128
+    queue_docs: int = 512
+    commit_interval_ms: int = 1000
+    shutdown_timeout_s: float = 30.0
+    connect_timeout_s: float = 30.0
+    create_topics: bool = False
+    topic_partitions: int = 4
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9400
+    log_level: str = "INFO"
+    log_format: str = "text"
+
+    def __post_init__(self) -> None:
+        problems = validate(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict with secrets masked, fit for a log line."""
+        secret = {s.name for s in SETTINGS if s.secret}
+        return {
+            f.name: ("***" if f.name in secret and getattr(self, f.name) else getattr(self, f.name))
+            for f in fields(self)
+        }
+
+    def kafka_security(self) -> dict[str, Any]:
+        """kafka-python keyword arguments for the security settings that are set."""
+        out: dict[str, Any] = {"security_protocol": self.security_protocol}
+        optional = {
+            "sasl_mechanism": self.sasl_mechanism,
+            "sasl_plain_username": self.sasl_username,
+            "sasl_plain_password": self.sasl_password,
+            "ssl_cafile": self.ssl_cafile,
+            "ssl_certfile": self.ssl_certfile,
+            "ssl_keyfile": self.ssl_keyfile,
+        }
+        out.update({k: v for k, v in optional.items() if v is not None})
+        return out
+
+
+PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
+
+
+def validate(cfg: WorkerConfig) -> list[str]:
+    """Problems with a configuration, each as one sentence naming the flag."""
+    problems = []
+    positive = (
+        "max_batch_docs",
+        "max_batch_tokens",
+        "max_doc_bytes",
+        "max_chunk_tokens",
+        "queue_docs",
+        "commit_interval_ms",
+        "topic_partitions",
+    )
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.max_wait_ms < 0:
+        problems.append("--max-wait-ms must not be negative")
+    if cfg.max_chunk_tokens > cfg.max_batch_tokens:
+        problems.append("--max-chunk-tokens must not exceed --max-batch-tokens")
+    if cfg.shutdown_timeout_s <= 0 or cfg.connect_timeout_s <= 0:
+        problems.append("--shutdown-timeout-s and --connect-timeout-s must be positive")
+    if cfg.security_protocol not in PROTOCOLS:
+        problems.append(f"--security-protocol must be one of {', '.join(PROTOCOLS)}")
+    if cfg.security_protocol.startswith("SASL") and not (cfg.sasl_mechanism and cfg.sasl_username):
+        problems.append(f"--security-protocol {cfg.security_protocol} needs --sasl-mechanism "
+                        "and --sasl-username")  # fmt: skip
+    if cfg.log_level.upper() not in LOG_LEVELS:
+        problems.append(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+    if cfg.log_format not in LOG_FORMATS:
+        problems.append(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
+    if not 0 <= cfg.metrics_port <= 65535:
+        problems.append("--metrics-port must be between 0 and 65535")
+    if len({cfg.input_topic, cfg.output_topic, cfg.dlq_topic}) != 3:
+        problems.append("--input-topic, --output-topic and --dlq-topic must all differ")
+    return problems

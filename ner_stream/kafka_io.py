@@ -1,0 +1,107 @@
+"""Building the Kafka clients, waiting for the broker, and checking or creating topics."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from ner_stream.config import WorkerConfig
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """A configuration or environment problem found at start; the message is one sentence."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def connect_admin(cfg: WorkerConfig) -> KafkaAdminClient:
+    """An admin client, retried with exponential backoff for up to `connect_timeout_s`."""
+    deadline = time.monotonic() + cfg.connect_timeout_s
+    delay = 0.25
+    last: Exception | None = None
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return KafkaAdminClient(
+                bootstrap_servers=cfg.bootstrap_servers,
+                client_id=f"{cfg.client_id}-admin",
+                request_timeout_ms=10_000,
+                bootstrap_timeout_ms=int(max(500, min(5_000, left * 1000))),
+                **cfg.kafka_security(),
+            )
+        except (KafkaError, OSError) as e:
+            last = e
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise StartupError(
+                f"cannot reach Kafka at {cfg.bootstrap_servers} after {cfg.connect_timeout_s:g} s "
+                f"({type(last).__name__})",
+                exit_code=3,
+            )
+        log.warning("Kafka at %s not reachable yet; retrying in %.1f s", cfg.bootstrap_servers,
+                    min(delay, left))  # fmt: skip
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 5.0)
+
+
+def ensure_topics(admin: KafkaAdminClient, cfg: WorkerConfig) -> None:
+    """Create the three topics (`--create-topics`) or check that the input topic exists."""
+    names = [cfg.input_topic, cfg.output_topic, cfg.dlq_topic]
+    existing = set(admin.list_topics())
+    if cfg.create_topics:
+        missing = [n for n in names if n not in existing]
+        if missing:
+            new = [NewTopic(n, cfg.topic_partitions, 1) for n in missing]
+            # Another worker of the group may have created them first.
+            with contextlib.suppress(TopicAlreadyExistsError):
+                admin.create_topics(new)
+            log.info("created topics %s with %d partitions", missing, cfg.topic_partitions)
+        return
+    if cfg.input_topic not in existing:
+        raise StartupError(
+            f"input topic {cfg.input_topic!r} does not exist; create it or pass --create-topics"
+        )
+    for name in (cfg.output_topic, cfg.dlq_topic):
+        if name not in existing:
+            log.warning("topic %r does not exist yet; the broker must auto-create it", name)
+
+
+def make_consumer(cfg: WorkerConfig) -> KafkaConsumer:
+    """The input consumer: manual commits, starting from the earliest offset of a new group."""
+    return KafkaConsumer(
+        bootstrap_servers=cfg.bootstrap_servers,
+        group_id=cfg.group_id,
+        client_id=f"{cfg.client_id}-consumer",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=cfg.max_batch_docs * 4,
+        fetch_max_bytes=max(52_428_800, cfg.max_doc_bytes * 2),
+        max_partition_fetch_bytes=max(1_048_576, cfg.max_doc_bytes + 65_536),
+        **cfg.kafka_security(),
+    )
+
+
+def make_producer(cfg: WorkerConfig, **overrides: Any) -> KafkaProducer:
+    """The output producer: acks from all in-sync replicas, idempotent, small linger."""
+    settings: dict[str, Any] = {
+        "bootstrap_servers": cfg.bootstrap_servers,
+        "client_id": f"{cfg.client_id}-producer",
+        "acks": "all",
+        "enable_idempotence": True,
+        "linger_ms": 5,
+        "batch_size": 65_536,
+        "max_request_size": max(1_048_576, cfg.max_doc_bytes + 65_536),
+        **cfg.kafka_security(),
+    }
+    settings.update(overrides)
+    return KafkaProducer(**settings)

@@ -1,0 +1,330 @@
+"""Decoding and validation of input records, and the output and dead-letter formats.
+
+Input value: UTF-8 JSON ``{"id": str, "text": str, ...}``; any other fields are carried through
+as ``meta``. A value that is not JSON at all is taken as the plain text of a document. See
+:func:`decode` for the exact rules.
+
+Output value: compact UTF-8 JSON (non-ASCII characters written as-is)::
+
+    {"id": "...", "source": {"topic": "...", "partition": 0, "offset": 42},
+     "model": {"name": "...", "version": "..."},
+     "entities": [{"text": "...", "type": "PER", "start": 0, "end": 5, "score": 0.9731}],
+     "meta": {...}}
+
+``start``/``end`` are indices into the document text counted in Unicode code points (Python
+``str`` indices), ``text == document_text[start:end]``; ``meta`` is present only when non-empty.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+__all__ = [
+    "Document",
+    "Entity",
+    "RejectReason",
+    "Rejection",
+    "Source",
+    "dead_letter_headers",
+    "decode",
+    "encode_output",
+    "processing_error",
+]
+
+HEADER_PREFIX = "ner_stream."
+MAX_DETAIL_BYTES = 500
+SCORE_DECIMALS = 4
+
+# First characters of a JSON value other than an object; plain text starting with anything else
+# cannot be JSON, so we do not try to parse it.
+_JSON_VALUE_START = frozenset('["-0123456789tfn')
+# A "\ud800"-style escape: the only way a JSON string can smuggle in an unpaired surrogate, which
+# Python accepts but which cannot be encoded as UTF-8 when the output is written.
+_SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+class RejectReason(StrEnum):
+    """Why a record went to the dead-letter topic."""
+
+    INVALID_UTF8 = "invalid_utf8"
+    INVALID_JSON = "invalid_json"
+    NOT_AN_OBJECT = "not_an_object"
+    MISSING_TEXT = "missing_text"
+    TEXT_NOT_STRING = "text_not_string"
+    TOO_LARGE = "too_large"
+    ID_NOT_STRING = "id_not_string"
+    PROCESSING_ERROR = "processing_error"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a record was read from."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class Document:
+    """A valid input record."""
+
+    id: str
+    text: str
+    meta: dict[str, Any]  # the input object's fields other than "id" and "text"
+    source: Source
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """An input record that cannot be processed, bound for the dead-letter topic."""
+
+    reason: RejectReason
+    detail: str
+    source: Source
+
+
+@dataclass(frozen=True)
+class Entity:
+    """One recognised entity; ``start``/``end`` are ``str`` indices into the document text."""
+
+    text: str
+    type: str
+    start: int
+    end: int
+    score: float
+
+
+class _Invalid(Exception):
+    """Raised inside this module to turn a validation failure into a Rejection."""
+
+    def __init__(self, reason: RejectReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _default_id(key: bytes | None, source: Source) -> str:
+    """The id of a record that carries none: its key, else ``topic/partition/offset``."""
+    if key:
+        try:
+            return key.decode("utf-8")
+        except UnicodeDecodeError:
+            pass  # a binary key is no use as an id; fall back to the position
+    return f"{source.topic}/{source.partition}/{source.offset}"
+
+
+def _reject_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON; accepting them would make our own output invalid JSON.
+    raise ValueError(f"invalid JSON constant {name}")
+
+
+def _parse_json(value: str) -> Any:
+    """Parse strict JSON, raising ``ValueError`` (with position) when it is not."""
+    try:
+        parsed = json.loads(value, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    if _SURROGATE_ESCAPE_RE.search(value) and _has_lone_surrogate(parsed):
+        raise ValueError("string with an unpaired surrogate escape")
+    return parsed
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether any string inside a parsed JSON value holds an unpaired surrogate."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE_RE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def _document_id(obj: dict[str, Any], key: bytes | None, source: Source) -> str:
+    """The ``id`` field: a string, or an integer written in decimal; absent/null/"" -> default."""
+    raw = obj.get("id")
+    if raw is None or raw == "":
+        return _default_id(key, source)
+    if isinstance(raw, str):
+        return raw
+    # Integer ids are common (database keys) and convert without ambiguity. bool is an int
+    # subclass but is no id; floats would round-trip ambiguously ("1.0" vs "1").
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return str(raw)
+    raise _Invalid(RejectReason.ID_NOT_STRING, f"id is a JSON {_json_type(raw)}")
+
+
+def _json_type(value: Any) -> str:
+    match value:
+        case bool():
+            return "boolean"
+        case int() | float():
+            return "number"
+        case str():
+            return "string"
+        case list():
+            return "array"
+        case dict():
+            return "object"
+        case _:
+            return "null"
+
+
+def _from_object(obj: dict[str, Any], key: bytes | None, source: Source) -> Document:
+    if "text" not in obj:
+        raise _Invalid(RejectReason.MISSING_TEXT, 'no "text" field')
+    text = obj["text"]
+    if text is None:
+        raise _Invalid(RejectReason.MISSING_TEXT, '"text" is null')
+    if not isinstance(text, str):
+        raise _Invalid(RejectReason.TEXT_NOT_STRING, f"text is a JSON {_json_type(text)}")
+    doc_id = _document_id(obj, key, source)
+    meta = {name: field for name, field in obj.items() if name not in ("id", "text")}
+    return Document(id=doc_id, text=text, meta=meta, source=source)
+
+
+def _decode(value: bytes | None, key: bytes | None, source: Source, max_bytes: int) -> Document:
+    if value is None:
+        raise _Invalid(RejectReason.MISSING_TEXT, "null value (tombstone)")
+    if len(value) > max_bytes:
+        raise _Invalid(RejectReason.TOO_LARGE, f"value is {len(value)} bytes, limit {max_bytes}")
+    try:
+        decoded = value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Invalid(RejectReason.INVALID_UTF8, f"{exc.reason} at byte {exc.start}") from None
+    # A byte-order mark is not part of the content (and json.loads refuses it).
+    decoded = decoded.removeprefix("\ufeff")
+    head = decoded.lstrip()[:1]
+    if head == "{":
+        try:
+            parsed = _parse_json(decoded)
+        except ValueError as exc:
+            raise _Invalid(RejectReason.INVALID_JSON, str(exc)) from None
+        # A value that starts with "{" and parses completely is an object.
+        return _from_object(parsed, key, source)
+    if head in _JSON_VALUE_START:
+        try:
+            parsed = _parse_json(decoded)
+        except ValueError:
+            pass  # not JSON: plain text that happens to start like a JSON value
+        else:
+            raise _Invalid(RejectReason.NOT_AN_OBJECT, f"JSON {_json_type(parsed)}, not an object")
+    return Document(id=_default_id(key, source), text=decoded, meta={}, source=source)
+
+
+def decode(
+    value: bytes | None, key: bytes | None, source: Source, max_bytes: int
+) -> Document | Rejection:
+    """Turn a record's value (and key) into a :class:`Document`, or say why it cannot be one.
+
+    Rules, in order:
+
+    - ``None`` value (a tombstone): ``MISSING_TEXT``.
+    - More than ``max_bytes`` bytes: ``TOO_LARGE`` (checked before decoding anything).
+    - Not valid UTF-8: ``INVALID_UTF8``. A leading byte-order mark is dropped.
+    - Starts (after whitespace) with ``{``: must be a strict JSON object (no NaN/Infinity, no
+      unpaired surrogate escapes), else ``INVALID_JSON``. In the object, ``text`` must be present
+      and not null (``MISSING_TEXT``) and a string (``TEXT_NOT_STRING``); an empty string is a
+      valid text. ``id`` may be a string or an integer (converted with ``str``); other types are
+      ``ID_NOT_STRING``; when absent, null or empty the id defaults as for plain text. All other
+      fields go to ``meta`` unchanged.
+    - Any other JSON value (array, number, quoted string, true/false/null): ``NOT_AN_OBJECT``.
+    - Anything else is plain text: the whole decoded value is the document text, and the id is the
+      key decoded as UTF-8 if there is a (valid, non-empty) key, else ``"topic/partition/offset"``.
+    """
+    try:
+        return _decode(value, key, source, max_bytes)
+    except _Invalid as invalid:
+        return Rejection(reason=invalid.reason, detail=invalid.detail, source=source)
+
+
+def processing_error(source: Source, error: BaseException) -> Rejection:
+    """A ``PROCESSING_ERROR`` rejection for a record whose processing raised ``error``."""
+    return Rejection(
+        reason=RejectReason.PROCESSING_ERROR,
+        detail=f"{type(error).__name__}: {error}",
+        source=source,
+    )
+
+
+def _entity_json(entity: Entity) -> dict[str, Any]:
+    if not math.isfinite(entity.score):
+        raise ValueError(f"entity score is not finite: {entity.score!r}")
+    return {
+        "text": entity.text,
+        "type": entity.type,
+        "start": entity.start,
+        "end": entity.end,
+        "score": round(entity.score, SCORE_DECIMALS),
+    }
+
+
+def encode_output(
+    doc: Document, entities: list[Entity], model_name: str, model_version: str
+) -> bytes:
+    """The output record value for ``doc``: compact UTF-8 JSON (format in the module docstring).
+
+    Scores are rounded to 4 decimals. Raises ``ValueError`` if a score is NaN or infinite.
+    """
+    payload: dict[str, Any] = {
+        "id": doc.id,
+        "source": {
+            "topic": doc.source.topic,
+            "partition": doc.source.partition,
+            "offset": doc.source.offset,
+        },
+        "model": {"name": model_name, "version": model_version},
+        "entities": [_entity_json(entity) for entity in entities],
+    }
+    if doc.meta:
+        payload["meta"] = doc.meta
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return text.encode("utf-8")
+
+
+def _truncate_utf8(text: str, limit: int) -> bytes:
+    """``text`` as UTF-8, cut to at most ``limit`` bytes on a character boundary."""
+    data = text.encode("utf-8", errors="replace")
+    if len(data) <= limit:
+        return data
+    marker = "…".encode()
+    # errors="ignore" drops the partial character left at the cut.
+    kept = data[: limit - len(marker)].decode("utf-8", errors="ignore").encode("utf-8")
+    return kept + marker
+
+
+def dead_letter_headers(
+    rejection: Rejection, original_headers: list[tuple[str, bytes]]
+) -> list[tuple[str, bytes]]:
+    """Headers for the dead-letter copy of a record: the original ones plus why and where from.
+
+    Adds ``ner_stream.reason``, ``ner_stream.detail`` (at most 500 bytes),
+    ``ner_stream.source.topic``, ``ner_stream.source.partition`` and
+    ``ner_stream.source.offset``, all UTF-8. Original headers under the ``ner_stream.`` prefix
+    (left by an earlier dead-lettering of a replayed record) are dropped so that each key appears
+    once and describes this rejection.
+    """
+    kept = [(name, value) for name, value in original_headers if not name.startswith(HEADER_PREFIX)]
+    source = rejection.source
+    added = [
+        ("reason", str(rejection.reason).encode("utf-8")),
+        ("detail", _truncate_utf8(rejection.detail, MAX_DETAIL_BYTES)),
+        ("source.topic", source.topic.encode("utf-8", errors="replace")),
+        ("source.partition", str(source.partition).encode("utf-8")),
+        ("source.offset", str(source.offset).encode("utf-8")),
+    ]
+    return kept + [(HEADER_PREFIX + name, value) for name, value in added]

@@ -1,0 +1,194 @@
+"""Tagger: texts in, entities with character offsets and scores out. Knows nothing of Kafka.
+
+The Tagger owns the model's device placement and inference mode. Work is split in two so that a
+caller can overlap them: `prepare` (tokenize, chunk, encode: CPU only, pure Python) and
+`tag_prepared` (pad into bucketed batches, forward, decode spans).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ner_stream.batching import bucket_length, pad_batch
+from ner_stream.checkpoint import LoadedModel, default_model_path, load
+from ner_stream.messages import Entity
+from ner_stream.spans import spans_from_tags
+from ner_stream.text import Token, chunk_document
+from ner_stream.vocab import EncodedSentence
+
+DEFAULT_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128)
+
+
+@dataclass
+class TaggerOptions:
+    """How the tagger batches work on its device."""
+
+    device: str = "auto"
+    max_chunk_tokens: int = 128  # a longer sentence is cut into windows of this many tokens
+    max_batch_tokens: int = 8192  # padded tokens per forward pass
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS
+
+    def __post_init__(self) -> None:
+        if self.max_chunk_tokens < 1 or self.max_batch_tokens < self.max_chunk_tokens:
+            raise ValueError("need 1 <= max_chunk_tokens <= max_batch_tokens")
+
+
+@dataclass
+class PreparedDoc:
+    """A document tokenized, chunked and encoded, ready for `Tagger.tag_prepared`."""
+
+    text: str
+    chunks: list[list[Token]]
+    encoded: list[EncodedSentence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c) for c in self.chunks)
+
+
+@dataclass
+class BatchStats:
+    """Shape of the forward passes of one `tag_prepared` call, for metrics."""
+
+    batches: list[tuple[int, int]] = field(default_factory=list)  # (sequences, padded length)
+    real_tokens: int = 0
+    inference_s: float = 0.0
+    spans_s: float = 0.0
+
+    @property
+    def padded_tokens(self) -> int:
+        return sum(n * t for n, t in self.batches)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto`: CUDA when present, else CPU. Asking for CUDA without one is a configuration error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but no CUDA device is available")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+class Tagger:
+    """Named-entity tagger over a loaded model."""
+
+    def __init__(self, loaded: LoadedModel, options: TaggerOptions | None = None) -> None:
+        self.options = options or TaggerOptions()
+        self.info = loaded.info
+        self.device = resolve_device(self.options.device)
+        self.model = loaded.model.to(self.device).eval()
+        self.vocabs = loaded.info.vocabs
+        self.scheme = loaded.info.config.tag_scheme
+        self._pin = self.device.type == "cuda"
+
+    @classmethod
+    def from_file(cls, path: str | Path | None = None, options: TaggerOptions | None = None):
+        """Load a model file (default: the packaged English model)."""
+        return cls(load(path or default_model_path()), options)
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def version(self) -> str:
+        return self.info.version
+
+    def prepare(self, text: str) -> PreparedDoc:
+        """Tokenize, chunk and encode one document (CPU, no model involved)."""
+        chunks = chunk_document(text, self.options.max_chunk_tokens)
+        encoded = [self.vocabs.encode([t.text for t in c]) for c in chunks]
+        return PreparedDoc(text=text, chunks=chunks, encoded=encoded)
+
+    def tag(self, texts: Sequence[str]) -> list[list[Entity]]:
+        """Entities of each text, in order."""
+        return self.tag_prepared([self.prepare(t) for t in texts])[0]
+
+    def tag_prepared(self, docs: Sequence[PreparedDoc]) -> tuple[list[list[Entity]], BatchStats]:
+        """Entities of each prepared document, and the shapes of the batches that were run."""
+        items = [(doc, c) for doc in docs for c in range(len(doc.chunks))]
+        per_chunk, stats = self.tag_chunks(items)
+        out: list[list[Entity]] = [[] for _ in docs]
+        index = {id(doc): i for i, doc in enumerate(docs)}
+        for (doc, _), entities in zip(items, per_chunk, strict=True):
+            out[index[id(doc)]].extend(entities)
+        return out, stats
+
+    def tag_chunks(
+        self, items: Sequence[tuple[PreparedDoc, int]]
+    ) -> tuple[list[list[Entity]], BatchStats]:
+        """Entities of each (document, chunk index) item, in item order.
+
+        Chunks of any documents can be mixed, which lets a caller spread a very long document
+        over several micro-batches instead of stalling the documents behind it.
+        """
+        # Sorted by length, so that sequences of like length share a bucket and little is padded.
+        order = sorted(range(len(items)), key=lambda i: len(items[i][0].chunks[items[i][1]]))
+        results: list[list[Entity]] = [[] for _ in items]
+        stats = BatchStats()
+        for group, pad_to in self._groups([len(items[i][0].chunks[items[i][1]]) for i in order]):
+            rows = [order[g] for g in group]
+            t0 = time.perf_counter()
+            tags, scores = self._forward([items[i][0].encoded[items[i][1]] for i in rows], pad_to)
+            t1 = time.perf_counter()
+            stats.batches.append((len(rows), pad_to))
+            for r, i in enumerate(rows):
+                doc, c = items[i]
+                results[i] = self._entities(doc, doc.chunks[c], tags[r], scores[r])
+                stats.real_tokens += len(doc.chunks[c])
+            stats.inference_s += t1 - t0
+            stats.spans_s += time.perf_counter() - t1
+        return results, stats
+
+    def _entities(
+        self, doc: PreparedDoc, chunk: list[Token], tag_ids: list[int], scores: list[float]
+    ) -> list[Entity]:
+        names = [self.vocabs.tags.itos[i] for i in tag_ids[: len(chunk)]]
+        entities = []
+        for span in spans_from_tags(names, self.scheme):
+            start, end = chunk[span.start].start, chunk[span.end - 1].end
+            conf = scores[span.start : span.end]
+            entities.append(
+                Entity(
+                    text=doc.text[start:end],
+                    type=span.type,
+                    start=start,
+                    end=end,
+                    score=sum(conf) / len(conf),
+                )
+            )
+        return entities
+
+    def _groups(self, lengths: list[int]):
+        """Runs of positions (into `lengths`, sorted ascending) sharing a bucket, under budget."""
+        group: list[int] = []
+        pad_to = 0
+        budget = self.options.max_batch_tokens
+        for pos, n in enumerate(lengths):
+            if n == 0:
+                continue
+            length = bucket_length(n, self.options.buckets)
+            if group and (length != pad_to or (len(group) + 1) * length > budget):
+                yield group, pad_to
+                group = []
+            group.append(pos)
+            pad_to = length
+        if group:
+            yield group, pad_to
+
+    def _forward(
+        self, sents: list[EncodedSentence], pad_to: int
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        batch = pad_batch(sents, pad_to=pad_to, pin_memory=self._pin)
+        batch = batch.to(self.device, non_blocking=self._pin)
+        with torch.inference_mode():
+            tags, scores = self.model.decode(batch, with_scores=True)
+        assert scores is not None
+        return tags.cpu().tolist(), scores.float().cpu().tolist()

@@ -1,0 +1,283 @@
+"""Tokenisation, sentence splitting and chunking with character offsets.
+
+The tagger is trained on CoNLL-2003 English, so tokens follow its conventions: punctuation,
+quotes and brackets are split off; possessive ``'s`` and the contractions ``n't``, ``'re``,
+``'ll``, ``'ve``, ``'m``, ``'d`` become tokens of their own ("doesn't" -> "does" "n't");
+hyphenated words, dates, scores and numbers with ``,`` ``.`` ``:`` ``/`` stay whole
+("German-born", "1996-08-22", "6-4", "1,000", "3.5", "2:29.34", "1/2"); abbreviations with
+periods stay whole ("U.S.", "a.m.", "Mr.", "Inc.", initials such as "J."); ``$`` is split from an
+amount but letter-prefixed currencies stay whole ("US$", "C$"). On top of that, URLs, e-mail
+addresses, @handles and #hashtags are single tokens, Chinese/Japanese characters are one token
+each (those scripts do not separate words with spaces), and emoji sequences and flags are kept
+together.
+
+Offsets are Python ``str`` indices (code points) into the original document, and
+``document[token.start:token.end] == token.text`` always holds. Tokenising is a single pass of one
+compiled regular expression, so it runs in time linear in the document size.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+__all__ = ["Chunk", "Token", "chunk_document", "split_sentences", "tokenize"]
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """One token; ``text == document[start:end]``."""
+
+    text: str
+    start: int  # char offset in the original document
+    end: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A run of tokens handed to the tagger as one sequence."""
+
+    tokens: list[Token]  # offsets still relative to the whole document
+
+    @property
+    def start(self) -> int:
+        """Offset of the first character covered by the chunk."""
+        return self.tokens[0].start if self.tokens else 0
+
+    @property
+    def end(self) -> int:
+        """Offset just past the last character covered by the chunk."""
+        return self.tokens[-1].end if self.tokens else 0
+
+
+def _combining_mark_class() -> str:
+    """Regex class body with every combining mark (Unicode categories Mn, Mc, Me).
+
+    Python's ``\\w`` leaves out combining marks, which would cut decomposed accents ("e" + U+0301)
+    and Indic vowel signs out of their words. The stdlib ``re`` has no ``\\p{M}``, so the ranges
+    are derived once from ``unicodedata``; no marks exist between U+20000 and U+E0000.
+    """
+    codepoints = [
+        cp
+        for block in (range(0x20000), range(0xE0000, 0xE0200))
+        for cp in block
+        if unicodedata.category(chr(cp)) in ("Mn", "Mc", "Me")
+    ]
+    ranges: list[list[int]] = []
+    for cp in codepoints:
+        if ranges and ranges[-1][1] == cp - 1:
+            ranges[-1][1] = cp
+        else:
+            ranges.append([cp, cp])
+    # Zero-width (non-)joiners occur inside Indic and Persian words.
+    parts = [r"\u200c\u200d"]
+    parts += [rf"\U{lo:08x}-\U{hi:08x}" if lo != hi else rf"\U{lo:08x}" for lo, hi in ranges]
+    return "".join(parts)
+
+
+_MARKS = _combining_mark_class()
+# Han ideographs and kana: written without spaces, so each character is a token of its own.
+_CJK = (
+    r"\u3005\u3007\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+    r"\uff66-\uff9f\U00020000-\U0003134f"
+)
+_UPPER = r"A-ZÀ-ÖØ-Þ"
+_LETTER = r"[^\W\d_]"
+# A character that continues a word: a word character that is not CJK, or a combining mark.
+_WORD_CHAR = rf"(?:[^\W{_CJK}]|[{_MARKS}])"
+# Word-internal joiners: hyphens, apostrophes and slashes between word characters, "," "." ":"
+# between digits ("1,000", "3.5", "2:29.34"), "&" between letters ("S&P", "AT&T").
+_JOINER = rf"(?:[-\u2010\u2011'’/]|(?<=\d)[.,:](?=\d)|(?<={_LETTER})&(?={_LETTER}))"
+# Title-case and lower-case abbreviations that keep their period. Ambiguous words that often end a
+# sentence ("Co", "No", "Mass", "Ill") are left out, as in CoNLL, where "Co ." is common.
+# They are joined with their period after the regex pass: a set lookup is much cheaper than a
+# long alternation tried at every token.
+_ABBREVIATIONS = frozenset(
+    word
+    for group in (
+        "Mr Mrs Ms Messrs Dr Prof Sr Jr St Mt Ft Rev Hon",  # titles, saints, places
+        "Gen Gov Sen Rep Lt Col Capt Cmdr Sgt Maj Adm",  # ranks and offices
+        "Inc Corp Ltd Bros",  # companies
+        "Jan Feb Apr Aug Sep Sept Oct Nov Dec",  # months
+        "Calif Fla Ariz Conn Penn Tenn Okla",  # U.S. states
+        "vs etc approx Nos Vol vol Ave Blvd",
+    )
+    for word in group.split()
+)
+# Whitespace, control characters and invisible format characters (soft hyphen, zero-width space,
+# direction marks, BOM): never part of a token, skipped like spaces.
+_SKIP = r"\s\x00-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u2060-\u206f\ufeff"
+# Emoji modifiers that stay with the symbol before them.
+_EMOJI_MODIFIERS = rf"{_MARKS}\U0001F3FB-\U0001F3FF"
+# One alternation, tried at each token start after skipping whitespace. Possessive quantifiers
+# (Python 3.11+) and bounded repeats keep every branch from backtracking far, so a pass over the
+# text stays linear even on adversarial input.
+_TOKEN_RE = re.compile(
+    rf"""
+    [{_SKIP}]*+
+    (?:(?P<tok>
+    # Fast paths, tried first because they cover most tokens: an ASCII word followed by nothing
+    # that could make it part of a longer token, a symbol that starts no other kind of token, and
+    # a CJK character. They yield the same tokens the general branches below would.
+      [A-Za-z]++(?![\w.@'’&/:$+\-\u2010\u2011{_EMOJI_MODIFIERS}])
+    | [^\w{_SKIP}@#+.'’\-\U0001F1E6-\U0001F1FF](?![{_EMOJI_MODIFIERS}])
+    | [{_CJK}]                                                       # one CJK character
+    | (?i:https?://|ftp://|www\.)[^\s<>"“”]*[^\s<>"“”'’.,;:!?)\]}}]     # URL, minus end punct
+    | \w[\w.+-]{{0,63}}+@(?:[\w-]{{1,63}}\.){{1,8}}{_LETTER}{{2,63}}   # e-mail address
+    | (?<!\w)[@#]\w[\w{_MARKS}]*+                                    # @handle, #hashtag
+    | (?:{_LETTER}\.){{2,}}(?:{_LETTER}(?!\w))?                     # U.S., a.m., F.B.I., U.S.A
+    | [{_UPPER}]\.(?=\s*[{_UPPER}])                                  # initial: J. Smith
+    | (?<!\w)[A-Z]{{1,3}}\$                                          # US$, C$, HK$
+    | (?<!\w)\+(?=\d){_WORD_CHAR}++(?:{_JOINER}{_WORD_CHAR}++)*     # +44, +0.05
+    | (?<![^\n])\d{{1,3}}\.(?=[ \t])                                  # "1. " item at line start
+    | (?<!\w)['’](?i:s|re|ll|ve|m|d)(?!\w)                           # clitic after a space
+    | (?<![\w.])\.\d++                                               # .500
+    | (?P<word>[^\W{_CJK}]{_WORD_CHAR}*+(?:{_JOINER}{_WORD_CHAR}++)*) # word / number
+    | \.{{2,}}+ | -{{2,}}+                                           # ... --
+    | [\U0001F1E6-\U0001F1FF]{{2}}                                   # flag (regional indicators)
+    # Any other visible character, with the modifiers, variation selectors and ZWJ-joined
+    # symbols of an emoji sequence.
+    | [^\w{_SKIP}](?:\u200d[^\w{_SKIP}]|[{_EMOJI_MODIFIERS}])*+
+    # Every character is either skipped or starts a token, so the only failure is at the end.
+    ) | \Z)
+    """,
+    re.VERBOSE,
+)
+_CLITIC_RE = re.compile(r"(?:n['’]t|['’](?:s|re|ll|ve|m|d))\Z", re.IGNORECASE)
+
+# "..." and longer runs of periods are terminal too; they are the only tokens starting "..".
+_TERMINALS = frozenset({".", "!", "?", "…", "。", "！", "？"})
+_CLOSERS = frozenset({")", "]", "}", "”", "’", "»"})
+_AMBIGUOUS_QUOTES = frozenset({'"', "'"})
+
+
+def _split_clitic(text: str, start: int) -> list[Token]:
+    """Split a trailing clitic off a word, the Penn Treebank way used by CoNLL."""
+    match = _CLITIC_RE.search(text)
+    # "n't" alone (or "'s" alone) is already a clitic; only split when a stem is left.
+    if match is None or match.start() == 0:
+        return [Token(text, start, start + len(text))]
+    cut = match.start()
+    return [
+        Token(text[:cut], start, start + cut),
+        Token(text[cut:], start + cut, start + len(text)),
+    ]
+
+
+def tokenize(text: str) -> list[Token]:
+    """Split ``text`` into CoNLL-2003-style tokens with character offsets.
+
+    Whitespace, control characters and invisible format characters (zero-width space, BOM) are
+    never part of a token. Runs in a single regex pass, linear in ``len(text)``.
+    """
+    tokens: list[Token] = []
+    for match in _TOKEN_RE.finditer(text):
+        start, end = match.span(1)
+        if start < 0:  # the empty match at the end of the text
+            continue
+        value = text[start:end]
+        if (
+            value == "."
+            and tokens
+            and tokens[-1].end == start
+            and tokens[-1].text in _ABBREVIATIONS
+        ):
+            tokens[-1] = Token(tokens[-1].text + ".", tokens[-1].start, end)
+        # Only plain words with an internal apostrophe can carry a clitic (not URLs, handles).
+        elif ("'" in value or "’" in value) and match.start("word") >= 0:
+            tokens.extend(_split_clitic(value, start))
+        else:
+            tokens.append(Token(value, start, end))
+    return tokens
+
+
+def _is_terminal(token: Token) -> bool:
+    return token.text in _TERMINALS or token.text.startswith("..")
+
+
+def _is_closer(token: Token, previous: Token) -> bool:
+    # A straight quote right after a word closes a quotation; after a space it opens one.
+    if token.text in _AMBIGUOUS_QUOTES:
+        return token.start == previous.end
+    return token.text in _CLOSERS
+
+
+def _has_blank_line(text: str, start: int, end: int) -> bool:
+    if end - start < 2:  # the common single space: no need to look
+        return end - start == 1 and text[start] == "\u2029"
+    return text.count("\n", start, end) >= 2 or text.find("\u2029", start, end) != -1
+
+
+def split_sentences(tokens: list[Token], text: str) -> list[list[Token]]:
+    """Group ``tokens`` (from ``tokenize(text)``) into sentences.
+
+    A sentence ends after a run of ``.``, ``!``, ``?`` or ellipsis tokens, together with any
+    closing quotes and brackets that follow, unless the next token starts with a lower-case letter
+    ("... and then... he left"). Abbreviations and initials ("U.S.", "Mr.", "J.") are single tokens
+    that keep their period, so they never end a sentence. A blank line always ends one.
+    """
+    sentences: list[list[Token]] = []
+    current: list[Token] = []
+    previous: Token | None = None
+    after_terminal = False  # only terminals and closers since the last terminal token
+    for token in tokens:
+        terminal = _is_terminal(token)
+        if previous is None:
+            after_terminal = terminal
+        elif _has_blank_line(text, previous.end, token.start):
+            sentences.append(current)
+            current = []
+            after_terminal = terminal
+        elif after_terminal:
+            if not (terminal or _is_closer(token, previous)):
+                after_terminal = False
+                if not token.text[0].islower():
+                    sentences.append(current)
+                    current = []
+        else:
+            after_terminal = terminal
+        current.append(token)
+        previous = token
+    if current:
+        sentences.append(current)
+    return sentences
+
+
+# Punctuation after which a window may be cut when a sentence is too long: cutting there is
+# less likely to split an entity than cutting at an arbitrary token.
+_SOFT_BREAKS = frozenset({",", ";", ":", "--", "-", ")", "…", "..."})
+
+
+def _windows(sentence: list[Token], max_tokens: int) -> list[list[Token]]:
+    """Cut a sentence into consecutive windows of at most ``max_tokens`` tokens."""
+    if len(sentence) <= max_tokens:
+        return [sentence]
+    windows: list[list[Token]] = []
+    begin = 0
+    while len(sentence) - begin > max_tokens:
+        end = begin + max_tokens
+        # Prefer a soft break in the last quarter of the window.
+        for cut in range(end, end - max_tokens // 4, -1):
+            if sentence[cut - 1].text in _SOFT_BREAKS:
+                end = cut
+                break
+        windows.append(sentence[begin:end])
+        begin = end
+    windows.append(sentence[begin:])
+    return windows
+
+
+def chunk_document(text: str, max_tokens: int = 128) -> list[list[Token]]:
+    """Tokenise ``text`` and cut it into tagger-sized chunks, in document order.
+
+    Each sentence is a chunk; a sentence longer than ``max_tokens`` is cut into consecutive
+    windows of at most ``max_tokens`` tokens (preferring a cut after a comma or similar). Token
+    offsets stay relative to the whole ``text``. Returns ``[]`` for a text without tokens.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    chunks: list[list[Token]] = []
+    for sentence in split_sentences(tokenize(text), text):
+        chunks.extend(_windows(sentence, max_tokens))
+    return chunks

@@ -1,0 +1,567 @@
+"""The Kafka loop: consume -> decode -> tokenize -> batch -> tag -> produce -> commit.
+
+Two threads share the work:
+
+- the consumer thread (the caller of `Worker.run`) owns the KafkaConsumer: it polls, decodes and
+  tokenizes each record, hands documents to the tagging stage through a bounded queue, sends dead
+  letters, applies acknowledgements to the offset tracker and commits. When the queue is full it
+  pauses its partitions and keeps polling, so the group never expels it (backpressure);
+- the tagging thread forms micro-batches, runs the model and sends the outputs.
+
+The producer's acknowledgements arrive on its I/O thread and are handed back to the consumer
+thread through a queue: only that thread touches the offset tracker, so commits never pass a
+record whose output (or dead letter) is not acknowledged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from kafka.structs import OffsetAndMetadata
+from kafka.structs import TopicPartition as KafkaTP
+
+from ner_stream.batching import BatchLimits, MicroBatcher
+from ner_stream.config import WorkerConfig
+from ner_stream.messages import (
+    Document,
+    Entity,
+    Rejection,
+    Source,
+    dead_letter_headers,
+    decode,
+    encode_output,
+    processing_error,
+)
+from ner_stream.metrics import Health, Metrics
+from ner_stream.offsets import OffsetTracker
+from ner_stream.tagger import PreparedDoc, Tagger
+
+log = logging.getLogger(__name__)
+
+TopicPartition = tuple[str, int]
+
+
+class ConsumerLike(Protocol):
+    """The part of kafka-python's KafkaConsumer the worker uses (an in-memory one in tests)."""
+
+    def subscribe(self, topics: list[str], listener: Any = None) -> None: ...
+    def topics(self) -> set[str]: ...
+    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict: ...
+    def pause(self, *partitions: Any) -> None: ...
+    def resume(self, *partitions: Any) -> None: ...
+    def assignment(self) -> set: ...
+    def commit(self, offsets: dict | None = None) -> None: ...
+    def close(self, autocommit: bool = True) -> None: ...
+
+
+class ProducerLike(Protocol):
+    """The part of kafka-python's KafkaProducer the worker uses."""
+
+    def send(self, topic: str, value: bytes, key: bytes | None = None, headers: Any = None): ...
+    def flush(self, timeout: float | None = None) -> None: ...
+    def close(self, timeout: float | None = None) -> None: ...
+
+
+@dataclass(eq=False)
+class Partition:
+    """One owned input partition. `active` turns false on revoke; late work for it is skipped."""
+
+    tp: TopicPartition
+    active: bool = True
+
+
+@dataclass(eq=False)
+class Job:
+    """One document on its way through the tagging stage."""
+
+    doc: Document
+    prepared: PreparedDoc
+    value: bytes | None  # the original record value, for a dead letter
+    key: bytes | None
+    headers: list[tuple[str, bytes]]
+    timestamp_ms: int
+    partition: Partition
+    queued_at: float = 0.0
+    entities: list[list[Entity]] = field(default_factory=list)  # per chunk, filled when tagged
+    pieces_left: int = 0
+
+
+@dataclass(eq=False)
+class Piece:
+    """A run of one job's chunks, small enough to share a forward pass with other documents."""
+
+    job: Job
+    chunks: list[int]
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Ack:
+    """A delivery report from the producer's I/O thread."""
+
+    tp: TopicPartition
+    offset: int
+    ok: bool
+    output: bool  # an output record (False: a dead letter)
+    timestamp_ms: int
+    error: BaseException | None = None
+    job: Job | None = None  # for an output that failed: sent on as a dead letter
+
+
+_STOP = object()
+
+
+class Worker:
+    """Runs the flow until `stop` is set; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: WorkerConfig,
+        tagger: Tagger,
+        consumer: ConsumerLike,
+        producer: ProducerLike,
+        metrics: Metrics | None = None,
+        health: Health | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cfg = cfg
+        self.tagger = tagger
+        self.consumer = consumer
+        self.producer = producer
+        self.metrics = metrics or Metrics()
+        self.health = health or Health()
+        self.clock = clock
+        self.tracker = OffsetTracker()
+        self.partitions: dict[TopicPartition, Partition] = {}
+        self.work: queue.Queue = queue.Queue(maxsize=cfg.queue_docs)
+        self.overflow: deque[Job] = deque()  # consumed but the queue was full, in order
+        self.acks: queue.SimpleQueue[Ack] = queue.SimpleQueue()
+        self.paused = False
+        self.fatal: BaseException | None = None
+        self._last_commit = clock()
+        self._last_lag = 0.0
+        self._tagging = threading.Thread(target=self._tagging_loop, name="tagging", daemon=True)
+        self.health.model_loaded = True
+        self.metrics.model.info(
+            {
+                "name": tagger.name,
+                "version": tagger.version,
+                "architecture": tagger.info.config.arch,
+                "device": str(tagger.device),
+            }
+        )
+
+    # ---------------------------------------------------------------- consumer thread
+
+    def run(self, stop: threading.Event) -> int:
+        """Consume until `stop` is set or a fatal error; returns the process exit code."""
+        self.consumer.subscribe([self.cfg.input_topic], listener=self)
+        # Fetch metadata before the first poll: a join that races the topic's metadata can leave
+        # kafka-python's group leader without partitions.
+        self.consumer.topics()
+        self._tagging.start()
+        try:
+            while not stop.is_set() and self.fatal is None and self._tagging.is_alive():
+                self._step()
+        finally:
+            code = self._shutdown()
+        return code
+
+    def _step(self) -> None:
+        self._apply_acks()
+        self._drain_overflow()
+        self._backpressure()
+        batches = self.consumer.poll(timeout_ms=100, max_records=self.cfg.max_batch_docs * 4)
+        for records in batches.values():
+            for record in records:
+                self._consume(record)
+        self._apply_acks()
+        now = self.clock()
+        if (now - self._last_commit) * 1000 >= self.cfg.commit_interval_ms:
+            self._commit()
+        if now - self._last_lag >= 5.0:
+            self._update_lag()
+            self._last_lag = now
+        self.metrics.queue_depth.set(self.work.qsize() + len(self.overflow))
+        self.metrics.in_flight.set(self.tracker.in_flight())
+        self.health.progressed()
+
+    def _consume(self, record: Any) -> None:
+        tp = (record.topic, record.partition)
+        part = self.partitions.get(tp)
+        if part is None or not part.active:
+            # A record fetched before a revoke: its new owner will read it again.
+            return
+        self.tracker.track(tp, record.offset)
+        source = Source(record.topic, record.partition, record.offset)
+        headers = list(record.headers or [])
+        t0 = time.perf_counter()
+        decoded = decode(record.value, record.key, source, self.cfg.max_doc_bytes)
+        self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - t0)
+        if isinstance(decoded, Rejection):
+            self._dead_letter(decoded, record.value, record.key, headers, record.timestamp)
+            return
+        t1 = time.perf_counter()
+        try:
+            prepared = self.tagger.prepare(decoded.text)
+        except Exception as e:  # one bad document must not stop the stream
+            log.exception("tokenizing %s failed", decoded.id)
+            self._dead_letter(processing_error(source, e), record.value, record.key, headers,
+                              record.timestamp)  # fmt: skip
+            return
+        self.metrics.stage_seconds.labels("tokenize").observe(time.perf_counter() - t1)
+        job = Job(decoded, prepared, record.value, record.key, headers, record.timestamp, part,
+                  queued_at=self.clock())  # fmt: skip
+        if self.overflow or not self._offer(job):
+            self.overflow.append(job)
+
+    def _offer(self, job: Job) -> bool:
+        try:
+            self.work.put_nowait(job)
+            return True
+        except queue.Full:
+            return False
+
+    def _drain_overflow(self) -> None:
+        while self.overflow and self._offer(self.overflow[0]):
+            self.overflow.popleft()
+
+    def _backpressure(self) -> None:
+        """Pause every owned partition while work is waiting for room; resume when drained."""
+        assigned = list(self.consumer.assignment())
+        if self.overflow and not self.paused:
+            self.consumer.pause(*assigned)
+            self.paused = True
+            log.debug("backpressure: paused %d partitions", len(assigned))
+        elif self.paused and not self.overflow and self.work.qsize() <= self.cfg.queue_docs // 2:
+            self.consumer.resume(*assigned)
+            self.paused = False
+            log.debug("backpressure: resumed %d partitions", len(assigned))
+        self.metrics.paused.set(len(assigned) if self.paused else 0)
+
+    def _dead_letter(
+        self,
+        rejection: Rejection,
+        value: bytes | None,
+        key: bytes | None,
+        headers: list[tuple[str, bytes]],
+        timestamp_ms: int,
+    ) -> None:
+        src = rejection.source
+        tp = (src.topic, src.partition)
+        self.metrics.dead_letters.labels(str(rejection.reason)).inc()
+        log.warning(
+            "dead letter %s/%d/%d: %s (%s)",
+            src.topic, src.partition, src.offset, rejection.reason, rejection.detail[:200],
+        )  # fmt: skip
+        future = self.producer.send(
+            self.cfg.dlq_topic,
+            value=value,
+            key=key,
+            headers=dead_letter_headers(rejection, headers),
+        )
+        self._on_delivery(future, tp, src.offset, timestamp_ms, output=False, job=None)
+
+    def _on_delivery(
+        self, future: Any, tp: TopicPartition, offset: int, ts: int, output: bool, job: Job | None
+    ) -> None:
+        put = self.acks.put
+        future.add_callback(lambda _md: put(Ack(tp, offset, True, output, ts)))
+        future.add_errback(lambda e: put(Ack(tp, offset, False, output, ts, e, job)))
+
+    def _apply_acks(self) -> None:
+        now_ms = time.time() * 1000
+        while True:
+            try:
+                ack = self.acks.get_nowait()
+            except queue.Empty:
+                return
+            if ack.ok:
+                self.tracker.ack(ack.tp, ack.offset)
+                self.metrics.documents.labels("ok" if ack.output else "dead_letter").inc()
+                if ack.output and ack.timestamp_ms and ack.timestamp_ms > 0:
+                    self.metrics.end_to_end.observe(max(0.0, (now_ms - ack.timestamp_ms) / 1000))
+            elif ack.output and ack.job is not None:
+                # The output could not be written (too large for the topic, say): the document
+                # goes to the dead-letter topic instead, so that its offset can still advance.
+                log.error("output for %s failed: %s", ack.job.doc.id, ack.error)
+                job = ack.job
+                self._dead_letter(
+                    processing_error(job.doc.source, ack.error or RuntimeError("send failed")),
+                    job.value,
+                    job.key,
+                    job.headers,
+                    job.timestamp_ms,
+                )
+            else:
+                # A dead letter that cannot be written cannot be acknowledged: stop without
+                # committing past it, so that a restart reprocesses it.
+                log.error("dead letter for %s/%d failed: %s", ack.tp, ack.offset, ack.error)
+                self.fatal = ack.error or RuntimeError("dead-letter send failed")
+
+    def _commit(self, only: Iterable[TopicPartition] | None = None) -> None:
+        offsets = self.tracker.committable()
+        if only is not None:
+            wanted = set(only)
+            offsets = {tp: o for tp, o in offsets.items() if tp in wanted}
+        self._last_commit = self.clock()
+        if not offsets:
+            return
+        t0 = time.perf_counter()
+        try:
+            self.consumer.commit(
+                {KafkaTP(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+            )
+        except Exception as e:  # a rebalance in progress: the next commit retries
+            self.metrics.commits.labels("failed").inc()
+            log.warning("commit failed (will retry): %s", e)
+            return
+        self.tracker.mark_committed(offsets)
+        self.metrics.commits.labels("ok").inc()
+        self.metrics.stage_seconds.labels("commit").observe(time.perf_counter() - t0)
+        log.debug("committed %s", offsets)
+
+    def _update_lag(self) -> None:
+        highwater = getattr(self.consumer, "highwater", None)
+        position = getattr(self.consumer, "position", None)
+        if highwater is None or position is None:
+            return
+        for tp in list(self.consumer.assignment()):
+            try:
+                end, pos = highwater(tp), position(tp, timeout_ms=100)
+            except Exception:  # position unknown yet: skip this round
+                continue
+            if end is not None and pos is not None:
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, end - pos))
+
+    # ---------------------------------------------------------------- rebalance listener
+
+    def on_partitions_revoked(self, revoked: Iterable[Any]) -> None:
+        """Stop work for the revoked partitions and commit what is done for them."""
+        tps = [(tp.topic, tp.partition) for tp in revoked]
+        if not tps:
+            return
+        self.metrics.rebalances.labels("revoked").inc()
+        for tp in tps:
+            part = self.partitions.pop(tp, None)
+            if part is not None:
+                part.active = False
+        self.overflow = deque(j for j in self.overflow if j.partition.active)
+        # Outputs already sent are worth committing: wait for their acknowledgements.
+        try:
+            self.producer.flush(timeout=min(10.0, self.cfg.shutdown_timeout_s))
+        except Exception as e:
+            log.warning("flush on revoke failed: %s", e)
+        self._apply_acks()
+        self._commit(only=tps)
+        for tp in tps:
+            self.tracker.revoke(tp)
+            with contextlib.suppress(KeyError):
+                self.metrics.lag.remove(tp[0], str(tp[1]))
+        self.health.assigned = len(self.partitions)
+        self.metrics.assigned.set(len(self.partitions))
+        log.info("partitions revoked: %s", sorted(tps))
+
+    def on_partitions_assigned(self, assigned: Iterable[Any]) -> None:
+        """Start tracking the new partitions from their committed offsets."""
+        tps = [(tp.topic, tp.partition) for tp in assigned]
+        self.metrics.rebalances.labels("assigned").inc()
+        for tp in tps:
+            self.partitions[tp] = Partition(tp)
+            self.tracker.revoke(tp)  # start afresh at the first record consumed
+        if self.paused and tps:
+            self.consumer.pause(*assigned)
+        self.health.assigned = len(self.partitions)
+        self.metrics.assigned.set(len(self.partitions))
+        log.info("partitions assigned: %s", sorted(tps))
+
+    # ---------------------------------------------------------------- tagging thread
+
+    def _tagging_loop(self) -> None:
+        try:
+            self._tag_until_stopped()
+        except BaseException as e:  # the consumer thread sees it and shuts down
+            log.exception("the tagging stage failed")
+            self.fatal = e
+
+    def _tag_until_stopped(self) -> None:
+        limits = BatchLimits(
+            max_docs=self.cfg.max_batch_docs,
+            max_tokens=self.cfg.max_batch_tokens,
+            max_wait_s=self.cfg.max_wait_ms / 1000,
+        )
+        batcher: MicroBatcher[Piece] = MicroBatcher(limits)
+        # Pieces of documents too long for one batch wait here and join batches one at a time,
+        # so that a huge document shares the model with the documents behind it.
+        long_lane: deque[Piece] = deque()
+        stopping = False
+        while True:
+            wait = batcher.time_left(self.clock())
+            if long_lane and (wait is None or wait > 0):
+                wait = 0.0
+            item = None
+            if not stopping:
+                try:
+                    item = self.work.get(timeout=0.05 if wait is None else wait)
+                except queue.Empty:
+                    item = None
+            if item is _STOP:
+                stopping = True
+            elif item is not None:
+                for piece in self._pieces(item):
+                    if piece.tokens > limits.max_tokens // 2:
+                        long_lane.append(piece)
+                    else:
+                        if not batcher.fits(piece.tokens):
+                            self._run_batch(batcher.take())
+                        batcher.add(piece, piece.tokens, self.clock())
+            now = self.clock()
+            idle = item is None
+            if batcher.due(now) or (long_lane and idle) or (stopping and len(batcher)):
+                pieces = batcher.take()
+                if long_lane:
+                    pieces.append(long_lane.popleft())
+                self._run_batch(pieces)
+            if stopping and not len(batcher) and not long_lane:
+                return
+
+    def _pieces(self, job: Job) -> list[Piece]:
+        """Split a job's chunks into pieces of at most half the token budget each."""
+        chunks = job.prepared.chunks
+        job.entities = [[] for _ in chunks]
+        if not chunks:
+            job.pieces_left = 1
+            return [Piece(job, [], 0)]
+        budget = max(1, self.cfg.max_batch_tokens // 2)
+        pieces: list[Piece] = []
+        current: list[int] = []
+        tokens = 0
+        for i, chunk in enumerate(chunks):
+            if current and tokens + len(chunk) > budget:
+                pieces.append(Piece(job, current, tokens))
+                current, tokens = [], 0
+            current.append(i)
+            tokens += len(chunk)
+        pieces.append(Piece(job, current, tokens))
+        job.pieces_left = len(pieces)
+        return pieces
+
+    def _run_batch(self, pieces: list[Piece]) -> None:
+        pieces = [p for p in pieces if p.job.partition.active]
+        if not pieces:
+            return
+        self.metrics.stage_seconds.labels("batch_wait").observe(
+            max(0.0, self.clock() - min(p.job.queued_at for p in pieces))
+        )
+        items = [(p.job.prepared, c) for p in pieces for c in p.chunks]
+        try:
+            per_chunk, stats = self.tagger.tag_chunks(items)
+        except Exception:
+            log.exception("a batch of %d documents failed; retrying them one by one", len(pieces))
+            self._run_one_by_one(pieces)
+            return
+        self.metrics.observe_batch(len(pieces), stats.real_tokens, stats.batches)
+        self.metrics.stage_seconds.labels("inference").observe(stats.inference_s)
+        self.metrics.stage_seconds.labels("spans").observe(stats.spans_s)
+        results = iter(per_chunk)
+        for p in pieces:
+            for c in p.chunks:
+                p.job.entities[c] = next(results)
+            self._piece_done(p)
+
+    def _run_one_by_one(self, pieces: list[Piece]) -> None:
+        for p in pieces:
+            try:
+                per_chunk, _ = self.tagger.tag_chunks([(p.job.prepared, c) for c in p.chunks])
+            except Exception as e:
+                log.exception("document %s failed", p.job.doc.id)
+                p.job.pieces_left = -1  # never produce an output for it
+                self._dead_letter(
+                    processing_error(p.job.doc.source, e),
+                    p.job.value,
+                    p.job.key,
+                    p.job.headers,
+                    p.job.timestamp_ms,
+                )
+                continue
+            for c, ents in zip(p.chunks, per_chunk, strict=True):
+                p.job.entities[c] = ents
+            self._piece_done(p)
+
+    def _piece_done(self, piece: Piece) -> None:
+        job = piece.job
+        if job.pieces_left <= 0:
+            return
+        job.pieces_left -= 1
+        if job.pieces_left == 0 and job.partition.active:
+            self._produce(job)
+
+    def _produce(self, job: Job) -> None:
+        t0 = time.perf_counter()
+        entities = [e for chunk in job.entities for e in chunk]
+        for e in entities:
+            self.metrics.entities.labels(e.type).inc()
+        value = encode_output(job.doc, entities, self.tagger.name, self.tagger.version)
+        src = job.doc.source
+        future = self.producer.send(
+            self.cfg.output_topic, value=value, key=job.key, headers=job.headers
+        )
+        self._on_delivery(future, (src.topic, src.partition), src.offset, job.timestamp_ms,
+                          output=True, job=job)  # fmt: skip
+        self.metrics.stage_seconds.labels("produce").observe(time.perf_counter() - t0)
+
+    # ---------------------------------------------------------------- shutdown
+
+    def _shutdown(self) -> int:
+        """Finish the batches in flight, flush, commit; bounded by the shutdown timeout."""
+        deadline = self.clock() + self.cfg.shutdown_timeout_s
+        log.info("shutting down: finishing %d queued documents", self.work.qsize())
+        try:
+            assigned = list(self.consumer.assignment())
+            if assigned:
+                self.consumer.pause(*assigned)
+        except Exception as e:
+            log.warning("pause on shutdown failed: %s", e)
+        self.overflow.clear()  # not started: the next owner reads them again
+        if self._tagging.is_alive():
+            self._put_stop(deadline)
+            self._tagging.join(timeout=max(0.0, deadline - self.clock()))
+        try:
+            self.producer.flush(timeout=max(0.1, deadline - self.clock()))
+        except Exception as e:
+            log.warning("flush on shutdown failed: %s", e)
+        self._apply_acks()
+        self._commit()
+        left = self.tracker.in_flight()
+        if left:
+            log.warning("%d documents not acknowledged in time; they will be reprocessed", left)
+        try:
+            self.consumer.close(autocommit=False)
+        except Exception as e:
+            log.warning("closing the consumer failed: %s", e)
+        try:
+            self.producer.close(timeout=max(0.1, deadline - self.clock()))
+        except Exception as e:
+            log.warning("closing the producer failed: %s", e)
+        if self.fatal is not None:
+            log.error("stopped on a fatal error: %s", self.fatal)
+            return 1
+        if not self._tagging.is_alive() and left == 0:
+            log.info("shutdown complete")
+        return 0
+
+    def _put_stop(self, deadline: float) -> None:
+        while self.clock() < deadline:
+            try:
+                self.work.put(_STOP, timeout=0.1)
+                return
+            except queue.Full:
+                continue

@@ -1,0 +1,283 @@
+"""Input decoding and validation, output JSON and dead-letter headers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ner_stream.messages import (
+    Document,
+    Entity,
+    Rejection,
+    RejectReason,
+    Source,
+    dead_letter_headers,
+    decode,
+    encode_output,
+    processing_error,
+)
+
+SOURCE = Source(topic="news", partition=3, offset=1234)
+MAX_BYTES = 1000
+
+
+def _decode(value: bytes | None, key: bytes | None = None) -> Document | Rejection:
+    return decode(value, key, SOURCE, MAX_BYTES)
+
+
+def _document(value: bytes | None, key: bytes | None = None) -> Document:
+    result = _decode(value, key)
+    assert isinstance(result, Document), result
+    assert result.source == SOURCE
+    return result
+
+
+def _reason(value: bytes | None, key: bytes | None = None) -> RejectReason:
+    result = _decode(value, key)
+    assert isinstance(result, Rejection), result
+    assert result.source == SOURCE
+    assert result.detail
+    return result.reason
+
+
+# --- valid input ---------------------------------------------------------------------------------
+
+
+def test_json_object_with_id_text_and_extra_fields() -> None:
+    value = json.dumps(
+        {"id": "doc-1", "text": "Zoë went to São Paulo.", "lang": "en", "tags": [1, {"a": None}]},
+        ensure_ascii=False,
+    ).encode()
+    doc = _document(value, key=b"ignored-key")
+    assert doc.id == "doc-1"
+    assert doc.text == "Zoë went to São Paulo."
+    assert doc.meta == {"lang": "en", "tags": [1, {"a": None}]}
+
+
+def test_escaped_json_and_surrogate_pairs_decode() -> None:
+    doc = _document(b'{"id": "x", "text": "caf\\u00e9 \\ud83d\\ude00"}')
+    assert doc.text == "café 😀"
+
+
+@pytest.mark.parametrize(
+    ("key", "expected_id"),
+    [
+        (b"key-7", "key-7"),
+        (None, "news/3/1234"),
+        (b"", "news/3/1234"),
+        (b"\xff\xfe", "news/3/1234"),  # a binary key is no id
+    ],
+)
+def test_missing_id_defaults_to_key_then_position(key: bytes | None, expected_id: str) -> None:
+    assert _document(b'{"text": "t"}', key).id == expected_id
+    assert _document(b'{"id": null, "text": "t"}', key).id == expected_id
+    assert _document(b'{"id": "", "text": "t"}', key).id == expected_id
+    assert _document(b"plain text", key).id == expected_id
+
+
+def test_integer_id_is_converted() -> None:
+    assert _document(b'{"id": 42, "text": "t"}').id == "42"
+    assert _document(b'{"id": -7, "text": "t"}').id == "-7"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"Plain text from a producer that does not speak JSON.",
+        b"  leading spaces kept",
+        b"[Reuters] is not JSON",  # starts like a JSON array but is not one
+        b"2024 was a leap year",
+        b"true story",
+        b"null and void",
+        b'"Quoted" words then more',
+        "Grüße aus Köln 😀".encode(),
+        b"",
+        b"   ",
+    ],
+)
+def test_non_json_value_is_plain_text(value: bytes) -> None:
+    doc = _document(value, key=b"k")
+    assert doc.text == value.decode()
+    assert doc.id == "k"
+    assert doc.meta == {}
+
+
+def test_empty_text_is_valid() -> None:
+    assert _document(b'{"id": "e", "text": ""}').text == ""
+
+
+def test_byte_order_mark_is_dropped() -> None:
+    assert _document(b'\xef\xbb\xbf{"id": "b", "text": "t"}').text == "t"
+    assert _document(b"\xef\xbb\xbfplain").text == "plain"
+
+
+def test_value_of_exactly_max_bytes_is_accepted() -> None:
+    assert _document(b"a" * MAX_BYTES).text == "a" * MAX_BYTES
+
+
+# --- rejections ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b"\xff\xfe not utf-8", RejectReason.INVALID_UTF8),
+        (b"caf\xc3", RejectReason.INVALID_UTF8),  # truncated multi-byte character
+        (b"\xed\xa0\x80", RejectReason.INVALID_UTF8),  # an encoded surrogate
+        (b'{"id": "x", "text": ', RejectReason.INVALID_JSON),
+        (b"{not json}", RejectReason.INVALID_JSON),
+        (b'  {"text": "a"} trailing', RejectReason.INVALID_JSON),
+        (b'{"text": NaN}', RejectReason.INVALID_JSON),
+        (b'{"text": "a", "score": Infinity}', RejectReason.INVALID_JSON),
+        (b'{"text": "lone \\ud800 surrogate"}', RejectReason.INVALID_JSON),
+        (b'{"text": "t", "meta": {"\\udc00": 1}}', RejectReason.INVALID_JSON),
+        (b"{" * 100_000, RejectReason.INVALID_JSON),  # would overflow the parser's recursion
+        (b"[1, 2, 3]", RejectReason.NOT_AN_OBJECT),
+        (b"42", RejectReason.NOT_AN_OBJECT),
+        (b"-1.5e3", RejectReason.NOT_AN_OBJECT),
+        (b'"just a string"', RejectReason.NOT_AN_OBJECT),
+        (b"true", RejectReason.NOT_AN_OBJECT),
+        (b"null", RejectReason.NOT_AN_OBJECT),
+        (b"{}", RejectReason.MISSING_TEXT),
+        (b'{"id": "x", "body": "t"}', RejectReason.MISSING_TEXT),
+        (b'{"id": "x", "text": null}', RejectReason.MISSING_TEXT),
+        (None, RejectReason.MISSING_TEXT),  # tombstone
+        (b'{"text": 5}', RejectReason.TEXT_NOT_STRING),
+        (b'{"text": ["a"]}', RejectReason.TEXT_NOT_STRING),
+        (b'{"text": {"en": "a"}}', RejectReason.TEXT_NOT_STRING),
+        (b'{"text": true}', RejectReason.TEXT_NOT_STRING),
+        (b'{"id": 1.5, "text": "t"}', RejectReason.ID_NOT_STRING),
+        (b'{"id": true, "text": "t"}', RejectReason.ID_NOT_STRING),
+        (b'{"id": ["a"], "text": "t"}', RejectReason.ID_NOT_STRING),
+        (b'{"id": {}, "text": "t"}', RejectReason.ID_NOT_STRING),
+        (b"a" * (MAX_BYTES + 1), RejectReason.TOO_LARGE),
+    ],
+)
+def test_rejections(value: bytes | None, reason: RejectReason) -> None:
+    if value is not None and len(value) > MAX_BYTES and reason is not RejectReason.TOO_LARGE:
+        assert decode(value, None, SOURCE, len(value)).reason is reason
+    else:
+        assert _reason(value) is reason
+
+
+def test_size_is_checked_before_decoding() -> None:
+    assert _reason(b"\xff" * (MAX_BYTES + 1)) is RejectReason.TOO_LARGE
+
+
+def test_rejection_detail_gives_position_not_content() -> None:
+    rejection = _decode(b'{"text": "secret", oops}')
+    assert isinstance(rejection, Rejection)
+    assert "column" in rejection.detail
+    assert "secret" not in rejection.detail
+
+
+def test_every_reason_is_reachable() -> None:
+    # PROCESSING_ERROR comes from the worker, through processing_error(), not from decode().
+    rejection = processing_error(SOURCE, RuntimeError("tagger exploded"))
+    assert rejection == Rejection(
+        RejectReason.PROCESSING_ERROR, "RuntimeError: tagger exploded", SOURCE
+    )
+    assert {reason.value for reason in RejectReason} == {
+        "invalid_utf8",
+        "invalid_json",
+        "not_an_object",
+        "missing_text",
+        "text_not_string",
+        "too_large",
+        "id_not_string",
+        "processing_error",
+    }
+
+
+# --- output --------------------------------------------------------------------------------------
+
+
+def _doc(meta: dict | None = None) -> Document:
+    return Document(id="doc-1", text="Zoë Ångström visited Zürich.", meta=meta or {}, source=SOURCE)
+
+
+def test_output_shape() -> None:
+    entities = [
+        Entity(text="Zoë Ångström", type="PER", start=0, end=12, score=0.987654321),
+        Entity(text="Zürich", type="LOC", start=21, end=27, score=1.0),
+    ]
+    value = encode_output(_doc({"lang": "de"}), entities, "conll-lstm", "1.2.0")
+    payload = json.loads(value.decode("utf-8"))
+    assert list(payload) == ["id", "source", "model", "entities", "meta"]
+    assert payload == {
+        "id": "doc-1",
+        "source": {"topic": "news", "partition": 3, "offset": 1234},
+        "model": {"name": "conll-lstm", "version": "1.2.0"},
+        "entities": [
+            {"text": "Zoë Ångström", "type": "PER", "start": 0, "end": 12, "score": 0.9877},
+            {"text": "Zürich", "type": "LOC", "start": 21, "end": 27, "score": 1.0},
+        ],
+        "meta": {"lang": "de"},
+    }
+    for entity in payload["entities"]:
+        assert _doc().text[entity["start"] : entity["end"]] == entity["text"]
+
+
+def test_output_is_compact_utf8_without_escapes() -> None:
+    entity = Entity(text="Zürich", type="LOC", start=21, end=27, score=0.5)
+    value = encode_output(_doc(), [entity], "m", "v")
+    assert "Zürich".encode() in value
+    assert b"\\u" not in value
+    assert b": " not in value and b", " not in value
+    assert b'"meta"' not in value  # left out when empty
+    assert json.loads(value)["entities"][0]["score"] == 0.5
+
+
+def test_output_without_entities() -> None:
+    payload = json.loads(encode_output(_doc(), [], "m", "v"))
+    assert payload["entities"] == []
+
+
+def test_output_rejects_non_finite_scores() -> None:
+    entity = Entity(text="Zürich", type="LOC", start=21, end=27, score=float("nan"))
+    with pytest.raises(ValueError):
+        encode_output(_doc(), [entity], "m", "v")
+
+
+def test_decoded_meta_round_trips_to_output() -> None:
+    doc = _document('{"id": "r", "text": "t", "nested": {"ü": [1, 2.5, null]}}'.encode())
+    assert json.loads(encode_output(doc, [], "m", "v"))["meta"] == {"nested": {"ü": [1, 2.5, None]}}
+
+
+# --- dead-letter headers -------------------------------------------------------------------------
+
+
+def test_dead_letter_headers() -> None:
+    rejection = Rejection(RejectReason.INVALID_JSON, "Expecting value at line 1 column 9", SOURCE)
+    original = [("trace-id", b"abc"), ("content-type", b"application/json")]
+    headers = dead_letter_headers(rejection, original)
+    assert headers[:2] == original
+    assert dict(headers[2:]) == {
+        "ner_stream.reason": b"invalid_json",
+        "ner_stream.detail": b"Expecting value at line 1 column 9",
+        "ner_stream.source.topic": b"news",
+        "ner_stream.source.partition": b"3",
+        "ner_stream.source.offset": b"1234",
+    }
+    assert original == [("trace-id", b"abc"), ("content-type", b"application/json")]
+
+
+def test_dead_letter_headers_replace_earlier_ones() -> None:
+    rejection = Rejection(RejectReason.TOO_LARGE, "big", SOURCE)
+    original = [("ner_stream.reason", b"invalid_json"), ("ner_stream.detail", b"old"), ("x", b"1")]
+    headers = dead_letter_headers(rejection, original)
+    names = [name for name, _ in headers]
+    assert len(names) == len(set(names))
+    assert dict(headers)["ner_stream.reason"] == b"too_large"
+    assert ("x", b"1") in headers
+
+
+@pytest.mark.parametrize("char", ["a", "é", "😀", "東"])
+def test_dead_letter_detail_is_truncated_on_a_character_boundary(char: str) -> None:
+    rejection = Rejection(RejectReason.PROCESSING_ERROR, char * 2000, SOURCE)
+    detail = dict(dead_letter_headers(rejection, []))["ner_stream.detail"]
+    assert 400 < len(detail) <= 500
+    text = detail.decode("utf-8")  # still valid UTF-8
+    assert text.endswith("…")
+    assert set(text[:-1]) == {char}

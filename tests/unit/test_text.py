@@ -1,0 +1,267 @@
+"""Tokeniser, sentence splitter and chunker: CoNLL conventions and the offset invariant."""
+
+from __future__ import annotations
+
+import random
+import unicodedata
+
+import pytest
+
+from ner_stream.text import Chunk, Token, chunk_document, split_sentences, tokenize
+
+
+def _texts(text: str) -> list[str]:
+    return [token.text for token in tokenize(text)]
+
+
+def _assert_offsets(text: str, tokens: list[Token]) -> None:
+    """Every token maps back to the text; tokens are ordered, disjoint and never whitespace."""
+    previous_end = 0
+    for token in tokens:
+        assert text[token.start : token.end] == token.text
+        assert token.text
+        assert not any(ch.isspace() for ch in token.text)
+        assert token.start >= previous_end
+        previous_end = token.end
+
+
+def _is_skippable(ch: str) -> bool:
+    # Characters the tokeniser may leave out: whitespace, controls, invisible format characters.
+    return ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "EU rejects German call to boycott British lamb.",
+            "EU rejects German call to boycott British lamb .",
+        ),
+        ("He doesn't know.", "He does n't know ."),
+        ("They can't, won't, aren't", "They ca n't , wo n't , are n't"),
+        ("we're I'm you'll they've he'd", "we 're I 'm you 'll they 've he 'd"),
+        (
+            "Germany's and JONES'S and players' shirts",
+            "Germany 's and JONES 'S and players ' shirts",
+        ),
+        ("O'Brien's rock'n'roll", "O'Brien 's rock'n'roll"),
+        ("the German-born 1996-08-22 score 6-4", "the German-born 1996-08-22 score 6-4"),
+        ("1,000 3.5 2:29.34 1/2 1996/97", "1,000 3.5 2:29.34 1/2 1996/97"),
+        ("$1,000 and US$5 and C$10 and 5%", "$ 1,000 and US$ 5 and C$ 10 and 5 %"),
+        ("(Reuters) said: yes; no?! ok", "( Reuters ) said : yes ; no ? ! ok"),
+        ('He said "hello" and “bye” and ‘so’', 'He said " hello " and “ bye ” and ‘ so ’'),
+        ("U.S. U.N. a.m. p.m. F.B.I.", "U.S. U.N. a.m. p.m. F.B.I."),
+        (
+            "Mr. Smith and Dr. Jones of Acme Inc. vs. Apex Corp.",
+            "Mr. Smith and Dr. Jones of Acme Inc. vs. Apex Corp.",
+        ),
+        ("J. R. R. Tolkien wrote", "J. R. R. Tolkien wrote"),
+        ("Plan B. and then", "Plan B . and then"),
+        ("see https://example.com/a?b=1. Then", "see https://example.com/a?b=1 . Then"),
+        ("(www.example.org/x)", "( www.example.org/x )"),
+        ("mail j.doe+news@mail.example.co.uk, now", "mail j.doe+news@mail.example.co.uk , now"),
+        ("@reuters_bot says #NLP2024 rocks", "@reuters_bot says #NLP2024 rocks"),
+        ("S&P 500 and AT&T", "S&P 500 and AT&T"),
+        ("wait... what -- really", "wait ... what -- really"),
+        ("+44 20 and .500 average", "+44 20 and .500 average"),
+        ("1. Sampras (U.S.)", "1. Sampras ( U.S. )"),
+        ("in 1996.", "in 1996 ."),
+        ("Iraq 's reply", "Iraq 's reply"),  # a clitic already split off by spaces
+        ("does n't", "does n't"),
+    ],
+)
+def test_conll_conventions(text: str, expected: str) -> None:
+    assert _texts(text) == expected.split(" ")
+
+
+def test_curly_apostrophes_behave_like_straight_ones() -> None:
+    assert _texts("doesn’t O’Brien’s") == ["does", "n’t", "O’Brien", "’s"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("São Paulo Zoë Ångström", ["São", "Paulo", "Zoë", "Ångström"]),
+        ("cafe\u0301 noir", ["cafe\u0301", "noir"]),  # decomposed accent stays in its word
+        ("हिन्दी भाषा", ["हिन्दी", "भाषा"]),  # vowel signs are combining marks
+        ("北京大学 in Tokyo", ["北", "京", "大", "学", "in", "Tokyo"]),
+        ("서울 시청", ["서울", "시청"]),  # Korean separates words with spaces
+        ("ok 👍🏽 👨\u200d👩\u200d👧 🇫🇷 ❤️", ["ok", "👍🏽", "👨\u200d👩\u200d👧", "🇫🇷", "❤️"]),
+        (
+            "zero\u200bwidth soft\u00adhyphen \ufeffbom\x00nul",
+            ["zero", "width", "soft", "hyphen", "bom", "nul"],
+        ),
+    ],
+)
+def test_unicode(text: str, expected: list[str]) -> None:
+    tokens = tokenize(text)
+    _assert_offsets(text, tokens)
+    assert [t.text for t in tokens] == expected
+
+
+def test_offsets_of_a_simple_text() -> None:
+    text = "  Hi,\tJöhn!\n"
+    assert tokenize(text) == [
+        Token("Hi", 2, 4),
+        Token(",", 4, 5),
+        Token("Jöhn", 6, 10),
+        Token("!", 10, 11),
+    ]
+
+
+def test_empty_and_blank_texts() -> None:
+    assert tokenize("") == []
+    assert tokenize(" \t\n\r\u00a0\u3000 ") == []
+    assert chunk_document("") == []
+    assert chunk_document("   \n\n  ") == []
+
+
+# Characters for generated texts: ASCII, punctuation the rules care about, accents, combining marks,
+# CJK, Hangul, Devanagari, emoji parts, whitespace of all kinds, controls and format characters.
+_ALPHABET = (
+    "aAzZ09 .,;:!?'\"-/&$%@#+()[]{}*_=~<>"
+    "éÅøßñçŁ\u0301\u0308ǅ"
+    "北京東ひカ서울हि\u093f\u094d"
+    "😀👍\U0001f3fd\u200d\ufe0f🇫🇷\u20e3"
+    "\t\n\r\x0b\x0c \u00a0\u2028\u2029\u3000"
+    "\x00\x07\x1f\x7f\u00ad\u200b\u200e\ufeff’‘“”…–—"
+)
+_WORDS = ["http://x.org/a.b", "www.ex.com", "a@b.co", "U.S.", "Mr.", "doesn't", "1,000.5", "J."]
+
+
+def _random_text(rng: random.Random, length: int) -> str:
+    parts: list[str] = []
+    while len(parts) < length:
+        if rng.random() < 0.1:
+            parts.append(rng.choice(_WORDS))
+        elif rng.random() < 0.05:
+            parts.append(chr(rng.randrange(0x20, 0x30000)))  # anything, incl. unassigned/surrogate
+        else:
+            parts.append(rng.choice(_ALPHABET))
+    return "".join(parts)
+
+
+def test_offset_invariant_on_random_texts() -> None:
+    rng = random.Random(20240501)
+    for _ in range(2000):
+        text = _random_text(rng, rng.randrange(0, 80))
+        tokens = tokenize(text)
+        _assert_offsets(text, tokens)
+        covered = {i for token in tokens for i in range(token.start, token.end)}
+        # Nothing visible is dropped: what no token covers is whitespace or invisible.
+        assert all(_is_skippable(ch) for i, ch in enumerate(text) if i not in covered)
+
+
+def test_chunks_cover_all_tokens_in_order_on_random_texts() -> None:
+    rng = random.Random(7)
+    for _ in range(500):
+        text = _random_text(rng, rng.randrange(0, 200))
+        max_tokens = rng.randrange(1, 12)
+        chunks = chunk_document(text, max_tokens=max_tokens)
+        assert all(1 <= len(chunk) <= max_tokens for chunk in chunks)
+        assert [t for chunk in chunks for t in chunk] == tokenize(text)
+
+
+def _sentences(text: str) -> list[str]:
+    return [
+        " ".join(t.text for t in sentence) for sentence in split_sentences(tokenize(text), text)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("One. Two! Three? Four", ["One .", "Two !", "Three ?", "Four"]),
+        (
+            "Mr. Smith went to the U.S. Open. He won.",
+            ["Mr. Smith went to the U.S. Open .", "He won ."],
+        ),
+        ("J. Smith came. Dr. Who left.", ["J. Smith came .", "Dr. Who left ."]),
+        ('He said "Go." Then he left.', ['He said " Go . "', "Then he left ."]),
+        ("It rose (sharply.) Then fell.", ["It rose ( sharply . )", "Then fell ."]),
+        ('Done. "Really?" she asked.', ["Done .", '" Really ? " she asked .']),
+        ("And then... he left. Next", ["And then ... he left .", "Next"]),
+        ("Wow?! Yes.", ["Wow ? !", "Yes ."]),
+        ("Headline without stop\n\nBody text here", ["Headline without stop", "Body text here"]),
+        ("line one\r\n\r\nline two\nsame", ["line one", "line two same"]),
+        ("Version 2.5 is out. ok", ["Version 2.5 is out . ok"]),
+        ("東京に行った。大阪も。", ["東 京 に 行 っ た 。", "大 阪 も 。"]),
+    ],
+)
+def test_split_sentences(text: str, expected: list[str]) -> None:
+    assert _sentences(text) == expected
+
+
+def test_split_sentences_of_nothing() -> None:
+    assert split_sentences([], "") == []
+
+
+def test_long_sentence_is_windowed_with_offsets_into_the_document() -> None:
+    words = [f"W{i}" for i in range(300)]
+    text = "Intro. " + " ".join(words) + ". Outro."
+    chunks = chunk_document(text, max_tokens=128)
+    assert [len(c) for c in chunks] == [2, 128, 128, 45, 2]
+    for chunk in chunks:
+        _assert_offsets(text, chunk)
+    assert [t.text for t in chunks[1]] == words[:128]
+
+
+def test_window_prefers_a_cut_after_a_comma() -> None:
+    words = [f"w{i}" for i in range(20)]
+    words[6] = ","
+    chunks = chunk_document(" ".join(words), max_tokens=8)
+    assert [len(c) for c in chunks] == [7, 8, 5]
+    assert chunks[0][-1].text == ","
+
+
+def test_chunk_dataclass_span() -> None:
+    text = "Alpha beta."
+    chunk = Chunk(tokens=chunk_document(text)[0])
+    assert (chunk.start, chunk.end) == (0, len(text))
+    assert (Chunk(tokens=[]).start, Chunk(tokens=[]).end) == (0, 0)
+
+
+def test_invalid_max_tokens() -> None:
+    with pytest.raises(ValueError):
+        chunk_document("text", max_tokens=0)
+
+
+@pytest.mark.parametrize(
+    "unit",
+    [
+        "The European Commission said on Thursday it disagreed with German advice, "
+        "doesn't it? U.S. shares rose 1.5% to $1,000 (Reuters). ",
+        "Paragraph\n\n",  # many tiny sentences
+        "x" * 999 + " ",  # long words
+    ],
+)
+def test_one_megabyte_document(unit: str) -> None:
+    text = (unit * (1_000_000 // len(unit) + 1))[:1_000_000]
+    chunks = chunk_document(text, max_tokens=128)
+    assert chunks
+    assert all(1 <= len(chunk) <= 128 for chunk in chunks)
+    _assert_offsets(text, [token for chunk in chunks for token in chunk])
+
+
+# Inputs that would be slow with a backtracking-prone pattern. Sizes are kept moderate so that the
+# suite stays quick: one token per character costs about as much as a large document.
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a@" + "b" * 200_000,  # e-mail prefix without a domain
+        "http://" + "a." * 200_000,  # URL ending in punctuation
+        "a." * 200_000,
+        "1," * 200_000,
+        "-a" * 200_000,
+        "'a" * 200_000,
+        ("x" * 60 + "@") * 5_000,
+        "@" * 200_000,  # one token per character, one sentence
+        "北京" * 100_000,
+        "A. " * 70_000,
+    ],
+)
+def test_pathological_inputs_finish(text: str) -> None:
+    chunks = chunk_document(text)
+    assert chunks
+    assert all(len(chunk) <= 128 for chunk in chunks)
+    _assert_offsets(text, [token for chunk in chunks for token in chunk])
