@@ -30,6 +30,10 @@ test: install
 unit: install
 	$(BIN)/python -m pytest -m 'not integration' $(PYTEST_ARGS)
 
+# Broker, worker, the bundled sample news, entities as they arrive, a metrics summary; stops all.
+demo: install
+	deploy/demo.sh
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
