@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 KAFKA := deploy/kafka/kafka.sh
 
-.PHONY: install kafka-up kafka-down test unit lint format demo bench clean
+.PHONY: install kafka-up kafka-down prometheus test unit lint format demo bench clean
 
 install: $(STAMP)
 
@@ -22,8 +22,12 @@ kafka-up:
 kafka-down:
 	$(KAFKA) down
 
+# prometheus and promtool for the tests (Debian's package; nothing to do when both are on PATH).
+prometheus:
+	deploy/prometheus/ensure-prometheus.sh
+
 # The broker is brought down even when the tests fail; the tests' exit status is kept.
-test: install
+test: install prometheus
 	$(KAFKA) up
 	status=0; $(BIN)/python -m pytest $(PYTEST_ARGS) || status=$$?; $(KAFKA) down; exit $$status
 
