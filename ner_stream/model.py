@@ -41,8 +41,11 @@ class ModelConfig:
     hidden: int = 200
     layers: int = 1
     dropout: float = 0.5
+    bidirectional: bool | None = None  # None: bidirectional for bilstm-crf, not for lstm
 
     def __post_init__(self) -> None:
+        if self.bidirectional is None:
+            self.bidirectional = self.arch == "bilstm-crf"
         if self.arch not in ARCHS:
             raise ValueError(
                 f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}"
@@ -219,7 +222,7 @@ class NerModel(nn.Module):
             if c.case_dim:
                 self.case_embed = nn.Embedding(len(CASES), c.case_dim, padding_idx=PAD_ID)
                 in_dim += c.case_dim
-        bidirectional = c.arch == "bilstm-crf"
+        bidirectional = bool(c.bidirectional)
         self.lstm = nn.LSTM(
             in_dim,
             c.hidden,
@@ -240,9 +243,9 @@ class NerModel(nn.Module):
         if self.case_embed is not None:
             feats.append(self.case_embed(batch.cases))
         x = self.dropout(torch.cat(feats, dim=2) if len(feats) > 1 else feats[0])
-        # Padding sits at the end of every row and the LSTM runs left to right, so real tokens
-        # never see it; the backward direction does, which is why the BiLSTM packs.
-        if self.config.arch == "bilstm-crf":
+        # Padding sits at the end of every row, so a left-to-right LSTM never lets real tokens
+        # see it; the backward direction would, which is why a BiLSTM packs its input.
+        if self.config.bidirectional:
             lengths = batch.mask.sum(1).cpu()
             packed = nn.utils.rnn.pack_padded_sequence(
                 x, lengths, batch_first=True, enforce_sorted=False

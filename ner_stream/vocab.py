@@ -69,9 +69,9 @@ class Vocab:
         return cls(itos)
 
 
-def word_key(token: str) -> str:
+def word_key(token: str, lowercase: bool = True) -> str:
     """The form under which a token is looked up in the word vocabulary."""
-    return token.lower()
+    return token.lower() if lowercase else token
 
 
 def case_id(token: str) -> int:
@@ -112,23 +112,36 @@ class Vocabularies:
     words: Vocab
     chars: Vocab
     tags: Vocab
+    # Lowercase word lookup suits lowercase pretrained vectors, with casing carried by the
+    # character and casing features; the classic recipe looks words up as they are.
+    lowercase: bool = True
 
     def encode(self, tokens: Sequence[str], tags: Sequence[str] | None = None) -> EncodedSentence:
         """Tokens (and optionally their tags) as ids; unknown tags are an error."""
         words = self.words.stoi
         chars = self.chars.stoi
         return EncodedSentence(
-            words=[words.get(word_key(t), UNK_ID) for t in tokens],
+            words=[words.get(word_key(t, self.lowercase), UNK_ID) for t in tokens],
             chars=[[chars.get(c, UNK_ID) for c in t[:MAX_WORD_CHARS]] for t in tokens],
             cases=[case_id(t) for t in tokens],
             tags=None if tags is None else [self.tags.stoi[t] for t in tags],
         )
 
-    def to_dict(self) -> dict[str, list[str]]:
-        """Plain lists, for the model file."""
-        return {"words": self.words.itos, "chars": self.chars.itos, "tags": self.tags.itos}
+    def to_dict(self) -> dict:
+        """Plain values, for the model file."""
+        return {
+            "words": self.words.itos,
+            "chars": self.chars.itos,
+            "tags": self.tags.itos,
+            "lowercase": self.lowercase,
+        }
 
     @classmethod
-    def from_dict(cls, data: dict[str, list[str]]) -> Vocabularies:
+    def from_dict(cls, data: dict) -> Vocabularies:
         """Inverse of `to_dict`."""
-        return cls(Vocab(data["words"]), Vocab(data["chars"]), Vocab(data["tags"]))
+        return cls(
+            Vocab(data["words"]),
+            Vocab(data["chars"]),
+            Vocab(data["tags"]),
+            lowercase=data.get("lowercase", True),
+        )

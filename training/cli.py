@@ -110,6 +110,16 @@ def main() -> None:
     show_default=True,
     help="Scheme the model predicts in.",
 )
+@click.option(
+    "--lowercase/--cased",
+    default=None,
+    help="Word lookup (default: lowercase for bilstm-crf, cased for lstm).",
+)
+@click.option(
+    "--bidirectional/--unidirectional",
+    default=None,
+    help="LSTM direction (default: bi for bilstm-crf, uni for lstm).",
+)
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads for torch.")
@@ -136,6 +146,8 @@ def train_cmd(
     char_encoder,
     dropout,
     tag_scheme,
+    lowercase,
+    bidirectional,
     seed,
     device,
     threads,
@@ -156,6 +168,7 @@ def train_cmd(
         arch=arch, tag_scheme=tag_scheme, epochs=epochs, batch_size=batch_size, lr=lr,
         patience=patience, seed=seed, device=device, word_dim=word_dim,
         char_encoder=char_encoder, hidden=hidden, dropout=dropout, max_minutes=max_minutes,
+        lowercase=lowercase, bidirectional=bidirectional,
     )  # fmt: skip
     result = train(
         train_sents,

@@ -46,6 +46,8 @@ class TrainConfig:
     hidden: int = 200
     dropout: float = 0.5
     min_word_count: int = 1
+    lowercase: bool | None = None  # None: lowercase for bilstm-crf, as-is for lstm
+    bidirectional: bool | None = None  # None: the architecture's own (see ModelConfig)
     max_minutes: float | None = None
     word_dropout: float = 0.01  # replace known words by <UNK> so the model learns to use chars
 
@@ -92,18 +94,22 @@ def fingerprint(paths: Sequence[str | Path]) -> str:
 
 
 def build_vocabs(
-    train: Sequence[Sentence], scheme: str, min_count: int, embeddings: Embeddings | None
+    train: Sequence[Sentence],
+    scheme: str,
+    min_count: int,
+    embeddings: Embeddings | None,
+    lowercase: bool = True,
 ) -> Vocabularies:
     """Words from the training data (and every pretrained word), characters and tags."""
-    word_counts = Counter(word_key(t) for s in train for t in s.tokens)
+    word_counts = Counter(word_key(t, lowercase) for s in train for t in s.tokens)
     char_counts = Counter(c for s in train for t in s.tokens for c in t)
     tag_counts = Counter(t for s in train for t in convert_tags(s.tags, "iob2", scheme))
-    extra = embeddings.words if embeddings is not None else ()
+    extra = embeddings.words if embeddings is not None and lowercase else ()
     words = Vocab.build(word_counts, min_count=min_count, extra=extra)
     chars = Vocab.build(char_counts)
     # "O" first so that padding positions (tag id 0 under the mask) read as outside.
     tags = Vocab(["O"] + sorted(t for t in tag_counts if t != "O"))
-    return Vocabularies(words=words, chars=chars, tags=tags)
+    return Vocabularies(words=words, chars=chars, tags=tags, lowercase=lowercase)
 
 
 def encode_corpus(
@@ -140,8 +146,13 @@ def init_embeddings(model: NerModel, vocabs: Vocabularies, embeddings: Embedding
             f"the embeddings have {embeddings.dim} dimensions but the model's words have "
             f"{weight.shape[1]}; pass --word-dim {embeddings.dim}"
         )
-    rows = [vocabs.words.stoi.get(w) for w in embeddings.words]
-    pairs = [(r, i) for i, r in enumerate(rows) if r is not None]
+    # Cased vocabularies take the vector of the lowercase form (pretrained vectors are lowercase).
+    index = {w: i for i, w in enumerate(embeddings.words)}
+    pairs = [
+        (r, index[w.lower()])
+        for r, w in enumerate(vocabs.words.itos)
+        if r > UNK_ID and w.lower() in index
+    ]
     scale = float(np.std(embeddings.vectors))
     with torch.no_grad():
         torch.nn.init.uniform_(weight, -scale * math.sqrt(3), scale * math.sqrt(3))
@@ -234,7 +245,8 @@ def train(
     if not train_sents:
         raise ValueError("the training data holds no sentences")
 
-    vocabs = build_vocabs(train_sents, cfg.tag_scheme, cfg.min_word_count, embeddings)
+    lowercase = cfg.lowercase if cfg.lowercase is not None else cfg.arch == "bilstm-crf"
+    vocabs = build_vocabs(train_sents, cfg.tag_scheme, cfg.min_word_count, embeddings, lowercase)
     word_dim = embeddings.dim if embeddings is not None else cfg.word_dim
     mcfg = ModelConfig(
         arch=cfg.arch,
@@ -248,6 +260,7 @@ def train(
         case_dim=cfg.case_dim,
         hidden=cfg.hidden,
         dropout=cfg.dropout,
+        bidirectional=cfg.bidirectional,
     )
     model = NerModel(mcfg)
     if embeddings is not None:
