@@ -18,15 +18,19 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
 )
+
+from ner_stream.messages import RejectReason
 
 PREFIX = "ner_stream"
 STAGES = ("decode", "tokenize", "batch_wait", "inference", "spans", "produce", "commit")
 OUTCOMES = ("ok", "dead_letter")
 
 _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 _DOCS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _TOKENS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 _RATIO = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -92,6 +96,12 @@ class Metrics:
             self.stage_seconds.labels(stage)
         for outcome in OUTCOMES:
             self.documents.labels(outcome)
+        # Zero series from the start, so that dashboards show 0 rather than "no data".
+        for reason in RejectReason:
+            self.dead_letters.labels(str(reason))
+        # Memory, CPU and start time of the process, for spotting leaks and restarts.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
 
     def observe_batch(self, docs: int, real_tokens: int, shapes: list[tuple[int, int]]) -> None:
         """Record one micro-batch and its forward passes ((sequences, padded length) each)."""
