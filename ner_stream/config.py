@@ -48,6 +48,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_chunk_tokens", 128, "Sentences longer than this are cut into windows.", int),
     Setting("queue_docs", 512, "Documents buffered between consuming and tagging.", int),
     Setting("commit_interval_ms", 1000, "How often acknowledged offsets are committed.", int),
+    Setting("session_timeout_ms", 45000, "How long the group waits for a silent worker.", int),
     Setting("shutdown_timeout_s", 30.0, "Bound on a graceful shutdown.", float),
     Setting("connect_timeout_s", 30.0, "How long to retry an unreachable broker at start.", float),
     Setting("create_topics", False, "Create the input, output and dead-letter topics.", flag=True),
@@ -85,6 +86,7 @@ class WorkerConfig:
     max_chunk_tokens: int = 128
     queue_docs: int = 512
     commit_interval_ms: int = 1000
+    session_timeout_ms: int = 45000
     shutdown_timeout_s: float = 30.0
     connect_timeout_s: float = 30.0
     create_topics: bool = False
@@ -149,6 +151,9 @@ def validate(cfg: WorkerConfig) -> list[str]:
     for name in positive:
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1")
+    if not 6000 <= cfg.session_timeout_ms <= 300000:
+        # The broker's group.min/max.session.timeout.ms defaults.
+        problems.append("--session-timeout-ms must be between 6000 and 300000")
     if cfg.max_wait_ms < 0:
         problems.append("--max-wait-ms must not be negative")
     if cfg.max_chunk_tokens > cfg.max_batch_tokens:

@@ -84,6 +84,8 @@ def make_consumer(cfg: WorkerConfig) -> KafkaConsumer:
         client_id=f"{cfg.client_id}-consumer",
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        session_timeout_ms=cfg.session_timeout_ms,
+        heartbeat_interval_ms=max(1000, cfg.session_timeout_ms // 3),
         max_poll_records=cfg.max_batch_docs * 4,
         fetch_max_bytes=max(52_428_800, cfg.max_doc_bytes * 2),
         max_partition_fetch_bytes=max(1_048_576, cfg.max_doc_bytes + 65_536),

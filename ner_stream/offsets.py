@@ -79,6 +79,12 @@ class PartitionOffsets:
             head = 0
         self._head = head
 
+    @property
+    def position(self) -> int:
+        """The committable position: the first tracked offset not yet acknowledged, or, when all
+        are, one past the last of them (the ``start`` before anything is tracked)."""
+        return self._position
+
     def committable(self) -> int | None:
         """The offset to commit, or ``None`` when it would not move past the last commit."""
         return self._position if self._position > self._committed else None
@@ -123,6 +129,12 @@ class OffsetTracker:
         partition = self._partitions.get(tp)
         if partition is not None:
             partition.ack(offset)
+
+    def position(self, tp: TopicPartition) -> int | None:
+        """The committable position of ``tp`` (see ``PartitionOffsets.position``); ``None`` when
+        ``tp`` is not tracked."""
+        partition = self._partitions.get(tp)
+        return None if partition is None else partition.position
 
     def committable(self) -> dict[TopicPartition, int]:
         """Offsets to commit, only for the partitions whose position moved since the last commit."""

@@ -174,7 +174,8 @@ class Tagger:
         for pos, n in enumerate(lengths):
             if n == 0:
                 continue
-            length = bucket_length(n, self.options.buckets)
+            # A bucket never pads a lone sequence past the token budget.
+            length = min(bucket_length(n, self.options.buckets), max(n, budget))
             if group and (length != pad_to or (len(group) + 1) * length > budget):
                 yield group, pad_to
                 group = []

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from kafka import ConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata
 from kafka.structs import TopicPartition as KafkaTP
 
@@ -114,13 +115,18 @@ class Ack:
     timestamp_ms: int
     error: BaseException | None = None
     job: Job | None = None  # for an output that failed: sent on as a dead letter
+    part: Partition | None = None  # the assignment the record was consumed under
 
 
 _STOP = object()
 
 
-class Worker:
-    """Runs the flow until `stop` is set; see the module docstring."""
+class Worker(ConsumerRebalanceListener):
+    """Runs the flow until `stop` is set; see the module docstring.
+
+    It is its own rebalance listener: kafka-python's `subscribe` accepts only instances of
+    `ConsumerRebalanceListener` (a TypeError otherwise).
+    """
 
     def __init__(
         self,
@@ -147,6 +153,7 @@ class Worker:
         self.paused = False
         self.fatal: BaseException | None = None
         self._last_commit = clock()
+        self._consumer_thread: threading.Thread | None = None
         self._last_lag = 0.0
         self._tagging = threading.Thread(target=self._tagging_loop, name="tagging", daemon=True)
         self.health.model_loaded = True
@@ -163,6 +170,7 @@ class Worker:
 
     def run(self, stop: threading.Event) -> int:
         """Consume until `stop` is set or a fatal error; returns the process exit code."""
+        self._consumer_thread = threading.current_thread()
         self.consumer.subscribe([self.cfg.input_topic], listener=self)
         # Fetch metadata before the first poll: a join that races the topic's metadata can leave
         # kafka-python's group leader without partitions.
@@ -207,7 +215,7 @@ class Worker:
         decoded = decode(record.value, record.key, source, self.cfg.max_doc_bytes)
         self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - t0)
         if isinstance(decoded, Rejection):
-            self._dead_letter(decoded, record.value, record.key, headers, record.timestamp)
+            self._dead_letter(decoded, record.value, record.key, headers, record.timestamp, part)
             return
         t1 = time.perf_counter()
         try:
@@ -215,7 +223,7 @@ class Worker:
         except Exception as e:  # one bad document must not stop the stream
             log.exception("tokenizing %s failed", decoded.id)
             self._dead_letter(processing_error(source, e), record.value, record.key, headers,
-                              record.timestamp)  # fmt: skip
+                              record.timestamp, part)  # fmt: skip
             return
         self.metrics.stage_seconds.labels("tokenize").observe(time.perf_counter() - t1)
         job = Job(decoded, prepared, record.value, record.key, headers, record.timestamp, part,
@@ -254,6 +262,7 @@ class Worker:
         key: bytes | None,
         headers: list[tuple[str, bytes]],
         timestamp_ms: int,
+        part: Partition | None = None,
     ) -> None:
         src = rejection.source
         tp = (src.topic, src.partition)
@@ -268,14 +277,21 @@ class Worker:
             key=key,
             headers=dead_letter_headers(rejection, headers),
         )
-        self._on_delivery(future, tp, src.offset, timestamp_ms, output=False, job=None)
+        self._on_delivery(future, tp, src.offset, timestamp_ms, output=False, job=None, part=part)
 
     def _on_delivery(
-        self, future: Any, tp: TopicPartition, offset: int, ts: int, output: bool, job: Job | None
+        self,
+        future: Any,
+        tp: TopicPartition,
+        offset: int,
+        ts: int,
+        output: bool,
+        job: Job | None,
+        part: Partition | None = None,
     ) -> None:
         put = self.acks.put
-        future.add_callback(lambda _md: put(Ack(tp, offset, True, output, ts)))
-        future.add_errback(lambda e: put(Ack(tp, offset, False, output, ts, e, job)))
+        future.add_callback(lambda _md: put(Ack(tp, offset, True, output, ts, part=part)))
+        future.add_errback(lambda e: put(Ack(tp, offset, False, output, ts, e, job, part)))
 
     def _apply_acks(self) -> None:
         now_ms = time.time() * 1000
@@ -284,6 +300,13 @@ class Worker:
                 ack = self.acks.get_nowait()
             except queue.Empty:
                 return
+            owner = self.partitions.get(ack.tp)
+            if ack.part is not None and owner is not None and owner is not ack.part:
+                # Sent under an earlier assignment of a partition owned again now (the flush on
+                # revoke timed out): the record is read again, and its offset may not even be
+                # tracked again yet, so the report must not reach the new offset tracker.
+                log.debug("ignoring a late delivery report for %s/%d", ack.tp, ack.offset)
+                continue
             if ack.ok:
                 self.tracker.ack(ack.tp, ack.offset)
                 self.metrics.documents.labels("ok" if ack.output else "dead_letter").inc()
@@ -300,6 +323,7 @@ class Worker:
                     job.key,
                     job.headers,
                     job.timestamp_ms,
+                    job.partition,
                 )
             else:
                 # A dead letter that cannot be written cannot be acknowledged: stop without
@@ -316,10 +340,15 @@ class Worker:
         if not offsets:
             return
         t0 = time.perf_counter()
+        request = {KafkaTP(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
         try:
-            self.consumer.commit(
-                {KafkaTP(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
-            )
+            if self._on_client_thread() and hasattr(self.consumer, "commit_async"):
+                # kafka-python 3 runs the rebalance listener on the consumer's own I/O thread,
+                # where a blocking commit is refused ("Cannot block on net.run() from the IO
+                # thread"): send the commit without waiting; it goes out ahead of the rejoin.
+                self.consumer.commit_async(request)
+            else:
+                self.consumer.commit(request)
         except Exception as e:  # a rebalance in progress: the next commit retries
             self.metrics.commits.labels("failed").inc()
             log.warning("commit failed (will retry): %s", e)
@@ -363,12 +392,37 @@ class Worker:
         self._apply_acks()
         self._commit(only=tps)
         for tp in tps:
+            self._rewind(tp)
             self.tracker.revoke(tp)
             with contextlib.suppress(KeyError):
                 self.metrics.lag.remove(tp[0], str(tp[1]))
         self.health.assigned = len(self.partitions)
         self.metrics.assigned.set(len(self.partitions))
         log.info("partitions revoked: %s", sorted(tps))
+
+    def _on_client_thread(self) -> bool:
+        """True when called on a Kafka client thread rather than the one running `run`."""
+        return (
+            self._consumer_thread is not None
+            and threading.current_thread() is not self._consumer_thread
+        )
+
+    def _rewind(self, tp: TopicPartition) -> None:
+        """Seek a revoked partition back to its first record without an acknowledged output.
+
+        The work dropped on revoke must be read again. kafka-python 2.x restarts a reassigned
+        partition from its committed offset, but 3.x keeps the fetch position of a partition that
+        the next assignment gives back to this consumer: without this seek, the documents that
+        were queued but not yet produced would be skipped for good.
+        """
+        position = self.tracker.position(tp)
+        seek = getattr(self.consumer, "seek", None)
+        if position is None or seek is None:
+            return
+        try:
+            seek(KafkaTP(*tp), position)
+        except Exception as e:  # not assigned any more (membership lost): nothing to rewind
+            log.debug("no rewind of %s/%d: %s", tp[0], tp[1], e)
 
     def on_partitions_assigned(self, assigned: Iterable[Any]) -> None:
         """Start tracking the new partitions from their committed offsets."""
@@ -399,8 +453,8 @@ class Worker:
             max_wait_s=self.cfg.max_wait_ms / 1000,
         )
         batcher: MicroBatcher[Piece] = MicroBatcher(limits)
-        # Pieces of documents too long for one batch wait here and join batches one at a time,
-        # so that a huge document shares the model with the documents behind it.
+        # The pieces of a document too long for one batch wait here and join batches one at a
+        # time, so that a huge document shares the model with the documents behind it.
         long_lane: deque[Piece] = deque()
         stopping = False
         while True:
@@ -416,13 +470,13 @@ class Worker:
             if item is _STOP:
                 stopping = True
             elif item is not None:
-                for piece in self._pieces(item):
-                    if piece.tokens > limits.max_tokens // 2:
-                        long_lane.append(piece)
-                    else:
-                        if not batcher.fits(piece.tokens):
-                            self._run_batch(batcher.take())
-                        batcher.add(piece, piece.tokens, self.clock())
+                pieces = self._pieces(item)
+                if len(pieces) > 1:
+                    long_lane.extend(pieces)
+                else:
+                    if not batcher.fits(pieces[0].tokens):
+                        self._run_batch(batcher.take())
+                    batcher.add(pieces[0], pieces[0].tokens, self.clock())
             now = self.clock()
             idle = item is None
             if batcher.due(now) or (long_lane and idle) or (stopping and len(batcher)):
@@ -490,6 +544,7 @@ class Worker:
                     p.job.key,
                     p.job.headers,
                     p.job.timestamp_ms,
+                    p.job.partition,
                 )
                 continue
             for c, ents in zip(p.chunks, per_chunk, strict=True):
@@ -515,7 +570,7 @@ class Worker:
             self.cfg.output_topic, value=value, key=job.key, headers=job.headers
         )
         self._on_delivery(future, (src.topic, src.partition), src.offset, job.timestamp_ms,
-                          output=True, job=job)  # fmt: skip
+                          output=True, job=job, part=job.partition)  # fmt: skip
         self.metrics.stage_seconds.labels("produce").observe(time.perf_counter() - t0)
 
     # ---------------------------------------------------------------- shutdown

@@ -1,0 +1,198 @@
+"""Worker settings: validation that names the flag, secrets kept out of logs, and the `run` CLI."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import fields
+
+import pytest
+from click.testing import CliRunner
+
+from ner_stream import cli
+from ner_stream.cli import main
+from ner_stream.config import SETTINGS, WorkerConfig
+
+
+@pytest.fixture(autouse=True)
+def keep_root_logging():
+    """`ner-stream run` configures the root logger; put it back for the other tests."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    kafka_level = logging.getLogger("kafka").level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.getLogger("kafka").setLevel(kafka_level)
+
+
+# ------------------------------------------------------------------------------- WorkerConfig
+
+
+def test_settings_and_config_fields_agree():
+    """The CLI builds its flags from SETTINGS and passes them to WorkerConfig by name."""
+    assert [s.name for s in SETTINGS] == [f.name for f in fields(WorkerConfig)]
+    defaults = WorkerConfig()
+    for s in SETTINGS:
+        assert getattr(defaults, s.name) == s.default, s.name
+        assert s.envvar == "NER_STREAM_" + s.name.upper()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "flag"),
+    [
+        ({"max_batch_docs": 0}, "--max-batch-docs"),
+        ({"max_batch_tokens": 0, "max_chunk_tokens": 0}, "--max-batch-tokens"),
+        ({"max_doc_bytes": -1}, "--max-doc-bytes"),
+        ({"queue_docs": 0}, "--queue-docs"),
+        ({"commit_interval_ms": 0}, "--commit-interval-ms"),
+        ({"topic_partitions": 0}, "--topic-partitions"),
+        ({"max_wait_ms": -1}, "--max-wait-ms"),
+        ({"max_chunk_tokens": 512, "max_batch_tokens": 256}, "--max-chunk-tokens"),
+        ({"shutdown_timeout_s": 0}, "--shutdown-timeout-s"),
+        ({"connect_timeout_s": -1.0}, "--connect-timeout-s"),
+        ({"security_protocol": "TLS"}, "--security-protocol"),
+        ({"security_protocol": "SASL_SSL"}, "--sasl-mechanism"),
+        ({"log_level": "LOUD"}, "--log-level"),
+        ({"log_format": "xml"}, "--log-format"),
+        ({"metrics_port": 70000}, "--metrics-port"),
+        ({"output_topic": "documents"}, "--output-topic"),
+        ({"dlq_topic": "entities"}, "--dlq-topic"),
+    ],
+)
+def test_a_bad_value_is_refused_with_the_flag_named(overrides, flag):
+    with pytest.raises(ValueError, match=flag):
+        WorkerConfig(**overrides)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ValueError) as info:
+        WorkerConfig(max_batch_docs=0, queue_docs=0, log_format="xml")
+    message = str(info.value)
+    for flag in ("--max-batch-docs", "--queue-docs", "--log-format"):
+        assert flag in message
+    assert message.count(";") == 2
+
+
+def test_valid_edge_values_are_accepted():
+    WorkerConfig(max_wait_ms=0, metrics_port=0, max_chunk_tokens=64, max_batch_tokens=64,
+                 log_level="debug")  # fmt: skip
+
+
+def test_redacted_masks_the_sasl_password_and_nothing_else():
+    cfg = WorkerConfig(
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="alice",
+        sasl_password="hunter2",
+    )
+    shown = cfg.redacted()
+    assert shown["sasl_password"] == "***"
+    assert "hunter2" not in repr(shown)
+    assert shown["sasl_username"] == "alice"
+    assert shown["bootstrap_servers"] == cfg.bootstrap_servers
+    assert set(shown) == {f.name for f in fields(WorkerConfig)}
+    # Nothing to hide when no password is set: None stays None (and says so).
+    assert WorkerConfig().redacted()["sasl_password"] is None
+
+
+def test_kafka_security_passes_only_what_is_set():
+    assert WorkerConfig().kafka_security() == {"security_protocol": "PLAINTEXT"}
+    cfg = WorkerConfig(
+        security_protocol="SASL_SSL",
+        sasl_mechanism="PLAIN",
+        sasl_username="alice",
+        sasl_password="hunter2",
+        ssl_cafile="ca.pem",
+    )
+    assert cfg.kafka_security() == {
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "PLAIN",
+        "sasl_plain_username": "alice",
+        "sasl_plain_password": "hunter2",
+        "ssl_cafile": "ca.pem",
+    }
+    mtls = WorkerConfig(security_protocol="SSL", ssl_certfile="c.pem", ssl_keyfile="k.pem")
+    assert mtls.kafka_security() == {
+        "security_protocol": "SSL",
+        "ssl_certfile": "c.pem",
+        "ssl_keyfile": "k.pem",
+    }
+
+
+# ------------------------------------------------------------------------------------ the CLI
+
+
+@pytest.fixture
+def captured(monkeypatch) -> list[WorkerConfig]:
+    """Replace the worker behind `ner-stream run` by one that records its configuration."""
+    seen: list[WorkerConfig] = []
+
+    def fake_run_worker(cfg: WorkerConfig) -> int:
+        seen.append(cfg)
+        return 0
+
+    monkeypatch.setattr(cli, "_run_worker", fake_run_worker)
+    return seen
+
+
+def test_run_reads_each_flag_from_its_environment_variable(captured):
+    env = {
+        "NER_STREAM_INPUT_TOPIC": "docs-in",
+        "NER_STREAM_MAX_BATCH_DOCS": "7",
+        "NER_STREAM_SHUTDOWN_TIMEOUT_S": "2.5",
+        "NER_STREAM_CREATE_TOPICS": "true",
+        "NER_STREAM_METRICS_PORT": "0",
+    }
+    result = CliRunner().invoke(main, ["run"], env=env)
+    assert result.exit_code == 0, result.output
+    [cfg] = captured
+    assert cfg.input_topic == "docs-in"
+    assert cfg.max_batch_docs == 7
+    assert cfg.shutdown_timeout_s == 2.5
+    assert cfg.create_topics is True
+    assert cfg.metrics_port == 0
+
+
+def test_a_flag_wins_over_its_environment_variable(captured):
+    result = CliRunner().invoke(
+        main, ["run", "--max-batch-docs", "3"], env={"NER_STREAM_MAX_BATCH_DOCS": "9"}
+    )
+    assert result.exit_code == 0, result.output
+    assert captured[0].max_batch_docs == 3
+
+
+def test_a_bad_environment_value_exits_2_naming_the_flag(captured):
+    result = CliRunner().invoke(main, ["run"], env={"NER_STREAM_MAX_BATCH_DOCS": "0"})
+    assert result.exit_code == 2
+    assert "--max-batch-docs must be at least 1" in result.output
+    assert "Traceback" not in result.output
+    assert captured == []  # nothing started
+
+
+def test_a_value_of_the_wrong_type_exits_2(captured):
+    result = CliRunner().invoke(main, ["run"], env={"NER_STREAM_QUEUE_DOCS": "many"})
+    assert result.exit_code == 2
+    assert "queue-docs" in result.output
+    assert captured == []
+
+
+def test_a_missing_model_file_exits_2_with_one_sentence():
+    result = CliRunner().invoke(
+        main,
+        ["run", "--model", "/nonexistent.nerm", "--metrics-port", "0",
+         "--sasl-password", "hunter2"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("ner-stream:")]
+    assert lines == ["ner-stream: model file not found: /nonexistent.nerm"]
+    assert "Traceback" not in result.output
+    assert "hunter2" not in result.output  # the start-up log line shows the settings redacted
+
+
+def test_run_help_lists_the_environment_variables():
+    result = CliRunner().invoke(main, ["run", "--help"])
+    assert result.exit_code == 0
+    for s in SETTINGS:
+        assert s.option in result.output
+        assert s.envvar in result.output
+    assert "hunter2" not in result.output

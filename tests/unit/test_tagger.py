@@ -1,0 +1,136 @@
+"""The Tagger on tiny models: the offsets contract, order, chunking and batch shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ner_stream.batching import bucket_length
+from ner_stream.tagger import Tagger, TaggerOptions, resolve_device
+from tests.fakes import make_tagger, random_model
+
+UNICODE_TEXTS = [
+    "Peter went to Paris.",
+    "Ünïcödé Peter 😀 went to Paris 🇫🇷 .",
+    "Grüße aus Zürich, sagte Peter zu 王小明 in 東京.",
+    "e\u0301te\u0301 a\u0300 Paris , Peter !",  # decomposed accents
+    "  \t\n leading and trailing space Paris   ",
+]
+
+
+@pytest.fixture(scope="module")
+def rigged() -> Tagger:
+    return make_tagger("rigged")
+
+
+@pytest.fixture(scope="module")
+def rnd() -> Tagger:
+    return make_tagger("random")
+
+
+def assert_offsets_valid(text: str, entities) -> None:
+    for e in entities:
+        assert 0 <= e.start < e.end <= len(text)
+        assert e.text == text[e.start : e.end]
+        assert e.text.strip() == e.text and e.text
+        assert 0.0 <= e.score <= 1.0
+
+
+def test_entity_offsets_are_valid_for_unicode_text(rnd):
+    results = rnd.tag(UNICODE_TEXTS)
+    assert len(results) == len(UNICODE_TEXTS)
+    assert sum(len(r) for r in results) > 0  # random weights tag plenty: the check is not empty
+    for text, entities in zip(UNICODE_TEXTS, results, strict=True):
+        assert_offsets_valid(text, entities)
+        starts = [e.start for e in entities]
+        assert starts == sorted(starts)
+        for a, b in zip(entities, entities[1:], strict=False):
+            assert a.end <= b.start  # spans do not overlap
+
+
+def test_the_rigged_model_finds_its_words_at_the_right_offsets(rigged):
+    text = "Ünïcödé Peter 😀 went to Paris 🇫🇷 ."
+    [entities] = rigged.tag([text])
+    assert [(e.text, e.type, e.start) for e in entities] == [
+        ("Peter", "PER", text.index("Peter")),
+        ("Paris", "LOC", text.index("Paris")),
+    ]
+
+
+def test_empty_and_blank_texts_have_no_entities(rigged, rnd):
+    for tagger in (rigged, rnd):
+        assert tagger.tag(["", "   ", "\n\t"]) == [[], [], []]
+    assert rigged.tag([]) == []
+
+
+def test_results_follow_input_order(rigged):
+    texts = ["Paris", "nothing", "Peter", "", "Peter and Paris", "to the Paris"]
+    results = rigged.tag(texts)
+    assert [[e.text for e in r] for r in results] == [
+        ["Paris"], [], ["Peter"], [], ["Peter", "Paris"], ["Paris"],
+    ]  # fmt: skip
+    # The same texts alone give the same entities as in a batch.
+    for text, batched in zip(texts, results, strict=True):
+        assert rigged.tag([text])[0] == batched
+
+
+def test_a_sentence_longer_than_max_chunk_tokens_is_chunked_and_tagged_whole():
+    tagger = make_tagger("rigged", max_chunk_tokens=8, max_batch_tokens=32)
+    words = ["Peter" if i % 5 == 0 else "went" for i in range(100)]
+    text = " ".join(words)  # one sentence of 100 tokens
+    prepared = tagger.prepare(text)
+    assert len(prepared.chunks) >= 100 // 8
+    assert all(len(c) <= 8 for c in prepared.chunks)
+    assert prepared.num_tokens == 100
+    [entities] = tagger.tag([text])
+    assert_offsets_valid(text, entities)
+    assert [e.start for e in entities] == [i for i in range(len(text)) if text[i] == "P"]
+
+
+def test_tag_prepared_runs_bucketed_batches_within_the_token_budget():
+    tagger = make_tagger("random", max_chunk_tokens=16, max_batch_tokens=64)
+    lengths = [1, 3, 5, 8, 9, 12, 16, 2, 7, 15, 4, 11]
+    texts = [" ".join(["went"] * n) for n in lengths]
+    docs = [tagger.prepare(t) for t in texts]
+    results, stats = tagger.tag_prepared(docs)
+    assert len(results) == len(texts)
+    assert stats.real_tokens == sum(lengths)
+    assert sum(n for n, _ in stats.batches) == len(texts)  # every sentence ran exactly once
+    for n, t in stats.batches:
+        assert t in tagger.options.buckets  # padded to a bucket length
+        assert n * t <= 64
+    assert stats.padded_tokens == sum(n * t for n, t in stats.batches)
+    assert stats.padded_tokens >= stats.real_tokens
+    # Each sentence sits in the smallest bucket that holds it, so padding stays small.
+    expected = sorted(bucket_length(n, tagger.options.buckets) for n in lengths)
+    got = sorted(t for n, t in stats.batches for _ in range(n))
+    assert got == expected
+
+
+def test_tag_chunks_mixes_chunks_of_several_documents_in_item_order(rigged):
+    a = rigged.prepare("Peter went . Paris went .")
+    b = rigged.prepare("to Paris .")
+    per_chunk, _ = rigged.tag_chunks([(a, 1), (b, 0), (a, 0)])
+    assert [[e.text for e in ents] for ents in per_chunk] == [["Paris"], ["Paris"], ["Peter"]]
+    assert per_chunk[0][0].start == a.text.index("Paris")
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError):
+        TaggerOptions(max_chunk_tokens=0)
+    with pytest.raises(ValueError):
+        TaggerOptions(max_chunk_tokens=64, max_batch_tokens=32)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_asking_for_cuda_without_cuda_is_a_configuration_error():
+    with pytest.raises(ValueError, match="no CUDA device"):
+        Tagger(random_model(), TaggerOptions(device="cuda"))
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_device("cuda:0")
+    assert resolve_device("auto").type == "cpu"
+
+
+def test_an_unknown_device_is_refused():
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu")

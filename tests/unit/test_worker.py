@@ -1,0 +1,446 @@
+"""The Kafka loop end to end, against in-memory stand-ins for the consumer and the producer.
+
+Each test runs `Worker.run` on a background thread, waits (with a deadline) for the outputs it
+expects, then stops the worker and checks its exit code, what reached the topics and what was
+committed. The tagger is the rigged tiny model of `tests.fakes`: "Peter" is a person and "Paris"
+a location, everything else is outside any entity.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
+
+from ner_stream.config import WorkerConfig
+from ner_stream.tagger import Tagger
+from ner_stream.worker import Worker
+from tests.fakes import FakeConsumer, FakeProducer, make_tagger, wait_for
+
+IN, OUT, DLQ = "documents", "entities", "documents.dlq"
+
+CFG = WorkerConfig(
+    input_topic=IN,
+    output_topic=OUT,
+    dlq_topic=DLQ,
+    max_batch_docs=8,
+    max_batch_tokens=256,
+    max_chunk_tokens=32,
+    max_wait_ms=5,
+    commit_interval_ms=10,
+    queue_docs=64,
+    shutdown_timeout_s=5.0,
+    metrics_port=0,
+)
+
+
+@pytest.fixture(scope="module")
+def tagger() -> Tagger:
+    return make_tagger("rigged", max_chunk_tokens=CFG.max_chunk_tokens,
+                       max_batch_tokens=CFG.max_batch_tokens)  # fmt: skip
+
+
+class Running:
+    """A worker running on a background thread."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.stop_event = threading.Event()
+        self.code: int | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="worker-under-test", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.code = self.worker.run(self.stop_event)
+        except BaseException as e:  # reported by stop()
+            self.error = e
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """Set stop, join, and return the exit code (fails the test if run() raised or hung)."""
+        self.stop_event.set()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "Worker.run did not return"
+        if self.error is not None:
+            raise AssertionError(f"Worker.run raised {self.error!r}") from self.error
+        assert self.code is not None
+        return self.code
+
+
+def start(
+    tagger: Tagger,
+    consumer: FakeConsumer,
+    producer: FakeProducer,
+    **overrides: Any,
+) -> Running:
+    cfg = replace(CFG, **overrides)
+    return Running(Worker(cfg, tagger, consumer, producer))
+
+
+def doc(doc_id: str, text: str, **extra: Any) -> bytes:
+    return json.dumps({"id": doc_id, "text": text, **extra}).encode()
+
+
+def outputs(producer: FakeProducer) -> list[dict]:
+    return [s.json() for s in producer.delivered(OUT)]
+
+
+def output_ids(producer: FakeProducer) -> set[str]:
+    return {o["id"] for o in outputs(producer)}
+
+
+def assert_contract(out: dict, text: str) -> None:
+    assert set(out) >= {"id", "source", "model", "entities"}
+    assert out["model"] == {"name": "rigged", "version": "0.0.1"}
+    for e in out["entities"]:
+        assert 0 <= e["start"] < e["end"] <= len(text)
+        assert e["text"] == text[e["start"] : e["end"]]
+        assert e["type"] in ("PER", "LOC")
+        assert 0.0 <= e["score"] <= 1.0
+
+
+def committed_all(consumer: FakeConsumer) -> bool:
+    return all(
+        consumer.committed_offset(p) == consumer.end_offset(p)
+        for p in range(len(consumer.logs))
+        if consumer.end_offset(p)
+    )
+
+
+# ---------------------------------------------------------------------------------------- tests
+
+
+def test_every_document_gets_one_output_keyed_like_its_input(tagger):
+    consumer, producer = FakeConsumer(partitions=2), FakeProducer()
+    texts = {}
+    for i in range(30):
+        text = f"Peter went to Paris number {i} ." if i % 3 else f"nothing here {i}"
+        texts[f"d{i}"] = text
+        consumer.append(
+            i % 2,
+            doc(f"d{i}", text, lang="en"),
+            key=f"k{i}".encode(),
+            headers=[("trace", f"t{i}".encode())],
+        )
+    running = start(tagger, consumer, producer)
+    wait_for(lambda: len(producer.delivered(OUT)) >= 30, what="30 outputs")
+    wait_for(lambda: committed_all(consumer), what="commits of every offset")
+    assert running.stop() == 0
+
+    sent = producer.delivered(OUT)
+    assert len(sent) == 30
+    assert sorted(s.json()["id"] for s in sent) == sorted(texts)
+    for s in sent:
+        out = s.json()
+        i = int(out["id"][1:])
+        assert s.key == f"k{i}".encode()
+        assert s.header("trace") == f"t{i}".encode()
+        assert out["source"] == {"topic": IN, "partition": i % 2, "offset": i // 2}
+        assert out["meta"] == {"lang": "en"}
+        assert_contract(out, texts[out["id"]])
+        expected = [("Peter", "PER"), ("Paris", "LOC")] if i % 3 else []
+        assert [(e["text"], e["type"]) for e in out["entities"]] == expected
+    assert producer.delivered(DLQ) == []
+    # Per partition, outputs leave in input order (one tagging thread, batches in order).
+    for p in (0, 1):
+        offsets = [
+            s.json()["source"]["offset"] for s in sent if s.json()["source"]["partition"] == p
+        ]
+        assert offsets == sorted(offsets)
+    assert consumer.committed_offset(0) == 15 and consumer.committed_offset(1) == 15
+    assert consumer.closed and consumer.close_autocommit is False
+    value = running.worker.metrics.registry.get_sample_value
+    assert value("ner_stream_documents_total", {"outcome": "ok"}) == 30
+    assert value("ner_stream_entities_total", {"type": "PER"}) == 20
+    assert running.worker.health.model_loaded and running.worker.health.assigned == 2
+
+
+BAD_INPUTS = [
+    (b"\xff\xfe not utf-8", "invalid_utf8"),
+    (b'["a", "json", "array"]', "not_an_object"),
+    (b'{"id": "x"}', "missing_text"),
+    (b'{"id": "y", "text": 42}', "text_not_string"),
+    (b'{"id": "z", "text": "' + b"a" * 300 + b'"}', "too_large"),
+    (b'{"id": "broken", "text": ', "invalid_json"),
+]
+
+
+def test_invalid_inputs_become_dead_letters_and_the_stream_goes_on(tagger):
+    consumer, producer = FakeConsumer(partitions=1), FakeProducer()
+    consumer.append(0, doc("before", "Peter ."), key=b"kb")
+    for n, (value, _) in enumerate(BAD_INPUTS):
+        consumer.append(0, value, key=f"bad{n}".encode(), headers=[("h", b"v")])
+    consumer.append(0, doc("empty", ""), key=b"ke")
+    consumer.append(0, doc("after", "to Paris ."), key=b"ka")
+    running = start(tagger, consumer, producer, max_doc_bytes=200)
+    wait_for(lambda: len(producer.delivered(DLQ)) == len(BAD_INPUTS), what="dead letters")
+    wait_for(lambda: output_ids(producer) == {"before", "empty", "after"}, what="outputs")
+    wait_for(lambda: committed_all(consumer), what="commit past the dead letters")
+    assert running.stop() == 0
+
+    dead = producer.delivered(DLQ)
+    for n, (s, (value, reason)) in enumerate(zip(dead, BAD_INPUTS, strict=True)):
+        assert s.value == value  # the original bytes, untouched
+        assert s.key == f"bad{n}".encode()
+        assert s.header("h") == b"v"
+        assert s.header("ner_stream.reason") == reason.encode()
+        assert s.header("ner_stream.source.topic") == IN.encode()
+        assert s.header("ner_stream.source.partition") == b"0"
+        assert s.header("ner_stream.source.offset") == str(n + 1).encode()
+        assert s.header("ner_stream.detail")
+    by_id = {o["id"]: o for o in outputs(producer)}
+    assert by_id["empty"]["entities"] == []
+    assert [e["text"] for e in by_id["before"]["entities"]] == ["Peter"]
+    assert [e["text"] for e in by_id["after"]["entities"]] == ["Paris"]
+    assert consumer.committed_offset(0) == len(BAD_INPUTS) + 3
+    value = running.worker.metrics.registry.get_sample_value
+    assert value("ner_stream_documents_total", {"outcome": "dead_letter"}) == len(BAD_INPUTS)
+    for _, reason in BAD_INPUTS:
+        assert value("ner_stream_dead_letters_total", {"reason": reason}) == 1
+
+
+def test_commits_never_pass_an_unacknowledged_output(tagger):
+    consumer, producer = FakeConsumer(partitions=2), FakeProducer(hold=True)
+    for i in range(10):
+        consumer.append(i % 2, doc(f"d{i}", "Peter went to Paris ."))
+    running = start(tagger, consumer, producer)
+    wait_for(lambda: producer.pending() == 10, what="10 outputs sent (held)")
+    time.sleep(0.05)  # several commit intervals pass with nothing acknowledged
+    assert consumer.commits == []
+
+    # Acknowledge the first 3 sends: whatever they cover may be committed, nothing beyond.
+    first = producer.sent[:3]
+    producer.release(3)
+    acked: dict[int, set[int]] = {0: set(), 1: set()}
+    for s in first:
+        src = s.json()["source"]
+        acked[src["partition"]].add(src["offset"])
+
+    def contiguous(p: int) -> int:
+        n = 0
+        while n in acked[p]:
+            n += 1
+        return n
+
+    if any(contiguous(p) for p in (0, 1)):
+        wait_for(lambda: consumer.commits, what="a commit of the acknowledged prefix")
+    time.sleep(0.05)
+    for commit in consumer.commits:
+        for tp, om in commit.items():
+            assert om.offset <= contiguous(tp.partition), (commit, acked)
+
+    producer.release()
+    wait_for(lambda: committed_all(consumer), what="commits after release")
+    assert running.stop() == 0
+    assert consumer.committed_offset(0) == 5 and consumer.committed_offset(1) == 5
+    # Commits of a partition never go backwards.
+    for p in (0, 1):
+        seq = [om.offset for c in consumer.commits for tp, om in c.items() if tp.partition == p]
+        assert seq == sorted(seq)
+
+
+def test_a_failed_output_becomes_a_dead_letter_and_the_offset_advances(tagger):
+    def fail(topic: str, value: bytes | None) -> BaseException | None:
+        if topic == OUT and value and b'"id":"huge"' in value:
+            return MessageSizeTooLargeError("too large for the topic")
+        return None
+
+    consumer, producer = FakeConsumer(partitions=1), FakeProducer(fail=fail)
+    consumer.append(0, doc("a", "Peter ."), key=b"ka")
+    consumer.append(0, doc("huge", "Paris ."), key=b"kh", headers=[("h", b"1")])
+    consumer.append(0, doc("b", "Peter ."), key=b"kb")
+    running = start(tagger, consumer, producer)
+    wait_for(lambda: len(producer.delivered(DLQ)) == 1, what="the dead letter")
+    wait_for(lambda: consumer.committed_offset(0) == 3, what="commit past the failed output")
+    assert running.stop() == 0
+
+    assert output_ids(producer) == {"a", "b"}
+    dead = producer.delivered(DLQ)[0]
+    assert dead.value == doc("huge", "Paris .")  # the input, not the output that failed
+    assert dead.key == b"kh"
+    assert dead.header("h") == b"1"
+    assert dead.header("ner_stream.reason") == b"processing_error"
+    assert b"MessageSizeTooLargeError" in dead.header("ner_stream.detail")
+    assert dead.header("ner_stream.source.offset") == b"1"
+
+
+def test_a_failed_dead_letter_is_fatal_and_not_committed(tagger):
+    def fail(topic: str, value: bytes | None) -> BaseException | None:
+        return KafkaTimeoutError("dlq unavailable") if topic == DLQ else None
+
+    consumer, producer = FakeConsumer(partitions=1), FakeProducer(fail=fail)
+    consumer.append(0, doc("a", "Peter ."))
+    consumer.append(0, doc("b", "Paris ."))
+    consumer.append(0, b"\xff not utf-8")  # offset 2: its dead letter fails
+    consumer.append(0, doc("c", "Peter ."))
+    running = start(tagger, consumer, producer)
+    running.thread.join(10)
+    assert not running.thread.is_alive(), "the worker should stop by itself"
+    assert running.stop() == 1
+    assert consumer.committed_offset(0) in (None, 1, 2)
+    assert all(om.offset <= 2 for c in consumer.commits for om in c.values())
+    assert consumer.closed
+
+
+def test_backpressure_pauses_and_resumes_and_loses_nothing(monkeypatch):
+    slow = make_tagger("rigged", max_chunk_tokens=32, max_batch_tokens=256)
+    original = slow.tag_chunks
+
+    def tag_slowly(items):
+        time.sleep(0.01)
+        return original(items)
+
+    monkeypatch.setattr(slow, "tag_chunks", tag_slowly)
+    consumer, producer = FakeConsumer(partitions=2), FakeProducer()
+    n = 60
+    for i in range(n):
+        consumer.append(i % 2, doc(f"d{i}", f"Peter {i} ."))
+    running = start(slow, consumer, producer, queue_docs=2, max_batch_docs=2)
+    most_waiting = 0
+
+    def done() -> bool:
+        nonlocal most_waiting
+        most_waiting = max(most_waiting, len(running.worker.overflow))
+        return len(producer.delivered(OUT)) >= n
+
+    wait_for(done, timeout=20, what="all outputs")
+    wait_for(lambda: committed_all(consumer), what="final commits")
+    pauses, resumes = list(consumer.pause_calls), list(consumer.resume_calls)
+    assert running.stop() == 0
+
+    assert pauses, "the consumer was never paused while running"
+    assert resumes, "the consumer was never resumed"
+    # Backpressure pauses every owned partition ...
+    assert any(set(call) == set(consumer.logs) for call in pauses)
+    # ... so that what is read ahead of the tagger stays bounded (one poll's worth, 8 records).
+    assert most_waiting <= 8
+    assert output_ids(producer) == {f"d{i}" for i in range(n)}
+    assert len(producer.delivered(OUT)) == n
+
+
+@pytest.mark.parametrize("keep_positions", [False, True], ids=["kafka-python-2", "kafka-python-3"])
+def test_a_rebalance_mid_stream_loses_nothing(tagger, keep_positions):
+    consumer = FakeConsumer(partitions=2, keep_positions=keep_positions)
+    producer = FakeProducer()
+    ids = set()
+    running = start(tagger, consumer, producer)
+    for i in range(20):
+        consumer.append(i % 2, doc(f"a{i}", "Peter went to Paris ."))
+        ids.add(f"a{i}")
+    wait_for(lambda: len(output_ids(producer)) >= 5, what="some outputs")
+    consumer.rebalance()  # revoke both, assign both again
+    for i in range(20):
+        consumer.append(i % 2, doc(f"b{i}", "Paris ."))
+        ids.add(f"b{i}")
+    consumer.rebalance(revoke=[0, 1], assign=[1])  # partition 0 moves away ...
+    consumer.rebalance(revoke=[], assign=[0, 1])  # ... and comes back
+    wait_for(lambda: output_ids(producer) >= ids, what="an output for every id")
+    wait_for(lambda: committed_all(consumer), what="commits covering everything")
+    assert running.stop() == 0
+    assert output_ids(producer) == ids  # duplicates are allowed, losses are not
+    assert consumer.committed_offset(0) == 20 and consumer.committed_offset(1) == 20
+
+
+def test_a_revoke_commits_the_delivered_work_before_giving_the_partition_up(tagger):
+    consumer, producer = FakeConsumer(partitions=2), FakeProducer(hold=True)
+    for i in range(8):
+        consumer.append(i % 2, doc(f"d{i}", "Peter ."))
+    running = start(tagger, consumer, producer)
+    wait_for(lambda: producer.pending() == 8, what="8 held outputs")
+    assert consumer.commits == []
+    producer.hold = False  # the revoke's flush can now deliver
+    consumer.rebalance(revoke=[0, 1], assign=[1])
+    wait_for(lambda: consumer.assignment() == {(IN, 1)}, what="partition 0 to go")
+    # The commit of partition 0 happened inside on_partitions_revoked, before the assignment.
+    assert consumer.committed_offset(0) == 4
+    wait_for(lambda: consumer.committed_offset(1) == 4, what="partition 1 committed")
+    assert running.stop() == 0
+
+
+def test_a_late_acknowledgement_from_before_a_rebalance_is_harmless(tagger):
+    """Outputs sent before a revoke but acknowledged after the reassignment (their flush timed
+    out) must not break the offset bookkeeping of the new assignment."""
+    consumer, producer = FakeConsumer(partitions=1), FakeProducer(hold=True)
+    for i in range(6):
+        consumer.append(0, doc(f"d{i}", "Peter ."))
+    running = start(tagger, consumer, producer)
+    wait_for(lambda: producer.pending() == 6, what="6 held outputs")
+    # The partition is revoked and assigned again; only offsets 0 and 1 are read again for now.
+    consumer.limit(0, 2)
+    consumer.rebalance()
+    wait_for(lambda: producer.pending() == 8, what="2 more outputs after the reassignment")
+    producer.hold = False
+    producer.release()  # acks of the old sends of offsets 2..5 arrive: never re-tracked yet
+    time.sleep(0.05)
+    assert running.thread.is_alive(), f"the worker died: {running.error!r}"
+    consumer.limit(0, None)
+    wait_for(lambda: consumer.committed_offset(0) == 6, what="commit of everything")
+    assert running.stop() == 0
+    assert output_ids(producer) == {f"d{i}" for i in range(6)}
+
+
+def test_stop_finishes_queued_work_flushes_and_commits(monkeypatch):
+    slow = make_tagger("rigged", max_chunk_tokens=32, max_batch_tokens=256)
+    original = slow.tag_chunks
+    started, gate = threading.Event(), threading.Event()
+
+    def tag_slowly(items):
+        started.set()
+        gate.wait(5)
+        time.sleep(0.01)
+        return original(items)
+
+    monkeypatch.setattr(slow, "tag_chunks", tag_slowly)
+    consumer, producer = FakeConsumer(partitions=1), FakeProducer(hold=True)
+    for i in range(12):
+        consumer.append(0, doc(f"d{i}", "Peter ."))
+    running = start(slow, consumer, producer, max_batch_docs=2, shutdown_timeout_s=3.0)
+    wait_for(started.is_set, what="tagging to start")
+    wait_for(lambda: consumer.positions.get((IN, 0)) == 12, what="all 12 consumed")
+    assert producer.sent == []  # the first batch is still in the model
+    # Stop while every document is still queued or in the model; acks stay held until the
+    # shutdown's flush delivers them.
+    t0 = time.monotonic()
+    running.stop_event.set()
+    time.sleep(0.02)
+    producer.hold = False
+    gate.set()
+    code = running.stop()
+    assert code == 0
+    assert time.monotonic() - t0 < 3.0
+    assert output_ids(producer) == {f"d{i}" for i in range(12)}
+    assert producer.flushes >= 1
+    assert consumer.committed_offset(0) == 12
+    assert producer.closed and consumer.closed
+
+
+def test_a_long_document_is_tagged_whole_and_the_small_ones_behind_it_too():
+    # 40 sentences of 9 tokens and one of 30 (more than half the batch: it goes the "long lane"),
+    # far more than max_batch_tokens (48) in all.
+    sentence = "Peter went to Paris and the Peter went ."
+    long_text = " ".join([sentence] * 40) + " " + " ".join(["Paris"] * 29) + " ."
+    consumer, producer = FakeConsumer(partitions=1), FakeProducer()
+    consumer.append(0, doc("long", long_text))
+    for i in range(10):
+        consumer.append(0, doc(f"s{i}", "Paris ."))
+    small = make_tagger("rigged", max_chunk_tokens=32, max_batch_tokens=48)
+    running = start(small, consumer, producer, max_batch_tokens=48, max_chunk_tokens=32)
+    wait_for(lambda: output_ids(producer) == {"long"} | {f"s{i}" for i in range(10)},
+             what="all outputs")  # fmt: skip
+    assert running.stop() == 0
+
+    out = next(o for o in outputs(producer) if o["id"] == "long")
+    assert_contract(out, long_text)
+    ents = out["entities"]
+    assert [e["start"] for e in ents] == sorted(e["start"] for e in ents)  # document order
+    assert sum(e["text"] == "Peter" for e in ents) == 80
+    assert sum(e["text"] == "Paris" for e in ents) == 40 + 29
+    # The spans cover the whole text: the last entity is in the final sentence.
+    assert ents[-1]["end"] == len(long_text) - 2
+    assert consumer.committed_offset(0) == 11
