@@ -37,6 +37,15 @@ def _read(path: Path, fmt: str):
         raise click.ClickException(str(e)) from None
 
 
+def _portable_command(args: list[str]) -> str:
+    """The command line with data paths cut to their file names (no machine paths in models)."""
+    out = ["ner-train"]
+    for i, arg in enumerate(args):
+        is_path = i > 0 and args[i - 1] in ("--train", "--dev", "--embeddings", "--out")
+        out.append(Path(arg).name if is_path else arg)
+    return " ".join(out)
+
+
 def _progress(batches: Iterator, total: int, label: str) -> Iterator:
     """A progress bar over one epoch's batches (on a terminal; quiet in logs)."""
     with click.progressbar(batches, length=total, label=label, file=sys.stderr) as bar:
@@ -182,7 +191,7 @@ def train_cmd(
         progress=_progress if sys.stderr.isatty() else None,
     )
     result.info.metrics["total_seconds"] = round(time.monotonic() - started, 1)
-    result.info.extra["train_command"] = " ".join(["ner-train", *sys.argv[1:]])
+    result.info.extra["train_command"] = _portable_command(sys.argv[1:])
     out.parent.mkdir(parents=True, exist_ok=True)
     save(out, result.model, result.info)
     report = result.best_report
