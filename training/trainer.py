@@ -65,6 +65,28 @@ class EpochStats:
 
 
 @dataclass
+class RunningEpoch:
+    """Figures of the epoch under way, for the progress bar."""
+
+    started: float
+    best_f1: float
+    loss_sum: float = 0.0
+    sentences: int = 0
+    tokens: int = 0
+
+    def add(self, loss_sum: float, sentences: int, tokens: int) -> None:
+        self.loss_sum += loss_sum
+        self.sentences += sentences
+        self.tokens += tokens
+
+    def status(self) -> str:
+        """`loss 0.5312  4,120 tok/s  best dev F1 93.71`."""
+        rate = self.tokens / max(time.monotonic() - self.started, 1e-9)
+        best = f"best dev F1 {self.best_f1:.2f}" if self.best_f1 >= 0 else "no dev F1 yet"
+        return f"loss {self.loss_sum / max(self.sentences, 1):.4f}  {rate:,.0f} tok/s  {best}"
+
+
+@dataclass
 class TrainResult:
     """The best model (by dev F1), its description and how training went."""
 
@@ -233,7 +255,7 @@ def train(
     version: str = "0",
     data_fingerprint: str = "",
     log: ProgressFn = print,
-    progress: Callable[[Iterator, int, str], Iterator] | None = None,
+    progress: Callable[[Iterator, int, str, Callable[[], str]], Iterator] | None = None,
 ) -> TrainResult:
     """Train a tagger and return the best epoch's model by dev entity F1."""
     random.seed(cfg.seed)
@@ -290,8 +312,9 @@ def train(
         t0 = time.monotonic()
         total_loss, tokens = 0.0, 0
         batches = iterate_batches(train_data, cfg.batch_size, rng)
+        running = RunningEpoch(started=t0, best_f1=best_f1)
         if progress is not None:
-            batches = progress(batches, n_batches, f"epoch {epoch}")
+            batches = progress(batches, n_batches, f"epoch {epoch}", running.status)
         for sents in batches:
             batch = pad_batch(sents)
             batch.words = _word_dropout(batch.words, cfg.word_dropout, gen)
@@ -305,6 +328,7 @@ def train(
                 o.step()
             total_loss += loss.item() * len(sents)
             tokens += batch.num_tokens
+            running.add(loss.item() * len(sents), len(sents), batch.num_tokens)
         for sched in schedulers:
             sched.step()
         train_s = time.monotonic() - t0
