@@ -38,6 +38,12 @@ unit: install
 demo: install
 	deploy/demo.sh
 
+# Benchmarks (docs/benchmarks.md): model core, end to end through the local broker (started and
+# stopped here when it is not already running), spaCy as the peer. BENCH_QUICK=1 for a smoke run;
+# run_all.py flags in BENCH_ARGS (e.g. BENCH_ARGS="--model my.nerm").
+bench: install
+	$(BIN)/python -m benchmarks.run_all $(BENCH_ARGS)
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

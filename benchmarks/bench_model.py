@@ -1,0 +1,488 @@
+"""(a) Model core: tokens/s of the tagger network's forward pass + CRF decoding, no Kafka.
+
+What is timed is `NerModel.decode(batch, with_scores=True)` under `torch.inference_mode()`, as the
+worker's `Tagger` calls it: embeddings, character CNN, BiLSTM, projection, Viterbi and the CRF
+marginals that give each entity its score. Tokenizing, padding and span decoding are not timed.
+
+Three parts, all with the same number of torch threads:
+
+1. matmul: fp32 and bf16 GFLOP/s of an N x N @ N x N product (the machine's dense peak, roughly);
+2. shapes: full batches of B sequences of exactly T tokens (every position real), fp32 and bf16
+   (`torch.autocast("cpu", dtype=torch.bfloat16)`);
+3. corpus: the synthetic corpus cut into the worker's micro-batches (its document and token
+   limits), each run either as the `Tagger` runs it (sorted by length, one forward pass per length
+   bucket: "buckets on") or as one forward pass padded to its longest sequence ("buckets off").
+
+Efficiency = the model's useful FLOP/s (FLOPs per real token from the model's configuration,
+times tokens/s) / the matmul FLOP/s of the same dtype. Timings are medians over repeats.
+
+    python -m benchmarks.bench_model --model M.nerm --out benchmarks/results/model.json [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import (
+    RESULTS,
+    display_path,
+    host_info,
+    log,
+    quick_mode,
+    summarize,
+    write_json,
+)
+from benchmarks.corpus import DEFAULT_SEED, documents
+from ner_stream.batching import BatchLimits, MicroBatcher, pad_batch
+from ner_stream.checkpoint import default_model_path
+from ner_stream.config import WorkerConfig
+from ner_stream.model import Batch, ModelConfig
+from ner_stream.tagger import PreparedDoc, Tagger, TaggerOptions
+
+DTYPES = ("fp32", "bf16")
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    worker = WorkerConfig()
+    p = argparse.ArgumentParser(description="Model-core benchmark (forward + CRF decoding).")
+    p.add_argument(
+        "--model",
+        default=os.environ.get("BENCH_MODEL"),
+        help="model file (default: BENCH_MODEL, else the packaged model)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("BENCH_THREADS", "0")),
+        help="torch threads (default: BENCH_THREADS, else torch's default)",
+    )
+    p.add_argument("--batch-sizes", type=ints, default=None, help="e.g. 32,64,128,256")
+    p.add_argument("--lengths", type=ints, default=None, help="e.g. 16,32,64")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per case (median)")
+    p.add_argument(
+        "--case-budget-s",
+        type=float,
+        default=None,
+        help="fewer repeats when one case would take longer than this",
+    )
+    p.add_argument("--corpus-docs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--micro-batch-docs", type=int, default=worker.max_batch_docs)
+    p.add_argument("--micro-batch-tokens", type=int, default=worker.max_batch_tokens)
+    p.add_argument("--max-chunk-tokens", type=int, default=worker.max_chunk_tokens)
+    p.add_argument("--matmul-size", type=int, default=1024)
+    p.add_argument("--quick", action="store_true", help="smoke-run sizes (also BENCH_QUICK=1)")
+    p.add_argument("--out", default=str(RESULTS / "model.json"))
+    args = p.parse_args(argv)
+    args.quick = quick_mode(args.quick)
+    q = args.quick
+    args.batch_sizes = args.batch_sizes or ([32, 128] if q else [32, 64, 128, 256])
+    args.lengths = args.lengths or ([16, 64] if q else [16, 32, 64])
+    args.repeats = args.repeats or (2 if q else 5)
+    args.case_budget_s = args.case_budget_s or (5.0 if q else 20.0)
+    args.corpus_docs = args.corpus_docs or (200 if q else 1000)
+    args.dtypes = [d for d in args.dtypes.split(",") if d]
+    for d in args.dtypes:
+        if d not in DTYPES:
+            p.error(f"unknown dtype {d!r}; use {', '.join(DTYPES)}")
+    return args
+
+
+# ------------------------------------------------------------------------------------ FLOPs
+
+
+def flops_per_token(cfg: ModelConfig, mean_chars: float) -> dict:
+    """Useful floating-point operations per real token (a multiply-add counts 2).
+
+    LSTM: 4 gates x hidden x (input + hidden) multiply-adds per direction and layer; projection:
+    (hidden x directions) x tags; character CNN: char_dim x 3 x filters per character of the word
+    (or the character BiLSTM per character); CRF: Viterbi (add + max over K x K) and
+    forward-backward (add, exp, sum over K x K, twice), about 10 K^2. Embedding look-ups and
+    element-wise gate activations are not counted.
+    """
+    dirs = 2 if cfg.bidirectional else 1
+    h = cfg.hidden
+    in_dim = cfg.word_dim
+    char = 0.0
+    if cfg.arch == "bilstm-crf":
+        if cfg.char_encoder == "cnn":
+            in_dim += cfg.char_filters
+            char = 2.0 * cfg.char_dim * 3 * cfg.char_filters * mean_chars
+        elif cfg.char_encoder == "lstm":
+            ch = cfg.char_filters // 2
+            in_dim += 2 * ch
+            char = 2 * 8.0 * ch * (cfg.char_dim + ch) * mean_chars
+        if cfg.case_dim:
+            in_dim += cfg.case_dim
+    lstm = 0.0
+    layer_in = in_dim
+    for _ in range(cfg.layers):
+        lstm += dirs * 8.0 * h * (layer_in + h)
+        layer_in = h * dirs
+    proj = 2.0 * h * dirs * cfg.num_tags
+    crf = 10.0 * cfg.num_tags**2 if cfg.arch == "bilstm-crf" else 0.0
+    return {
+        "lstm": lstm,
+        "projection": proj,
+        "char_encoder": char,
+        "crf": crf,
+        "total": lstm + proj + char + crf,
+        "lstm_input_dim": in_dim,
+        "mean_chars_per_token": mean_chars,
+    }
+
+
+# ------------------------------------------------------------------------------------ timing
+
+
+def bf16_native() -> bool | None:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def autocast(dtype: str):
+    if dtype == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def time_matmul(n: int, dtype: str, repeats: int, budget_s: float) -> dict:
+    """GFLOP/s of torch.mm at n x n; fewer samples when one product is slow (emulated bf16)."""
+    torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(torch_dtype)
+    b = torch.randn(n, n, generator=g).to(torch_dtype)
+    flops = 2.0 * n**3
+    # Warm-up of about half a second (thread pool, caches, clock), then samples of >= 0.2 s.
+    warm_until = time.perf_counter() + 0.5
+    one = None
+    while one is None or time.perf_counter() < warm_until:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        one = time.perf_counter() - t0
+    per = max(1, int(0.2 / max(one, 1e-6)))
+    count = max(1, min(max(5, repeats), int(budget_s / max(one * per, 1e-6))))
+    samples = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        for _ in range(per):
+            torch.mm(a, b)
+        samples.append((time.perf_counter() - t0) / per)
+    s = summarize(samples)
+    return {
+        "n": n,
+        "flops": flops,
+        "seconds": s,
+        "gflops": flops / s["median"] / 1e9,
+        "gflops_best": flops / s["min"] / 1e9,
+    }
+
+
+def run_batches(model, batches: list[Batch], dtype: str) -> None:
+    with torch.inference_mode(), autocast(dtype):
+        for b in batches:
+            model.decode(b, with_scores=True)
+
+
+def time_batches(model, batches: list[Batch], dtype: str, repeats: int, budget_s: float) -> dict:
+    """Warm-up once, then `repeats` timed passes (fewer if one pass exceeds the budget share)."""
+    t0 = time.perf_counter()
+    run_batches(model, batches, dtype)  # warm-up (oneDNN primitives, allocator)
+    first = time.perf_counter() - t0
+    n = max(1, min(repeats, int(budget_s / max(first, 1e-6))))
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        run_batches(model, batches, dtype)
+        samples.append(time.perf_counter() - t0)
+    return summarize(samples)
+
+
+def check_dtypes(model, batch: Batch, dtype: str) -> dict:
+    """The dtypes seen at the LSTM output, the projection output and the CRF's inputs."""
+    seen: dict[str, str] = {}
+
+    def hook(name):
+        def record(_mod, _inp, out):
+            t = out[0] if isinstance(out, tuple) else out
+            t = getattr(t, "data", t)  # a PackedSequence holds its tensor in .data
+            seen[name] = str(t.dtype).replace("torch.", "")
+
+        return record
+
+    handles = [
+        model.lstm.register_forward_hook(hook("lstm_output")),
+        model.proj.register_forward_hook(hook("projection_output")),
+    ]
+    crf = model.crf
+    if crf is not None:
+        for name in ("viterbi", "marginals"):
+            original = getattr(crf, name)
+
+            def wrapped(em, mask, _orig=original, _name=name):
+                out = _orig(em, mask)
+                seen[f"crf_{_name}_input"] = str(em.dtype).replace("torch.", "")
+                seen[f"crf_{_name}_output"] = str(out.dtype).replace("torch.", "")
+                return out
+
+            setattr(crf, name, wrapped)
+    try:
+        run_batches(model, [batch], dtype)
+    finally:
+        for h in handles:
+            h.remove()
+        if crf is not None:
+            for name in ("viterbi", "marginals"):
+                crf.__dict__.pop(name, None)
+    return seen
+
+
+def check_dtypes_lstm_fp32(model, batch: Batch, dtype: str) -> dict:
+    """`check_dtypes` with the LSTM taken out of autocast (for a CPU with no bf16 LSTM)."""
+    lstm = model.lstm
+    original = lstm.forward
+
+    def forward(x, *a, **k):
+        with torch.autocast("cpu", enabled=False):
+            return original(x.float(), *a, **k)
+
+    lstm.forward = forward
+    try:
+        return check_dtypes(model, batch, dtype)
+    finally:
+        del lstm.forward
+
+
+# ------------------------------------------------------------------------------------ batches
+
+
+def token_stream(prepared: list[PreparedDoc]) -> list[str]:
+    return [t.text for doc in prepared for chunk in doc.chunks for t in chunk]
+
+
+def shape_batch(tagger: Tagger, words: list[str], b: int, t: int, offset: int) -> Batch:
+    """B sequences of exactly T real tokens, cut from the corpus' token stream."""
+    sents = []
+    n = len(words)
+    for i in range(b):
+        start = (offset + i * t) % max(1, n - t)
+        sents.append(tagger.vocabs.encode(words[start : start + t]))
+    return pad_batch(sents)
+
+
+def micro_batches(prepared: list[PreparedDoc], max_docs: int, max_tokens: int):
+    """The documents grouped as the worker's MicroBatcher groups them (no wait limit)."""
+    batcher: MicroBatcher[PreparedDoc] = MicroBatcher(
+        BatchLimits(max_docs=max_docs, max_tokens=max_tokens, max_wait_s=float("inf"))
+    )
+    for doc in prepared:
+        if not batcher.fits(doc.num_tokens):
+            yield batcher.take()
+        batcher.add(doc, doc.num_tokens, 0.0)
+        if batcher.due(0.0):
+            yield batcher.take()
+    if len(batcher):
+        yield batcher.take()
+
+
+def corpus_batches(tagger: Tagger, groups: list[list[PreparedDoc]], bucketed: bool):
+    """Padded forward-pass batches for every micro-batch, with and without length buckets."""
+    out: list[Batch] = []
+    shapes: list[tuple[int, int]] = []
+    for docs in groups:
+        sents = [enc for doc in docs for enc in doc.encoded if len(enc)]
+        if not sents:
+            continue
+        if bucketed:
+            # Exactly the Tagger's grouping: sorted by length, one pass per bucket, under its
+            # padded-token budget.
+            sents.sort(key=len)
+            for group, pad_to in tagger._groups([len(s) for s in sents]):
+                rows = [sents[i] for i in group]
+                out.append(pad_batch(rows, pad_to=pad_to))
+                shapes.append((len(rows), pad_to))
+        else:
+            batch = pad_batch(sents)
+            out.append(batch)
+            shapes.append(tuple(batch.words.shape))
+    return out, shapes
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    model_path = Path(args.model) if args.model else default_model_path()
+    log(f"model core: {display_path(model_path)}, {threads} torch threads")
+    tagger = Tagger.from_file(
+        model_path,
+        TaggerOptions(
+            device="cpu",
+            max_chunk_tokens=args.max_chunk_tokens,
+            max_batch_tokens=args.micro_batch_tokens,
+        ),
+    )
+    model = tagger.model
+    cfg = tagger.info.config
+
+    docs = documents(args.corpus_docs, args.seed)
+    prepared = [tagger.prepare(d["text"]) for d in docs]
+    words = token_stream(prepared)
+    mean_chars = statistics.fmean(len(w) for w in words)
+    fpt = flops_per_token(cfg, mean_chars)
+
+    result: dict = {
+        "benchmark": "model_core",
+        "mode": "quick" if args.quick else "full",
+        "host": host_info(),
+        "torch": {
+            "version": torch.__version__,
+            "threads": threads,
+            "mkldnn": torch.backends.mkldnn.is_available(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "bf16_native": bf16_native(),
+        },
+        "model": {
+            "file": display_path(model_path),
+            "name": tagger.name,
+            "version": tagger.version,
+            "config": cfg.to_dict(),
+            "flops_per_token": fpt,
+        },
+        "settings": {
+            "repeats": args.repeats,
+            "case_budget_s": args.case_budget_s,
+            "corpus_docs": args.corpus_docs,
+            "seed": args.seed,
+            "micro_batch_docs": args.micro_batch_docs,
+            "micro_batch_tokens": args.micro_batch_tokens,
+            "max_chunk_tokens": args.max_chunk_tokens,
+            "buckets": list(tagger.options.buckets),
+            "with_scores": True,
+        },
+    }
+
+    # 1. matmul peak
+    matmul = {}
+    for dtype in args.dtypes:
+        log(f"matmul {args.matmul_size}^3 {dtype}")
+        matmul[dtype] = time_matmul(args.matmul_size, dtype, args.repeats, args.case_budget_s / 2)
+        log(f"  {matmul[dtype]['gflops']:.1f} GFLOP/s")
+    result["matmul"] = matmul
+
+    # bf16: does it run at all, and in which dtype does the CRF run?
+    probe = shape_batch(tagger, words, 8, 16, 0)
+    precision: dict = {}
+    usable = []
+    for dtype in args.dtypes:
+        try:
+            precision[dtype] = {"supported": True, "dtypes_seen": check_dtypes(model, probe, dtype)}
+            usable.append(dtype)
+        except Exception as e:  # noqa: BLE001 - any failure means "unsupported here"
+            msg = " ".join(str(e).split())[:400]
+            precision[dtype] = {"supported": False, "error": f"{type(e).__name__}: {msg}"}
+            log(f"{dtype} does not run on this machine: {precision[dtype]['error']}")
+            # Still check where the CRF runs: everything but the LSTM under autocast.
+            try:
+                seen = check_dtypes_lstm_fp32(model, probe, dtype)
+                precision[dtype]["dtypes_seen_with_lstm_in_fp32"] = seen
+            except Exception as e2:  # noqa: BLE001
+                precision[dtype]["dtypes_seen_with_lstm_in_fp32"] = {"error": str(e2)[:200]}
+    result["precision"] = precision
+
+    # 2. shapes
+    shapes = []
+    for dtype in usable:
+        for b in args.batch_sizes:
+            for t in args.lengths:
+                batch = shape_batch(tagger, words, b, t, offset=b * 7 + t)
+                s = time_batches(model, [batch], dtype, args.repeats, args.case_budget_s)
+                tps = b * t / s["median"]
+                row = {
+                    "dtype": dtype,
+                    "batch": b,
+                    "length": t,
+                    "tokens": b * t,
+                    "seconds": s,
+                    "tokens_per_s": tps,
+                    "model_gflops": tps * fpt["total"] / 1e9,
+                }
+                row["efficiency_vs_matmul"] = row["model_gflops"] / matmul[dtype]["gflops"]
+                shapes.append(row)
+                log(
+                    f"{dtype} B={b:<4} T={t:<3} {tps:>10.0f} tok/s  "
+                    f"eff {row['efficiency_vs_matmul']:.1%}"
+                )
+    result["shapes"] = shapes
+
+    # 3. corpus, buckets on and off
+    groups = list(micro_batches(prepared, args.micro_batch_docs, args.micro_batch_tokens))
+    real_tokens = sum(d.num_tokens for d in prepared)
+    corpus: dict = {
+        "docs": len(prepared),
+        "sequences": sum(1 for d in prepared for c in d.chunks if c),
+        "real_tokens": real_tokens,
+        "micro_batches": len(groups),
+        "runs": [],
+    }
+    budget = args.case_budget_s * 3
+    cases = [("fp32", True), ("fp32", False)] + [(d, True) for d in usable if d != "fp32"]
+    for dtype, bucketed in cases:
+        if dtype not in usable:
+            continue
+        batches, batch_shapes = corpus_batches(tagger, groups, bucketed)
+        padded = sum(n * t for n, t in batch_shapes)
+        s = time_batches(model, batches, dtype, args.repeats, budget)
+        tps = real_tokens / s["median"]
+        run = {
+            "dtype": dtype,
+            "buckets": bucketed,
+            "forward_passes": len(batches),
+            "padded_tokens": padded,
+            "padding_ratio": 1 - real_tokens / padded,
+            "seconds": s,
+            "tokens_per_s": tps,
+            "model_gflops": tps * fpt["total"] / 1e9,
+        }
+        run["efficiency_vs_matmul"] = run["model_gflops"] / matmul[dtype]["gflops"]
+        corpus["runs"].append(run)
+        mode = "on " if bucketed else "off"
+        pad, eff = run["padding_ratio"], run["efficiency_vs_matmul"]
+        log(f"corpus {dtype} buckets {mode} {tps:>10.0f} tok/s  padding {pad:.1%}  eff {eff:.1%}")
+    result["corpus"] = corpus
+
+    on = next((r for r in corpus["runs"] if r["dtype"] == "fp32" and r["buckets"]), None)
+    off = next((r for r in corpus["runs"] if r["dtype"] == "fp32" and not r["buckets"]), None)
+    result["summary"] = {
+        "tokens_per_s_bucketed_fp32": on and on["tokens_per_s"],
+        "tokens_per_s_unbucketed_fp32": off and off["tokens_per_s"],
+        "bucketing_speedup": on and off and on["tokens_per_s"] / off["tokens_per_s"],
+        "efficiency_bucketed_fp32": on and on["efficiency_vs_matmul"],
+        "matmul_gflops_fp32": matmul.get("fp32", {}).get("gflops"),
+        "bf16_supported": precision.get("bf16", {}).get("supported"),
+    }
+    result["host"]["load_average_after"] = host_info()["load_average"]
+    write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
