@@ -110,7 +110,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--threads",
         type=int,
         default=int(os.environ.get("BENCH_THREADS", "0")),
-        help="OMP_NUM_THREADS for the worker (default: torch's default)",
+        help="model threads of the worker (default: the worker's own, every core but one)",
     )
     p.add_argument(
         "--worker-arg",
@@ -224,6 +224,7 @@ class Worker:
         env = dict(os.environ)
         if args.threads > 0:
             env["OMP_NUM_THREADS"] = str(args.threads)
+            env["NER_STREAM_TORCH_THREADS"] = str(args.threads)
         self.cmd = cmd
         self.peak_scraped_rss = 0.0
         self._log = self.log_path.open("w")

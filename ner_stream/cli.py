@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import torch
 
 from ner_stream import __version__
 from ner_stream.checkpoint import CheckpointError
@@ -81,6 +82,7 @@ def _run_worker(cfg: WorkerConfig) -> int:
     from ner_stream.worker import Worker
 
     log.info("starting ner-stream %s with %s", __version__, cfg.redacted())
+    torch.set_num_threads(cfg.model_threads())
     try:
         tagger = Tagger.from_file(cfg.model, _tagger_options(cfg))
     except CheckpointError as e:

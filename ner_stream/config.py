@@ -6,6 +6,7 @@ example `NER_STREAM_BOOTSTRAP_SERVERS`). `WorkerConfig` holds the resolved value
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -41,6 +42,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("client_id", "ner-stream", "Kafka client id prefix."),
     Setting("model", None, "Model file (default: the packaged English model)."),
     Setting("device", "auto", "auto (CUDA when present), cpu or cuda."),
+    Setting("torch_threads", 0, "CPU threads for the model (0: every core but one).", int),
     Setting("max_batch_docs", 64, "Most documents in one micro-batch.", int),
     Setting("max_batch_tokens", 4096, "Most padded tokens in one forward pass.", int),
     Setting("max_wait_ms", 20, "Longest wait for a batch to fill, from its first document.", int),
@@ -79,6 +81,7 @@ class WorkerConfig:
     client_id: str = "ner-stream"
     model: str | None = None
     device: str = "auto"
+    torch_threads: int = 0
     max_batch_docs: int = 64
     max_batch_tokens: int = 4096
     max_wait_ms: int = 20
@@ -115,6 +118,12 @@ class WorkerConfig:
             f.name: ("***" if f.name in secret and getattr(self, f.name) else getattr(self, f.name))
             for f in fields(self)
         }
+
+    def model_threads(self) -> int:
+        """Threads for the model: one core is left to consuming, tokenizing and Kafka I/O."""
+        if self.torch_threads:
+            return self.torch_threads
+        return max(1, (os.cpu_count() or 2) - 1)
 
     def kafka_security(self) -> dict[str, Any]:
         """kafka-python keyword arguments for the security settings that are set."""
@@ -154,6 +163,8 @@ def validate(cfg: WorkerConfig) -> list[str]:
     if not 6000 <= cfg.session_timeout_ms <= 300000:
         # The broker's group.min/max.session.timeout.ms defaults.
         problems.append("--session-timeout-ms must be between 6000 and 300000")
+    if cfg.torch_threads < 0:
+        problems.append("--torch-threads must not be negative")
     if cfg.max_wait_ms < 0:
         problems.append("--max-wait-ms must not be negative")
     if cfg.max_chunk_tokens > cfg.max_batch_tokens:
