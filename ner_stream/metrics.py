@@ -92,10 +92,9 @@ class Metrics:
         )
         self.assigned = Gauge(f"{p}_assigned_partitions", "Input partitions owned.", registry=r)
         self.model = Info(f"{p}_model", "The model being served.", registry=r)
-        for stage in STAGES:
-            self.stage_seconds.labels(stage)
-        for outcome in OUTCOMES:
-            self.documents.labels(outcome)
+        # Children looked up once: the per-record paths observe them without a label lookup.
+        self.stage = {stage: self.stage_seconds.labels(stage) for stage in STAGES}
+        self.outcome = {outcome: self.documents.labels(outcome) for outcome in OUTCOMES}
         # Zero series from the start, so that dashboards show 0 rather than "no data".
         for reason in RejectReason:
             self.dead_letters.labels(str(reason))

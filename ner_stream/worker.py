@@ -213,7 +213,7 @@ class Worker(ConsumerRebalanceListener):
         headers = list(record.headers or [])
         t0 = time.perf_counter()
         decoded = decode(record.value, record.key, source, self.cfg.max_doc_bytes)
-        self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - t0)
+        self.metrics.stage["decode"].observe(time.perf_counter() - t0)
         if isinstance(decoded, Rejection):
             self._dead_letter(decoded, record.value, record.key, headers, record.timestamp, part)
             return
@@ -225,7 +225,7 @@ class Worker(ConsumerRebalanceListener):
             self._dead_letter(processing_error(source, e), record.value, record.key, headers,
                               record.timestamp, part)  # fmt: skip
             return
-        self.metrics.stage_seconds.labels("tokenize").observe(time.perf_counter() - t1)
+        self.metrics.stage["tokenize"].observe(time.perf_counter() - t1)
         job = Job(decoded, prepared, record.value, record.key, headers, record.timestamp, part,
                   queued_at=self.clock())  # fmt: skip
         if self.overflow or not self._offer(job):
@@ -309,7 +309,7 @@ class Worker(ConsumerRebalanceListener):
                 continue
             if ack.ok:
                 self.tracker.ack(ack.tp, ack.offset)
-                self.metrics.documents.labels("ok" if ack.output else "dead_letter").inc()
+                self.metrics.outcome["ok" if ack.output else "dead_letter"].inc()
                 if ack.output and ack.timestamp_ms and ack.timestamp_ms > 0:
                     self.metrics.end_to_end.observe(max(0.0, (now_ms - ack.timestamp_ms) / 1000))
             elif ack.output and ack.job is not None:
@@ -355,7 +355,7 @@ class Worker(ConsumerRebalanceListener):
             return
         self.tracker.mark_committed(offsets)
         self.metrics.commits.labels("ok").inc()
-        self.metrics.stage_seconds.labels("commit").observe(time.perf_counter() - t0)
+        self.metrics.stage["commit"].observe(time.perf_counter() - t0)
         log.debug("committed %s", offsets)
 
     def _update_lag(self) -> None:
@@ -512,7 +512,7 @@ class Worker(ConsumerRebalanceListener):
         pieces = [p for p in pieces if p.job.partition.active]
         if not pieces:
             return
-        self.metrics.stage_seconds.labels("batch_wait").observe(
+        self.metrics.stage["batch_wait"].observe(
             max(0.0, self.clock() - min(p.job.queued_at for p in pieces))
         )
         items = [(p.job.prepared, c) for p in pieces for c in p.chunks]
@@ -523,8 +523,8 @@ class Worker(ConsumerRebalanceListener):
             self._run_one_by_one(pieces)
             return
         self.metrics.observe_batch(len(pieces), stats.real_tokens, stats.batches)
-        self.metrics.stage_seconds.labels("inference").observe(stats.inference_s)
-        self.metrics.stage_seconds.labels("spans").observe(stats.spans_s)
+        self.metrics.stage["inference"].observe(stats.inference_s)
+        self.metrics.stage["spans"].observe(stats.spans_s)
         results = iter(per_chunk)
         for p in pieces:
             for c in p.chunks:
@@ -571,7 +571,7 @@ class Worker(ConsumerRebalanceListener):
         )
         self._on_delivery(future, (src.topic, src.partition), src.offset, job.timestamp_ms,
                           output=True, job=job, part=job.partition)  # fmt: skip
-        self.metrics.stage_seconds.labels("produce").observe(time.perf_counter() - t0)
+        self.metrics.stage["produce"].observe(time.perf_counter() - t0)
 
     # ---------------------------------------------------------------- shutdown
 

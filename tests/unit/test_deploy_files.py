@@ -522,5 +522,12 @@ def test_operations_md_links_resolve():
     anchors = markdown_anchors()
     broken = [a for a in re.findall(r"\]\(#([^)]+)\)", text) if a not in anchors]
     assert not broken, f"docs/operations.md links to missing sections: {broken}"
-    assert "<!-- capacity: filled from docs/benchmarks.md -->" in text
     assert "workers = ceil(peak tokens/s / tokens/s per worker / 0.7)" in text
+
+
+def test_capacity_figure_is_the_one_benchmarked():
+    """The per-worker rate in the capacity rule is the end-to-end figure of the last make bench."""
+    summary = json.loads((REPO_ROOT / "benchmarks/results/summary.json").read_text())
+    measured = round(summary["figures"]["e2e_tokens_per_s"])
+    text = OPERATIONS_MD.read_text(encoding="utf-8")
+    assert f"{measured:,} tokens/s" in text
