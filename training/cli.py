@@ -16,11 +16,11 @@ from ner_stream import __version__
 from ner_stream.checkpoint import CheckpointError, default_model_path, load, save
 from ner_stream.model import ARCHS, CHAR_ENCODERS
 from ner_stream.spans import SCHEMES
-from ner_stream.tagger import Tagger, TaggerOptions
+from ner_stream.tagger import Tagger, TaggerOptions, resolve_device
 from training.datasets import FORMATS, DatasetError, load_corpus
 from training.embeddings import load_embeddings
 from training.evaluate import format_report
-from training.trainer import TrainConfig, evaluate_model, fingerprint, resolve_device, train
+from training.trainer import TrainConfig, evaluate_model, fingerprint, train
 
 
 def _load_model(path: Path | None):
@@ -217,7 +217,10 @@ def evaluate_cmd(model_path, data, fmt, device, as_json) -> None:
     """Entity P/R/F1 per type (conlleval rules) and masked token accuracy on labelled data."""
     loaded = _load_model(model_path)
     sentences = _read(data, fmt)
-    dev = resolve_device(device)
+    try:
+        dev = resolve_device(device)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--device") from None
     model = loaded.model.to(dev)
     report, accuracy = evaluate_model(
         model, loaded.info.vocabs, sentences, loaded.info.config.tag_scheme, dev

@@ -18,6 +18,7 @@ from ner_stream.batching import pad_batch
 from ner_stream.checkpoint import ModelInfo, round_half_precision
 from ner_stream.model import ModelConfig, NerModel
 from ner_stream.spans import convert_tags
+from ner_stream.tagger import resolve_device
 from ner_stream.vocab import UNK_ID, EncodedSentence, Vocab, Vocabularies, word_key
 from training.datasets import Sentence
 from training.embeddings import Embeddings
@@ -94,15 +95,6 @@ class TrainResult:
     info: ModelInfo
     history: list[EpochStats] = field(default_factory=list)
     best_report: EntityReport | None = None
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` means CUDA when present, else CPU; a CUDA request without CUDA is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA device is available")
-    return torch.device(name)
 
 
 def fingerprint(paths: Sequence[str | Path]) -> str:
