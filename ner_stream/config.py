@@ -1,4 +1,5 @@
-"""Every setting of `ner-stream run`, defined once: name, type, default, help, environment.
+"""Every setting of `ner-stream run`: name, type, help and environment in `SETTINGS`, the default
+in `WorkerConfig`.
 
 The CLI builds its flags from `SETTINGS`; each flag is also read from `NER_STREAM_<NAME>` (for
 example `NER_STREAM_BOOTSTRAP_SERVERS`). `WorkerConfig` holds the resolved values.
@@ -18,11 +19,15 @@ class Setting:
     """One configuration key."""
 
     name: str
-    default: Any
     help: str
     type: Any = str
     secret: bool = False  # never printed in logs
     flag: bool = False  # a boolean switch (--x / --no-x)
+
+    @property
+    def default(self) -> Any:
+        """The default, which `WorkerConfig` holds (one place for it)."""
+        return next(f.default for f in fields(WorkerConfig) if f.name == self.name)
 
     @property
     def envvar(self) -> str:
@@ -34,38 +39,38 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("bootstrap_servers", "127.0.0.1:9092", "Kafka bootstrap servers, comma separated."),
-    Setting("input_topic", "documents", "Topic the documents are read from."),
-    Setting("output_topic", "entities", "Topic the entities are written to."),
-    Setting("dlq_topic", "documents.dlq", "Dead-letter topic for input that cannot be tagged."),
-    Setting("group_id", "ner-stream", "Consumer group; workers in one group share partitions."),
-    Setting("client_id", "ner-stream", "Kafka client id prefix."),
-    Setting("model", None, "Model file (default: the packaged English model)."),
-    Setting("device", "auto", "auto (CUDA when present), cpu or cuda."),
-    Setting("torch_threads", 0, "CPU threads for the model (0: every core but one).", int),
-    Setting("max_batch_docs", 64, "Most documents in one micro-batch.", int),
-    Setting("max_batch_tokens", 4096, "Most padded tokens in one forward pass.", int),
-    Setting("max_wait_ms", 20, "Longest wait for a batch to fill, from its first document.", int),
-    Setting("max_doc_bytes", 1_048_576, "Larger input values go to the dead-letter topic.", int),
-    Setting("max_chunk_tokens", 128, "Sentences longer than this are cut into windows.", int),
-    Setting("queue_docs", 512, "Documents buffered between consuming and tagging.", int),
-    Setting("commit_interval_ms", 1000, "How often acknowledged offsets are committed.", int),
-    Setting("session_timeout_ms", 45000, "How long the group waits for a silent worker.", int),
-    Setting("shutdown_timeout_s", 30.0, "Bound on a graceful shutdown.", float),
-    Setting("connect_timeout_s", 30.0, "How long to retry an unreachable broker at start.", float),
-    Setting("create_topics", False, "Create the input, output and dead-letter topics.", flag=True),
-    Setting("topic_partitions", 4, "Partitions of topics made by --create-topics.", int),
-    Setting("security_protocol", "PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."),
-    Setting("sasl_mechanism", None, "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512."),
-    Setting("sasl_username", None, "SASL user name."),
-    Setting("sasl_password", None, "SASL password.", secret=True),
-    Setting("ssl_cafile", None, "CA certificate file (PEM)."),
-    Setting("ssl_certfile", None, "Client certificate file (PEM)."),
-    Setting("ssl_keyfile", None, "Client private key file (PEM)."),
-    Setting("metrics_host", "127.0.0.1", "Address of the /metrics, /healthz, /readyz server."),
-    Setting("metrics_port", 9400, "Port of the metrics server (0: no server).", int),
-    Setting("log_level", "INFO", "DEBUG, INFO, WARNING or ERROR."),
-    Setting("log_format", "text", "text or json."),
+    Setting("bootstrap_servers", "Kafka bootstrap servers, comma separated."),
+    Setting("input_topic", "Topic the documents are read from."),
+    Setting("output_topic", "Topic the entities are written to."),
+    Setting("dlq_topic", "Dead-letter topic for input that cannot be tagged."),
+    Setting("group_id", "Consumer group; workers in one group share partitions."),
+    Setting("client_id", "Kafka client id prefix."),
+    Setting("model", "Model file (default: the packaged English model)."),
+    Setting("device", "auto (CUDA when present), cpu or cuda."),
+    Setting("torch_threads", "CPU threads for the model (0: every core but one).", int),
+    Setting("max_batch_docs", "Most documents in one micro-batch.", int),
+    Setting("max_batch_tokens", "Most padded tokens in one forward pass.", int),
+    Setting("max_wait_ms", "Longest wait for a batch to fill, from its first document.", int),
+    Setting("max_doc_bytes", "Larger input values go to the dead-letter topic.", int),
+    Setting("max_chunk_tokens", "Sentences longer than this are cut into windows.", int),
+    Setting("queue_docs", "Documents buffered between consuming and tagging.", int),
+    Setting("commit_interval_ms", "How often acknowledged offsets are committed.", int),
+    Setting("session_timeout_ms", "How long the group waits for a silent worker.", int),
+    Setting("shutdown_timeout_s", "Bound on a graceful shutdown.", float),
+    Setting("connect_timeout_s", "How long to retry an unreachable broker at start.", float),
+    Setting("create_topics", "Create the input, output and dead-letter topics.", flag=True),
+    Setting("topic_partitions", "Partitions of topics made by --create-topics.", int),
+    Setting("security_protocol", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."),
+    Setting("sasl_mechanism", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512."),
+    Setting("sasl_username", "SASL user name."),
+    Setting("sasl_password", "SASL password.", secret=True),
+    Setting("ssl_cafile", "CA certificate file (PEM)."),
+    Setting("ssl_certfile", "Client certificate file (PEM)."),
+    Setting("ssl_keyfile", "Client private key file (PEM)."),
+    Setting("metrics_host", "Address of the /metrics, /healthz, /readyz server."),
+    Setting("metrics_port", "Port of the metrics server (0: no server).", int),
+    Setting("log_level", "DEBUG, INFO, WARNING or ERROR."),
+    Setting("log_format", "text or json."),
 )
 
 
