@@ -451,8 +451,8 @@ WORDS = ["<PAD>", "<UNK>", "peter", "went", "to", "paris", "and", "the", "."]
 CHARS = ["<PAD>", "<UNK>", *sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ."))]
 
 
-def _vocabs() -> Vocabularies:
-    return Vocabularies(Vocab(WORDS), Vocab(CHARS), Vocab(TAGS))
+def _vocabs(words: list[str] = WORDS, tags: list[str] = TAGS) -> Vocabularies:
+    return Vocabularies(Vocab(words), Vocab(CHARS), Vocab(tags))
 
 
 def rigged_model() -> LoadedModel:
@@ -487,11 +487,21 @@ def rigged_model() -> LoadedModel:
     return LoadedModel(info=info, model=model)
 
 
-def random_model(seed: int = 0) -> LoadedModel:
-    """A small BiLSTM-CRF with N(0, 1) weights: arbitrary but plentiful entities."""
+def random_model(
+    seed: int = 0,
+    arch: str = "bilstm-crf",
+    words: list[str] = WORDS,
+    tags: list[str] = TAGS,
+    name: str = "random",
+    version: str = "0.0.2",
+) -> LoadedModel:
+    """A small model with N(0, 1) weights: arbitrary but plentiful entities.
+
+    The spread of the weights spreads the argmax over the tags, so most documents get entities.
+    """
     torch.manual_seed(seed)
     config = ModelConfig(
-        arch="bilstm-crf", num_words=len(WORDS), num_chars=len(CHARS), num_tags=len(TAGS),
+        arch=arch, num_words=len(words), num_chars=len(CHARS), num_tags=len(tags),
         word_dim=8, char_dim=4, char_filters=6, case_dim=2, hidden=8, dropout=0.0,
     )  # fmt: skip
     model = NerModel(config)
@@ -499,7 +509,7 @@ def random_model(seed: int = 0) -> LoadedModel:
         for p in model.parameters():
             p.normal_()
     model.eval()
-    info = ModelInfo(name="random", version="0.0.2", config=config, vocabs=_vocabs())
+    info = ModelInfo(name=name, version=version, config=config, vocabs=_vocabs(words, tags))
     return LoadedModel(info=info, model=model)
 
 

@@ -53,6 +53,7 @@ from tests.deploy_util import (
     grafana_to_promql,
     metric_names,
 )
+from tests.integration.worker_util import build_tiny_model
 
 PROMETHEUS = shutil.which("prometheus")
 
@@ -116,34 +117,6 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = DEADLINE_S,
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
 
-def build_tiny_model(path: Path) -> Path:
-    """A small random-weight LSTM tagger (no CRF: cheap on a busy CPU), written with
-    `checkpoint.save` like tests/unit/test_checkpoint.py. N(0, 1) weights spread the argmax over
-    the tags, so most documents get entities and the entity panels have series."""
-    import torch
-
-    from ner_stream.checkpoint import ModelInfo, save
-    from ner_stream.model import ModelConfig, NerModel
-    from ner_stream.vocab import Vocab, Vocabularies
-
-    torch.manual_seed(7)
-    words = Vocab(["<PAD>", "<UNK>", "peter", "went", "to", "paris", "acme", "on", "day", "."])
-    chars = Vocab(["<PAD>", "<UNK>", *sorted(set("Peter went to Paris Acme on day 0123456789."))])
-    tags = Vocab(["O"] + [f"{p}-{t}" for t in ("PER", "LOC", "ORG") for p in "BIES"])
-    config = ModelConfig(arch="lstm", num_words=len(words), num_chars=len(chars),
-                         num_tags=len(tags), word_dim=8, char_dim=4, char_filters=4, case_dim=4,
-                         hidden=8)  # fmt: skip
-    model = NerModel(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_()
-    model.eval()
-    info = ModelInfo(name="tiny-prometheus", version="0.0.1", config=config,
-                     vocabs=Vocabularies(words, chars, tags))  # fmt: skip
-    save(path, model, info)
-    return path
-
-
 def stop_process(proc: subprocess.Popen, timeout: float) -> int | None:
     """SIGTERM, then SIGKILL after `timeout` seconds; the exit code (None when killed)."""
     if proc.poll() is not None:
@@ -202,7 +175,7 @@ def stack(kafka_bootstrap, topic_factory, tmp_path_factory) -> Iterator[Stack]:
     input_topic = topic_factory(4, "prom-docs")
     output_topic = topic_factory(1, "prom-entities")
     dlq_topic = topic_factory(1, "prom-dlq")
-    model = build_tiny_model(tmp / "tiny.nerm")
+    model = build_tiny_model(tmp / "tiny.nerm", name="tiny-prometheus")
     metrics_port, prometheus_port = free_port(), free_port()
 
     config = {

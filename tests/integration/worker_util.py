@@ -29,47 +29,19 @@ from tests import kafka_util
 
 TAGS = ["O"] + [f"{p}-{t}" for t in ("PER", "LOC", "ORG", "MISC") for p in "BIES"]
 WORDS = ["<PAD>", "<UNK>", "peter", "went", "to", "paris", "berlin", "acme", "the", "and", "."]
-CHARS = ["<PAD>", "<UNK>", *sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,"))]
 
 
-def build_tiny_model(path: Path) -> Path:
+def build_tiny_model(path: Path, name: str = "tiny-random") -> Path:
     """Write a small random-weight LSTM tagger (no CRF: fast on a busy CPU) to `path`.
 
     The weights are random, so the predicted entities are arbitrary; what the tests check is the
-    message contract around them. Weights are drawn from N(0, 1) so that the argmax is spread
-    over the tags and most documents get a few entities.
+    message contract around them.
     """
-    import torch
+    from ner_stream.checkpoint import save
+    from tests.fakes import random_model
 
-    from ner_stream.checkpoint import ModelInfo, save
-    from ner_stream.model import ModelConfig, NerModel
-    from ner_stream.vocab import Vocab, Vocabularies
-
-    torch.manual_seed(1234)
-    config = ModelConfig(
-        arch="lstm",
-        num_words=len(WORDS),
-        num_chars=len(CHARS),
-        num_tags=len(TAGS),
-        word_dim=8,
-        char_encoder="cnn",
-        char_dim=4,
-        char_filters=4,
-        case_dim=4,
-        hidden=8,
-    )
-    model = NerModel(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_()
-    model.eval()
-    info = ModelInfo(
-        name="tiny-random",
-        version="0.0.1",
-        config=config,
-        vocabs=Vocabularies(Vocab(WORDS), Vocab(CHARS), Vocab(TAGS)),
-    )
-    save(path, model, info)
+    loaded = random_model(1234, arch="lstm", words=WORDS, tags=TAGS, name=name, version="0.0.1")
+    save(path, loaded.model, loaded.info)
     return path
 
 

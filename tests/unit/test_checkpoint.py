@@ -7,30 +7,15 @@ import torch
 
 from ner_stream.batching import pad_batch
 from ner_stream.checkpoint import CheckpointError, ModelInfo, load, round_half_precision, save
-from ner_stream.model import ModelConfig, NerModel
-from ner_stream.vocab import Vocab, Vocabularies
+from ner_stream.model import NerModel
+from tests.fakes import random_model
 
 
 def tiny_model(arch: str) -> tuple[NerModel, ModelInfo]:
-    torch.manual_seed(0)
-    words = Vocab(["<PAD>", "<UNK>", "peter", "went", "to", "paris", "."])
-    chars = Vocab(["<PAD>", "<UNK>", *sorted(set("Peter went to Paris ."))])
-    tags = Vocab(["O", "B-PER", "E-PER", "S-PER", "S-LOC"])
-    config = ModelConfig(arch=arch, num_words=7, num_chars=len(chars), num_tags=5, hidden=8)
-    model = NerModel(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_()
-    model.eval()
-    info = ModelInfo(
-        name="tiny",
-        version="1.2",
-        config=config,
-        vocabs=Vocabularies(words, chars, tags),
-        metrics={"dev": {"f1": 12.5}},
-        data_fingerprint="sha256:abc",
-    )
-    return model, info
+    loaded = random_model(0, arch=arch, name="tiny", version="1.2")
+    loaded.info.metrics = {"dev": {"f1": 12.5}}
+    loaded.info.data_fingerprint = "sha256:abc"
+    return loaded.model, loaded.info
 
 
 @pytest.mark.parametrize("arch", ["lstm", "bilstm-crf"])
