@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -37,22 +38,29 @@ def pad_batch(
     t = max(max(len(s) for s in sentences), 1)
     if pad_to is not None:
         t = max(t, pad_to)
-    max_chars = max((len(c) for s in sentences for c in s.chars), default=1) or 1
+    # Each field of all sentences as one flat array, scattered into the padded tensors by index:
+    # a numpy assignment per sentence or per word costs more than the model's work on it.
+    lengths = np.fromiter(map(len, sentences), dtype=np.int64, count=b)
+    rows = np.repeat(np.arange(b), lengths)
+    positions = _positions_within(lengths)
+    with_tags = all(s.tags is not None for s in sentences)
     words = np.full((b, t), PAD_ID, dtype=np.int64)
     cases = np.full((b, t), PAD_ID, dtype=np.int64)
-    chars = np.full((b, t, max_chars), PAD_ID, dtype=np.int64)
     mask = np.zeros((b, t), dtype=np.bool_)
-    with_tags = all(s.tags is not None for s in sentences)
     tags = np.zeros((b, t), dtype=np.int64) if with_tags else None
-    for i, s in enumerate(sentences):
-        n = len(s)
-        words[i, :n] = s.words
-        cases[i, :n] = s.cases
-        mask[i, :n] = True
-        for j, cs in enumerate(s.chars):
-            chars[i, j, : len(cs)] = cs
-        if tags is not None:
-            tags[i, :n] = s.tags
+    words[rows, positions] = _flat([s.words for s in sentences], len(rows))
+    cases[rows, positions] = _flat([s.cases for s in sentences], len(rows))
+    mask[rows, positions] = True
+    if tags is not None:
+        tags[rows, positions] = _flat([s.tags for s in sentences], len(rows))
+    word_chars = [c for s in sentences for c in s.chars]
+    char_counts = np.fromiter(map(len, word_chars), dtype=np.int64, count=len(word_chars))
+    chars = np.full((b, t, max(int(char_counts.max(initial=1)), 1)), PAD_ID, dtype=np.int64)
+    chars[
+        np.repeat(rows, char_counts),
+        np.repeat(positions, char_counts),
+        _positions_within(char_counts),
+    ] = _flat(word_chars, int(char_counts.sum()))
     # A sentence with no tokens still needs one position for the LSTM and the CRF; it is masked
     # out of everything except the CRF's start, and its decoded tags are thrown away.
     mask[:, 0] = True
@@ -68,6 +76,17 @@ def pad_batch(
         mask=tensor(mask),
         tags=None if tags is None else tensor(tags),
     )
+
+
+def _positions_within(counts: np.ndarray) -> np.ndarray:
+    """0, 1, ..., counts[0] - 1, 0, 1, ..., counts[1] - 1, ...: each item's index in its group."""
+    starts = np.cumsum(counts) - counts
+    return np.arange(int(counts.sum())) - np.repeat(starts, counts)
+
+
+def _flat(lists: Sequence[Sequence[int]], total: int) -> np.ndarray:
+    """The concatenation of `lists` as one int64 array of `total` items."""
+    return np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=total)
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,28 @@ class Batch:
         return int(self.mask.sum())
 
 
+def unique_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Distinct rows of an integer matrix [N, L] and, per row, the index of its copy.
+
+    `torch.unique(dim=0)` compares rows one by one on a CPU; a 64-bit hash of each row sorts in
+    one pass. A hash collision is caught by checking the rows rebuilt from the result, and then
+    every row is simply kept (correct, only slower).
+    """
+    n, length = rows.shape
+    # Powers of a large odd constant, wrapped to int64: a polynomial hash of the row.
+    base, mask = 0x9E3779B97F4A7C15, (1 << 64) - 1
+    powers = [pow(base, j + 1, 1 << 64) for j in range(length)]
+    signed = [p - (1 << 64) if p >= 1 << 63 else p for p in (q & mask for q in powers)]
+    keys = (rows * torch.tensor(signed, dtype=torch.int64, device=rows.device)).sum(1)
+    distinct, inverse = torch.unique(keys, return_inverse=True)
+    first = torch.empty(len(distinct), dtype=torch.int64, device=rows.device)
+    first.scatter_(0, inverse, torch.arange(n, device=rows.device))
+    kept = rows[first]
+    if not torch.equal(kept[inverse], rows):
+        return rows, torch.arange(n, device=rows.device)
+    return kept, inverse
+
+
 class CharCNN(nn.Module):
     """Character embeddings -> 1-D convolution -> max over the word's characters."""
 
@@ -97,13 +119,23 @@ class CharCNN(nn.Module):
 
     def forward(self, chars: Tensor) -> Tensor:
         b, t, length = chars.shape
-        x = self.embed(chars.view(b * t, length)).transpose(1, 2)  # [BT, C, L]
-        h = self.conv(x)
+        # A word's features depend on its characters alone, and text repeats words: encode each
+        # distinct character row once (about a third of the rows of a news batch).
+        rows, inverse = unique_rows(chars.reshape(b * t, length))
+        return self._encode(rows)[inverse].view(b, t, self.out_dim)
+
+    def _encode(self, rows: Tensor) -> Tensor:
+        """Features of each row of character ids [N, L] -> [N, filters]."""
+        n, length = rows.shape
+        # The convolution as one matrix product over 3-character windows: for 30 input and 50
+        # output channels this is several times faster on a CPU than the library's conv1d.
+        x = nn.functional.pad(self.embed(rows), (0, 0, 1, 1))  # [N, L + 2, C]
+        windows = x.unfold(1, 3, 1).reshape(n * length, -1)  # [N * L, C * 3], channel-major
+        weight = self.conv.weight.reshape(self.out_dim, -1)  # [F, C * 3], same order
+        h = torch.addmm(self.conv.bias, windows, weight.t()).view(n, length, self.out_dim)
         # Padding characters must not win the max: push them to -inf before pooling.
-        pad = (chars.view(b * t, 1, length) == PAD_ID).expand_as(h)
-        h = h.masked_fill(pad, float("-inf")).amax(dim=2)
-        h = torch.nan_to_num(h, neginf=0.0)  # words made only of padding
-        return h.view(b, t, self.out_dim)
+        h = h.masked_fill((rows == PAD_ID).unsqueeze(2), float("-inf")).amax(dim=1)
+        return torch.nan_to_num(h, neginf=0.0)  # words made only of padding
 
 
 class CharLSTM(nn.Module):
@@ -162,43 +194,98 @@ class CRF(nn.Module):
         return torch.logsumexp(alpha + self.end, dim=1)
 
     def marginals(self, emissions: Tensor, mask: Tensor) -> Tensor:
-        """p(y_t = k | x) for every position, [B, T, K] (forward-backward)."""
-        alphas = self._forward_alphas(emissions, mask)
-        b, t_len, k = emissions.shape
-        beta = self.end.expand(b, k)
-        betas = [beta]
-        for t in range(t_len - 2, -1, -1):
-            nxt = torch.logsumexp(
-                self.transitions + (emissions[:, t + 1] + beta).unsqueeze(1), dim=2
-            )
-            # Past a sentence's end, beta stays the end transition of its last real token.
-            beta = torch.where(mask[:, t + 1 : t + 2], nxt, beta)
-            betas.append(beta)
-        betas.reverse()
-        log_z = torch.logsumexp(alphas[-1] + self.end, dim=1, keepdim=True)
-        log_m = torch.stack([a + bt - log_z for a, bt in zip(alphas, betas, strict=True)], dim=1)
-        return log_m.exp()
+        """p(y_t = k | x) for every position, [B, T, K] (forward-backward).
+
+        Runs in probability space with each step's vector rescaled to sum to 1: a step is then
+        one small matrix product instead of a log-sum-exp over [B, K, K], and the scale factors
+        need no bookkeeping because a position's marginals are normalised over its K tags anyway.
+        float64 keeps the rescaled products far from underflow. Padded positions hold 1/K.
+        """
+        rows = _ByLength(mask)
+        em = rows.sort(emissions.double())
+        n, t_len, k = em.shape
+        trans = self.transitions.double().exp()  # [from, to]
+        trans_t = trans.t().contiguous()
+        # exp of each position's emissions relative to their max: bounded by 1, shift cancels.
+        probs = (em - em.amax(dim=2, keepdim=True)).exp()
+        alphas = em.new_ones(n, t_len, k)
+        betas = em.new_ones(n, t_len, k)
+        alpha = _normalise((self.start.double() + em[:, 0] - em[:, 0].amax(1, keepdim=True)).exp())
+        alphas[:, 0] = alpha
+        for t in range(1, t_len):
+            live = rows.active[t]
+            alpha = _normalise((alpha[:live] @ trans) * probs[:live, t])
+            alphas[:live, t] = alpha
+        end = self.end.double()
+        beta = _normalise((end - end.max()).exp()).expand(n, k).clone()
+        # A sentence's last position has beta = the end transition; earlier ones recurse on it.
+        for t in range(t_len - 1, -1, -1):
+            live = rows.active[t]
+            betas[:live, t] = beta[:live]
+            if t > 0:
+                longer = rows.active[t]
+                beta[:longer] = _normalise((beta[:longer] * probs[:longer, t]) @ trans_t)
+        return rows.unsort(_normalise(alphas * betas)).to(emissions.dtype)
 
     def viterbi(self, emissions: Tensor, mask: Tensor) -> Tensor:
         """The best tag sequence of each sentence, [B, T] (padding positions hold tag 0)."""
-        b, t_len, _ = emissions.shape
-        score = self.start + emissions[:, 0]
+        rows = _ByLength(mask)
+        em = rows.sort(emissions)
+        n, t_len, _ = em.shape
+        score = self.start + em[:, 0]
         history = []
         for t in range(1, t_len):
-            best, idx = (score.unsqueeze(2) + self.transitions).max(dim=1)
-            nxt = best + emissions[:, t]
-            m = mask[:, t : t + 1]
-            score = torch.where(m, nxt, score)
-            # A padded step points back to the same tag, so backtracking passes through it.
-            same = torch.arange(score.shape[1], device=score.device).expand_as(idx)
-            history.append(torch.where(m, idx, same))
-        best_last = (score + self.end).argmax(dim=1)
-        path = [best_last]
-        for idx in reversed(history):
-            best_last = idx.gather(1, best_last.unsqueeze(1)).squeeze(1)
-            path.append(best_last)
-        path.reverse()
-        return torch.stack(path, dim=1).masked_fill(~mask, 0)
+            live = rows.active[t]
+            best, idx = (score[:live].unsqueeze(2) + self.transitions).max(dim=1)
+            score = torch.cat([best + em[:live, t], score[live:]])
+            history.append(idx)
+        tags = torch.zeros(n, t_len, dtype=torch.int64, device=em.device)
+        # Each row's pointer starts at its best last tag and is written once its position is
+        # reached going backwards; rows that ended earlier are not touched until then.
+        pointer = (score + self.end).argmax(dim=1)
+        for t in range(t_len - 1, 0, -1):
+            live = rows.active[t]
+            tags[:live, t] = pointer[:live]
+            back = history[t - 1].gather(1, pointer[:live].unsqueeze(1)).squeeze(1)
+            pointer = torch.cat([back, pointer[live:]])
+        tags[:, 0] = pointer
+        return rows.unsort(tags)
+
+
+class _ByLength:
+    """Rows of a batch sorted longest first, so that the rows still running at step t are a
+    prefix: the CRF's loops then work on `[:active[t]]` and skip padding altogether."""
+
+    def __init__(self, mask: Tensor) -> None:
+        lengths = mask.sum(1)
+        lengths[lengths == 0] = 1  # an empty sentence still has its first position decoded
+        self.order = torch.argsort(lengths, descending=True, stable=True)
+        self.inverse = torch.argsort(self.order)
+        t_len = mask.shape[1]
+        counts = (lengths.unsqueeze(1) > torch.arange(t_len, device=mask.device)).sum(0)
+        # One host transfer for all steps: Python slicing needs plain ints.
+        self.active: list[int] = counts.tolist()
+
+    def sort(self, x: Tensor) -> Tensor:
+        return x.index_select(0, self.order)
+
+    def unsort(self, x: Tensor) -> Tensor:
+        return x.index_select(0, self.inverse)
+
+
+def _normalise(x: Tensor) -> Tensor:
+    """Rescale the last dimension to sum to 1."""
+    return x / x.sum(dim=-1, keepdim=True)
+
+
+def reverse_within_lengths(lengths: Tensor, t_len: int) -> Tensor:
+    """Flat row indices that reverse each row's first `lengths[b]` positions of a [B, T, ...]
+    tensor viewed as [B * T, ...], leaving its padding in place. Applying it twice is identity."""
+    positions = torch.arange(t_len, device=lengths.device).unsqueeze(0)
+    last = lengths.unsqueeze(1) - 1
+    within = torch.where(positions <= last, last - positions, positions)
+    rows = torch.arange(lengths.shape[0], device=lengths.device).unsqueeze(1) * t_len
+    return (rows + within).reshape(-1)
 
 
 class NerModel(nn.Module):
@@ -244,20 +331,54 @@ class NerModel(nn.Module):
             feats.append(self.case_embed(batch.cases))
         x = self.dropout(torch.cat(feats, dim=2) if len(feats) > 1 else feats[0])
         # Padding sits at the end of every row, so a left-to-right LSTM never lets real tokens
-        # see it; the backward direction would, which is why a BiLSTM packs its input.
-        if self.config.bidirectional:
-            lengths = batch.mask.sum(1).cpu()
-            packed = nn.utils.rnn.pack_padded_sequence(
-                x, lengths, batch_first=True, enforce_sorted=False
-            )
-            out, _ = self.lstm(packed)
-            h, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
-        else:
+        # see it; the backward direction would, which is why a BiLSTM needs care.
+        if not self.config.bidirectional:
             h, _ = self.lstm(x)
+        elif self.training or x.device.type != "cpu":
+            h = self._bilstm_packed(x, batch.mask)
+        else:
+            h = self._bilstm_reversed(x, batch.mask)
         scores = self.proj(self.dropout(h))
         if self.crf is None:
             return torch.log_softmax(scores, dim=2)
         return scores
+
+    def _bilstm_packed(self, x: Tensor, mask: Tensor) -> Tensor:
+        """The BiLSTM over a packed sequence: each direction sees only real tokens."""
+        lengths = mask.sum(1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(
+            x, lengths, batch_first=True, enforce_sorted=False
+        )
+        out, _ = self.lstm(packed)
+        h, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return h
+
+    def _bilstm_reversed(self, x: Tensor, mask: Tensor) -> Tensor:
+        """The same function as `_bilstm_packed`, for inference on a CPU.
+
+        Packed sequences force the step-by-step LSTM kernel; a padded tensor runs oneDNN's fused
+        LSTM, about twice as fast. Each direction is run as a left-to-right LSTM, the backward one
+        over every row reversed within its length, so its padding still comes last.
+        """
+        b, t_len, _ = x.shape
+        flip = reverse_within_lengths(mask.sum(1), t_len)
+        for layer in range(self.lstm.num_layers):
+            suffix = f"_l{layer}"
+            forward = self._lstm_direction(x, suffix)
+            flipped = x.reshape(b * t_len, -1).index_select(0, flip).view(b, t_len, -1)
+            backward = self._lstm_direction(flipped, suffix + "_reverse")
+            backward = backward.reshape(b * t_len, -1).index_select(0, flip).view(b, t_len, -1)
+            x = torch.cat([forward, backward], dim=2)
+        return x
+
+    def _lstm_direction(self, x: Tensor, suffix: str) -> Tensor:
+        """One direction of one layer of `self.lstm`, left to right over padded `x`."""
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        weights = [getattr(self.lstm, name + suffix) for name in names]
+        zeros = x.new_zeros(1, x.shape[0], self.lstm.hidden_size)
+        # torch.lstm is the function nn.LSTM calls; args: has_biases, num_layers, dropout, train,
+        # bidirectional, batch_first.
+        return torch.lstm(x, (zeros, zeros), weights, True, 1, 0.0, False, False, True)[0]
 
     def loss(self, batch: Batch) -> Tensor:
         """Training loss; padded positions contribute nothing."""
@@ -272,13 +393,18 @@ class NerModel(nn.Module):
 
     def decode(self, batch: Batch, with_scores: bool = True) -> tuple[Tensor, Tensor | None]:
         """Best tag ids [B, T] and, if asked, the confidence of each [B, T]."""
-        em = self.emissions(batch)
+        return self.decode_emissions(self.emissions(batch), batch.mask, with_scores)
+
+    def decode_emissions(
+        self, emissions: Tensor, mask: Tensor, with_scores: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        """`decode` from emissions already computed, e.g. several batches' joined into one."""
         if self.crf is None:
-            logp, tags = em.max(dim=2)
-            return tags.masked_fill(~batch.mask, 0), (logp.exp() if with_scores else None)
-        em = em.float()  # the CRF's sums want fp32 even when the network runs in bf16
-        tags = self.crf.viterbi(em, batch.mask)
+            logp, tags = emissions.max(dim=2)
+            return tags.masked_fill(~mask, 0), (logp.exp() if with_scores else None)
+        em = emissions.float()  # the CRF's sums want fp32 even when the network runs in bf16
+        tags = self.crf.viterbi(em, mask)
         if not with_scores:
             return tags, None
-        probs = self.crf.marginals(em, batch.mask).gather(2, tags.unsqueeze(2)).squeeze(2)
+        probs = self.crf.marginals(em, mask).gather(2, tags.unsqueeze(2)).squeeze(2)
         return tags, probs

@@ -76,7 +76,13 @@ def spans_from_tags(tags: Sequence[str], scheme: str = "iob2") -> list[Span]:
     begin: int | None = None
     begin_type = ""
     # A trailing "O" closes a chunk that runs to the end, as conlleval's sentence boundary does.
+    previous_tag = None
     for index, tag in enumerate([*tags, OUTSIDE]):
+        # "O" after "O" neither ends nor starts a chunk and leaves the state as it was; most
+        # tokens are such, so they skip the rules.
+        if tag == OUTSIDE and previous_tag == OUTSIDE:
+            continue
+        previous_tag = tag
         prefix, entity_type = split_tag(tag)
         ends = _ends_chunk(prev_prefix, prefix, prev_type, entity_type)
         starts = _starts_chunk(prev_prefix, prefix, prev_type, entity_type)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ner_stream.batching import bucket_length, pad_batch
 from ner_stream.checkpoint import LoadedModel, default_model_path, load
@@ -131,20 +132,25 @@ class Tagger:
         """
         # Sorted by length, so that sequences of like length share a bucket and little is padded.
         order = sorted(range(len(items)), key=lambda i: len(items[i][0].chunks[items[i][1]]))
+        groups = list(self._groups([len(items[i][0].chunks[items[i][1]]) for i in order]))
+        rows = [order[g] for group, _ in groups for g in group]
+        stats = BatchStats(batches=[(len(group), pad_to) for group, pad_to in groups])
+        t0 = time.perf_counter()
+        tags, scores = self._forward(
+            [
+                [items[order[g]][0].encoded[items[order[g]][1]] for g in group]
+                for group, _ in groups
+            ],
+            [pad_to for _, pad_to in groups],
+        )
+        t1 = time.perf_counter()
         results: list[list[Entity]] = [[] for _ in items]
-        stats = BatchStats()
-        for group, pad_to in self._groups([len(items[i][0].chunks[items[i][1]]) for i in order]):
-            rows = [order[g] for g in group]
-            t0 = time.perf_counter()
-            tags, scores = self._forward([items[i][0].encoded[items[i][1]] for i in rows], pad_to)
-            t1 = time.perf_counter()
-            stats.batches.append((len(rows), pad_to))
-            for r, i in enumerate(rows):
-                doc, c = items[i]
-                results[i] = self._entities(doc, doc.chunks[c], tags[r], scores[r])
-                stats.real_tokens += len(doc.chunks[c])
-            stats.inference_s += t1 - t0
-            stats.spans_s += time.perf_counter() - t1
+        for r, i in enumerate(rows):
+            doc, c = items[i]
+            results[i] = self._entities(doc, doc.chunks[c], tags[r], scores[r])
+            stats.real_tokens += len(doc.chunks[c])
+        stats.inference_s = t1 - t0
+        stats.spans_s = time.perf_counter() - t1
         return results, stats
 
     def _entities(
@@ -185,11 +191,25 @@ class Tagger:
             yield group, pad_to
 
     def _forward(
-        self, sents: list[EncodedSentence], pad_to: int
+        self, groups: list[list[EncodedSentence]], pad_lengths: list[int]
     ) -> tuple[list[list[int]], list[list[float]]]:
-        batch = pad_batch(sents, pad_to=pad_to, pin_memory=self._pin)
-        batch = batch.to(self.device, non_blocking=self._pin)
+        """Tags and confidences of every sentence of `groups`, in order.
+
+        The network runs once per group (one length bucket each); decoding runs once over all of
+        them, because the CRF's cost is its number of steps, not the rows it carries.
+        """
+        if not groups:
+            return [], []
+        emissions, masks = [], []
         with torch.inference_mode():
-            tags, scores = self.model.decode(batch, with_scores=True)
+            for sents, pad_to in zip(groups, pad_lengths, strict=True):
+                batch = pad_batch(sents, pad_to=pad_to, pin_memory=self._pin)
+                batch = batch.to(self.device, non_blocking=self._pin)
+                emissions.append(self.model.emissions(batch))
+                masks.append(batch.mask)
+            width = max(pad_lengths)
+            em = torch.cat([nn.functional.pad(e, (0, 0, 0, width - e.shape[1])) for e in emissions])
+            mask = torch.cat([nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
+            tags, scores = self.model.decode_emissions(em, mask, with_scores=True)
         assert scores is not None
         return tags.cpu().tolist(), scores.float().cpu().tolist()

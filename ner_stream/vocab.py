@@ -24,6 +24,9 @@ CASES = ("<PAD>", "other", "numeric", "mostly_numeric", "lower", "upper", "title
 # otherwise blow up the padded character tensor of a whole batch.
 MAX_WORD_CHARS = 20
 
+# Distinct tokens remembered by `Vocabularies.encode` (a few MB at most).
+ENCODE_CACHE_SIZE = 50_000
+
 
 @dataclass
 class Vocab:
@@ -115,16 +118,40 @@ class Vocabularies:
     # Lowercase word lookup suits lowercase pretrained vectors, with casing carried by the
     # character and casing features; the classic recipe looks words up as they are.
     lowercase: bool = True
+    # Token -> (word id, character ids, casing id). Text repeats its words, and encoding one
+    # costs several microseconds of Python; the cache is dropped whole when it fills up.
+    _cache: dict[str, tuple[int, list[int], int]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def encode(self, tokens: Sequence[str], tags: Sequence[str] | None = None) -> EncodedSentence:
-        """Tokens (and optionally their tags) as ids; unknown tags are an error."""
-        words = self.words.stoi
-        chars = self.chars.stoi
+        """Tokens (and optionally their tags) as ids; unknown tags are an error.
+
+        The character id lists of equal tokens are one shared list: treat them as read-only.
+        """
+        cache = self._cache
+        encoded = []
+        for t in tokens:
+            entry = cache.get(t)
+            if entry is None:
+                entry = self._encode_token(t)
+                if len(cache) >= ENCODE_CACHE_SIZE:
+                    cache.clear()
+                cache[t] = entry
+            encoded.append(entry)
         return EncodedSentence(
-            words=[words.get(word_key(t, self.lowercase), UNK_ID) for t in tokens],
-            chars=[[chars.get(c, UNK_ID) for c in t[:MAX_WORD_CHARS]] for t in tokens],
-            cases=[case_id(t) for t in tokens],
+            words=[e[0] for e in encoded],
+            chars=[e[1] for e in encoded],
+            cases=[e[2] for e in encoded],
             tags=None if tags is None else [self.tags.stoi[t] for t in tags],
+        )
+
+    def _encode_token(self, token: str) -> tuple[int, list[int], int]:
+        chars = self.chars.stoi
+        return (
+            self.words.stoi.get(word_key(token, self.lowercase), UNK_ID),
+            [chars.get(c, UNK_ID) for c in token[:MAX_WORD_CHARS]],
+            case_id(token),
         )
 
     def to_dict(self) -> dict:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ner_stream.batching import pad_batch
-from ner_stream.model import CRF, ModelConfig, NerModel
+from ner_stream.model import CRF, ModelConfig, NerModel, unique_rows
 from ner_stream.vocab import EncodedSentence
 
 
@@ -123,3 +123,87 @@ def test_training_steps_fit_a_tiny_corpus(arch):
     for i, s in enumerate(data):
         assert tags[i, : len(s)].tolist() == s.tags
     assert scores[batch.mask].min() > 0.5
+
+
+def test_marginals_stay_finite_and_normalised_for_extreme_scores(random_crf):
+    # Scores of several hundred would overflow exp() in a naive probability-space recursion.
+    g = torch.Generator().manual_seed(11)
+    em = torch.randn(3, 40, 3, generator=g) * 300
+    mask = torch.tensor([[t < n for t in range(40)] for n in (40, 17, 1)])
+    marg = random_crf.marginals(em, mask)
+    assert torch.isfinite(marg).all()
+    assert torch.allclose(marg.sum(2), torch.ones(3, 40, dtype=marg.dtype), atol=1e-6)
+    best = random_crf.viterbi(em, mask)
+    # With scores this far apart the best path's tags carry nearly all the probability.
+    chosen = marg.gather(2, best.unsqueeze(2)).squeeze(2)[mask]
+    assert chosen.min() > 0.99
+
+
+def reference_marginals(crf: CRF, em: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Forward-backward in log space and float64: the textbook recursion."""
+    em, trans = em.double(), crf.transitions.double()
+    b, t_len, k = em.shape
+    alphas = [crf.start.double() + em[:, 0]]
+    for t in range(1, t_len):
+        nxt = torch.logsumexp(alphas[-1].unsqueeze(2) + trans, dim=1) + em[:, t]
+        alphas.append(torch.where(mask[:, t : t + 1], nxt, alphas[-1]))
+    betas = [crf.end.double().expand(b, k)]
+    for t in range(t_len - 2, -1, -1):
+        nxt = torch.logsumexp(trans + (em[:, t + 1] + betas[-1]).unsqueeze(1), dim=2)
+        betas.append(torch.where(mask[:, t + 1 : t + 2], nxt, betas[-1]))
+    betas.reverse()
+    joint = torch.stack(alphas, 1) + torch.stack(betas, 1)
+    return (joint - torch.logsumexp(joint, dim=2, keepdim=True)).exp()
+
+
+def test_marginals_equal_log_space_forward_backward_on_long_sentences():
+    torch.manual_seed(3)
+    crf = CRF(9)
+    with torch.no_grad():
+        for p in crf.parameters():
+            p.normal_(std=3)
+    em = torch.randn(5, 70, 9) * 5
+    mask = torch.tensor([[t < n for t in range(70)] for n in (70, 64, 33, 2, 1)])
+    got = crf.marginals(em, mask).double()
+    expected = reference_marginals(crf, em, mask)
+    assert (got - expected)[mask].abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_cpu_inference_bilstm_equals_packed_sequences(layers):
+    torch.manual_seed(layers)
+    config = ModelConfig(
+        arch="bilstm-crf", num_words=30, num_chars=20, num_tags=5, hidden=12, layers=layers
+    )
+    model = NerModel(config).eval()
+    lengths = [9, 1, 5, 9, 3]
+    batch = pad_batch([sentence(n, 20 + i) for i, n in enumerate(lengths)], pad_to=12)
+    x = torch.randn(len(lengths), 12, model.lstm.input_size)
+    with torch.inference_mode():
+        fast = model._bilstm_reversed(x, batch.mask)
+        packed = model._bilstm_packed(x, batch.mask)
+    real = batch.mask.unsqueeze(2).expand_as(fast)
+    assert fast.shape == packed.shape
+    assert (fast - packed)[real].abs().max() < 1e-5
+
+
+def test_char_cnn_equals_a_plain_convolution():
+    torch.manual_seed(4)
+    model = NerModel(ModelConfig(arch="bilstm-crf", num_words=30, num_chars=20, num_tags=5))
+    cnn = model.char_encoder
+    chars = torch.randint(0, 20, (4, 6, 7))
+    chars[0, 0] = 0  # a word made only of padding
+    chars[1, :3] = chars[2, :3]  # repeated words share one encoding
+    b, t, length = chars.shape
+    x = cnn.embed(chars.view(b * t, length)).transpose(1, 2)
+    h = cnn.conv(x).masked_fill((chars.view(b * t, 1, length) == 0), float("-inf")).amax(2)
+    expected = torch.nan_to_num(h, neginf=0.0).view(b, t, -1)
+    assert torch.allclose(cnn(chars), expected, atol=1e-5)
+
+
+def test_unique_rows_rebuilds_the_input_and_dedups():
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randint(0, 4, (300, 3), generator=g)
+    kept, inverse = unique_rows(rows)
+    assert torch.equal(kept[inverse], rows)
+    assert len(kept) == len({tuple(r) for r in rows.tolist()})
