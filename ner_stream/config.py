@@ -87,8 +87,8 @@ class WorkerConfig:
     model: str | None = None
     device: str = "auto"
     torch_threads: int = 0
-    max_batch_docs: int = 64
-    max_batch_tokens: int = 4096
+    max_batch_docs: int = 128
+    max_batch_tokens: int = 8192
     max_wait_ms: int = 20
     max_doc_bytes: int = 1_048_576
     max_chunk_tokens: int = 128

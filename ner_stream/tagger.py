@@ -15,14 +15,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ner_stream import crf_host
 from ner_stream.batching import bucket_length, pad_batch
 from ner_stream.checkpoint import LoadedModel, default_model_path, load
+from ner_stream.crf_host import CrfWeights
 from ner_stream.messages import Entity
 from ner_stream.spans import spans_from_tags
 from ner_stream.text import Token, chunk_document
 from ner_stream.vocab import EncodedSentence
 
 DEFAULT_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128)
+ROW_MULTIPLE = 8
+_EMPTY = EncodedSentence(words=[], chars=[], cases=[])
 
 
 @dataclass
@@ -88,6 +92,12 @@ class Tagger:
         self.vocabs = loaded.info.vocabs
         self.scheme = loaded.info.config.tag_scheme
         self._pin = self.device.type == "cuda"
+        crf = self.model.crf
+        self._host_crf = (
+            CrfWeights(*(w.detach().float().numpy() for w in (crf.transitions, crf.start, crf.end)))
+            if crf is not None and self.device.type == "cpu"
+            else None
+        )
 
     @classmethod
     def from_file(cls, path: str | Path | None = None, options: TaggerOptions | None = None):
@@ -203,13 +213,21 @@ class Tagger:
         emissions, masks = [], []
         with torch.inference_mode():
             for sents, pad_to in zip(groups, pad_lengths, strict=True):
-                batch = pad_batch(sents, pad_to=pad_to, pin_memory=self._pin)
+                # Rows rounded up to a multiple of ROW_MULTIPLE with empty sentences: the LSTM
+                # kernels are built and cached per shape, and a fresh shape costs about as much
+                # as running it, so few distinct shapes pay for a few padded rows.
+                extra = -len(sents) % ROW_MULTIPLE
+                padded = [*sents, *([_EMPTY] * extra)]
+                batch = pad_batch(padded, pad_to=pad_to, pin_memory=self._pin)
                 batch = batch.to(self.device, non_blocking=self._pin)
-                emissions.append(self.model.emissions(batch))
-                masks.append(batch.mask)
+                emissions.append(self.model.emissions(batch)[: len(sents)])
+                masks.append(batch.mask[: len(sents)])
             width = max(pad_lengths)
             em = torch.cat([nn.functional.pad(e, (0, 0, 0, width - e.shape[1])) for e in emissions])
             mask = torch.cat([nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
+            if self._host_crf is not None:
+                tags, scores = crf_host.decode(self._host_crf, em.numpy(), mask.sum(1).numpy())
+                return tags.tolist(), scores.tolist()
             tags, scores = self.model.decode_emissions(em, mask, with_scores=True)
         assert scores is not None
         return tags.cpu().tolist(), scores.float().cpu().tolist()

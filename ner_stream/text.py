@@ -21,13 +21,17 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["Chunk", "Token", "chunk_document", "split_sentences", "tokenize"]
 
 
-@dataclass(frozen=True, slots=True)
-class Token:
-    """One token; ``text == document[start:end]``."""
+class Token(NamedTuple):
+    """One token; ``text == document[start:end]``.
+
+    A named tuple rather than a frozen dataclass: every token of every document is one of these,
+    and a tuple is built in half the time and is not tracked by the garbage collector.
+    """
 
     text: str
     start: int  # char offset in the original document
