@@ -45,6 +45,7 @@ from ner_stream.checkpoint import default_model_path
 from ner_stream.config import WorkerConfig
 from ner_stream.model import Batch, ModelConfig
 from ner_stream.tagger import PreparedDoc, Tagger, TaggerOptions
+from ner_stream.vocab import EncodedSentence
 
 DTYPES = ("fp32", "bf16")
 
@@ -192,24 +193,37 @@ def time_matmul(n: int, dtype: str, repeats: int, budget_s: float) -> dict:
     }
 
 
-def run_batches(model, batches: list[Batch], dtype: str) -> None:
-    with torch.inference_mode(), autocast(dtype):
-        for b in batches:
-            model.decode(b, with_scores=True)
+# One unit of timed work: the sentence groups of one `Tagger._forward` call (one forward pass
+# per group, then one CRF decoding for all of them) and each group's padded length.
+Call = tuple[list[list[EncodedSentence]], list[int]]
 
 
-def time_batches(model, batches: list[Batch], dtype: str, repeats: int, budget_s: float) -> dict:
+def run_calls(tagger: Tagger, calls: list[Call], dtype: str) -> None:
+    with autocast(dtype):
+        for groups, pads in calls:
+            tagger._forward(groups, pads)
+
+
+def time_calls(
+    tagger: Tagger, calls: list[Call], dtype: str, repeats: int, budget_s: float
+) -> dict:
     """Warm-up once, then `repeats` timed passes (fewer if one pass exceeds the budget share)."""
     t0 = time.perf_counter()
-    run_batches(model, batches, dtype)  # warm-up (oneDNN primitives, allocator)
+    run_calls(tagger, calls, dtype)  # warm-up (oneDNN primitives, allocator)
     first = time.perf_counter() - t0
     n = max(1, min(repeats, int(budget_s / max(first, 1e-6))))
     samples = []
     for _ in range(n):
         t0 = time.perf_counter()
-        run_batches(model, batches, dtype)
+        run_calls(tagger, calls, dtype)
         samples.append(time.perf_counter() - t0)
     return summarize(samples)
+
+
+def run_batches(model, batches: list[Batch], dtype: str) -> None:
+    with torch.inference_mode(), autocast(dtype):
+        for b in batches:
+            model.decode(b, with_scores=True)
 
 
 def check_dtypes(model, batch: Batch, dtype: str) -> dict:
@@ -274,14 +288,16 @@ def token_stream(prepared: list[PreparedDoc]) -> list[str]:
     return [t.text for doc in prepared for chunk in doc.chunks for t in chunk]
 
 
-def shape_batch(tagger: Tagger, words: list[str], b: int, t: int, offset: int) -> Batch:
+def shape_sentences(
+    tagger: Tagger, words: list[str], b: int, t: int, offset: int
+) -> list[EncodedSentence]:
     """B sequences of exactly T real tokens, cut from the corpus' token stream."""
     sents = []
     n = len(words)
     for i in range(b):
         start = (offset + i * t) % max(1, n - t)
         sents.append(tagger.vocabs.encode(words[start : start + t]))
-    return pad_batch(sents)
+    return sents
 
 
 def micro_batches(prepared: list[PreparedDoc], max_docs: int, max_tokens: int):
@@ -299,27 +315,26 @@ def micro_batches(prepared: list[PreparedDoc], max_docs: int, max_tokens: int):
         yield batcher.take()
 
 
-def corpus_batches(tagger: Tagger, groups: list[list[PreparedDoc]], bucketed: bool):
-    """Padded forward-pass batches for every micro-batch, with and without length buckets."""
-    out: list[Batch] = []
+def corpus_calls(tagger: Tagger, groups: list[list[PreparedDoc]], bucketed: bool):
+    """One `Tagger._forward` call per micro-batch, with and without length buckets, and the
+    shapes of its forward passes."""
+    calls: list[Call] = []
     shapes: list[tuple[int, int]] = []
     for docs in groups:
         sents = [enc for doc in docs for enc in doc.encoded if len(enc)]
         if not sents:
             continue
+        sents.sort(key=len)
         if bucketed:
             # Exactly the Tagger's grouping: sorted by length, one pass per bucket, under its
             # padded-token budget.
-            sents.sort(key=len)
-            for group, pad_to in tagger._groups([len(s) for s in sents]):
-                rows = [sents[i] for i in group]
-                out.append(pad_batch(rows, pad_to=pad_to))
-                shapes.append((len(rows), pad_to))
+            passes = list(tagger._groups([len(s) for s in sents]))
+            calls.append(([[sents[i] for i in g] for g, _ in passes], [pad for _, pad in passes]))
+            shapes += [(len(g), pad) for g, pad in passes]
         else:
-            batch = pad_batch(sents)
-            out.append(batch)
-            shapes.append(tuple(batch.words.shape))
-    return out, shapes
+            calls.append(([sents], [len(sents[-1])]))
+            shapes.append((len(sents), len(sents[-1])))
+    return calls, shapes
 
 
 # ------------------------------------------------------------------------------------ main
@@ -389,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     result["matmul"] = matmul
 
     # bf16: does it run at all, and in which dtype does the CRF run?
-    probe = shape_batch(tagger, words, 8, 16, 0)
+    probe = pad_batch(shape_sentences(tagger, words, 8, 16, 0))
     precision: dict = {}
     usable = []
     for dtype in args.dtypes:
@@ -413,8 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in usable:
         for b in args.batch_sizes:
             for t in args.lengths:
-                batch = shape_batch(tagger, words, b, t, offset=b * 7 + t)
-                s = time_batches(model, [batch], dtype, args.repeats, args.case_budget_s)
+                sents = shape_sentences(tagger, words, b, t, offset=b * 7 + t)
+                calls: list[Call] = [([sents], [t])]
+                s = time_calls(tagger, calls, dtype, args.repeats, args.case_budget_s)
                 tps = b * t / s["median"]
                 row = {
                     "dtype": dtype,
@@ -448,14 +464,14 @@ def main(argv: list[str] | None = None) -> int:
     for dtype, bucketed in cases:
         if dtype not in usable:
             continue
-        batches, batch_shapes = corpus_batches(tagger, groups, bucketed)
+        calls, batch_shapes = corpus_calls(tagger, groups, bucketed)
         padded = sum(n * t for n, t in batch_shapes)
-        s = time_batches(model, batches, dtype, args.repeats, budget)
+        s = time_calls(tagger, calls, dtype, args.repeats, budget)
         tps = real_tokens / s["median"]
         run = {
             "dtype": dtype,
             "buckets": bucketed,
-            "forward_passes": len(batches),
+            "forward_passes": len(batch_shapes),
             "padded_tokens": padded,
             "padding_ratio": 1 - real_tokens / padded,
             "seconds": s,

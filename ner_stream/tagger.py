@@ -226,7 +226,8 @@ class Tagger:
             em = torch.cat([nn.functional.pad(e, (0, 0, 0, width - e.shape[1])) for e in emissions])
             mask = torch.cat([nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
             if self._host_crf is not None:
-                tags, scores = crf_host.decode(self._host_crf, em.numpy(), mask.sum(1).numpy())
+                lengths = mask.sum(1).numpy()
+                tags, scores = crf_host.decode(self._host_crf, em.float().numpy(), lengths)
                 return tags.tolist(), scores.tolist()
             tags, scores = self.model.decode_emissions(em, mask, with_scores=True)
         assert scores is not None
