@@ -515,6 +515,71 @@ def doc_blocks(meta: dict, model, e2e, spacy, summary) -> dict[str, str]:
     return blocks
 
 
+def gpu_block(gpu: dict | None, tagger: dict | None) -> str | None:
+    """The (d) tables, from `benchmarks.bench_gpu` results written on a GPU machine."""
+    if not gpu:
+        return None
+    dev = gpu["device"]
+    mm = gpu["matmul_tflops"]
+    ag = gpu["agreement"]
+    host = gpu["host_stages"]
+    out = [
+        f"Run {gpu['host']['time_utc']} on {dev['name']} (torch {dev['torch']}, CUDA "
+        f"{dev['cuda']}, cuDNN {dev['cudnn']}), host CPU {gpu['host']['cpu'].get('model_name')}; "
+        f"dense matmul {mm['fp32']:.0f} TFLOP/s fp32, {mm['tf32']:.0f} tf32, {mm['bf16']:.0f} "
+        f"bf16. CPU and GPU taggers on {ag['docs']} documents: {ag['entities_same']:,} entities "
+        f"the same, {ag['entities_differ']} different, scores within {ag['max_score_diff']:.1e}."
+        "\n",
+    ]
+    shapes = [r for r in gpu["shapes"] if "error" not in r]
+    lengths = sorted({r["length"] for r in shapes})
+    batches = sorted({r["batch"] for r in shapes})
+    for dtype in ("fp32", "bf16", "fp16"):
+        rows = []
+        for b in batches:
+            cells = [str(b)]
+            for t in lengths:
+                r = next(
+                    (x for x in shapes if (x["dtype"], x["batch"], x["length"]) == (dtype, b, t)),
+                    None,
+                )
+                cells.append(
+                    "n/a"
+                    if r is None
+                    else f"{r['tokens_per_s'] / 1e6:.1f}M ({r['network_tokens_per_s'] / 1e6:.1f}M"
+                    f", CRF {r['crf_share']:.0%})"
+                )
+            rows.append(cells)
+        out.append(
+            f"`NerModel.decode` on full batches, {dtype}: tokens/s with the CRF (network alone, "
+            "CRF share of the time):\n\n"
+            + table(["batch"] + [f"T = {t}" for t in lengths], rows)
+            + "\n"
+        )
+    runs = (tagger or gpu)["tagger"]
+    rows = [
+        [
+            f"{r['docs_per_call']:,}",
+            fmt(r["tokens_per_s"]),
+            secs(r.get("model_s")) if "model_s" in r else "n/a",
+            secs(r.get("spans_s")) if "spans_s" in r else "n/a",
+        ]
+        for r in runs
+    ]
+    out.append(
+        f"The worker's tagging path (`Tagger.tag_prepared`: host padding, copies, network, CRF, "
+        f"span decoding) over {host['docs']:,} corpus documents ({host['tokens']:,} tokens):\n\n"
+        + table(["documents per call", "tokens/s", "model part", "span decoding"], rows)
+        + "\n"
+    )
+    per_core = (tagger or gpu)["host_stages"]["tokens_per_s_one_core"]
+    out.append(
+        f"Host stages on one core of that machine (input JSON, tokenizing and encoding, output "
+        f"JSON; Kafka client not included): {per_core:,.0f} tokens/s."
+    )
+    return "\n".join(out)
+
+
 def update_doc(path: Path, blocks: dict[str, str]) -> None:
     try:
         text = path.read_text()
@@ -600,6 +665,10 @@ def main(argv: list[str] | None = None) -> int:
     write_json(results / "summary.json", summary_doc)
     if not args.no_doc:
         blocks = doc_blocks(meta, model, e2e, spacy, summary)
+        # (d) comes from a GPU machine, not from this run: its results file is kept as it is.
+        gpu = gpu_block(read_json(results / "gpu.json"), read_json(results / "gpu_tagger.json"))
+        if gpu:
+            blocks["gpu"] = gpu
         update_doc(Path(args.doc), blocks)
     for name, t in summary["targets"].items():
         log(f"{name}: {t['value']} (target {t['op']} {t['target']}): met={t['met']}")
