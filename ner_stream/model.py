@@ -129,12 +129,16 @@ class CharCNN(nn.Module):
         n, length = rows.shape
         # The convolution as one matrix product over 3-character windows: for 30 input and 50
         # output channels this is several times faster on a CPU than the library's conv1d.
-        x = nn.functional.pad(self.embed(rows), (0, 0, 1, 1))  # [N, L + 2, C]
+        # Padding characters read as zeros, as the convolution's own padding does, so that a word's
+        # features do not depend on how much padding its batch needs (a trained model's <PAD>
+        # embedding is zero anyway; this holds for any weights).
+        real = (rows != PAD_ID).unsqueeze(2)
+        x = nn.functional.pad(self.embed(rows) * real, (0, 0, 1, 1))  # [N, L + 2, C]
         windows = x.unfold(1, 3, 1).reshape(n * length, -1)  # [N * L, C * 3], channel-major
         weight = self.conv.weight.reshape(self.out_dim, -1)  # [F, C * 3], same order
         h = torch.addmm(self.conv.bias, windows, weight.t()).view(n, length, self.out_dim)
         # Padding characters must not win the max: push them to -inf before pooling.
-        h = h.masked_fill((rows == PAD_ID).unsqueeze(2), float("-inf")).amax(dim=1)
+        h = h.masked_fill(~real, float("-inf")).amax(dim=1)
         return torch.nan_to_num(h, neginf=0.0)  # words made only of padding
 
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,7 +21,7 @@ from ner_stream.batching import bucket_length, pad_batch
 from ner_stream.checkpoint import LoadedModel, default_model_path, load
 from ner_stream.crf_host import CrfWeights
 from ner_stream.messages import Entity
-from ner_stream.spans import spans_from_tags
+from ner_stream.spans import OUTSIDE, spans_from_tags
 from ner_stream.text import Token, chunk_document
 from ner_stream.vocab import EncodedSentence
 
@@ -92,6 +93,8 @@ class Tagger:
         self.vocabs = loaded.info.vocabs
         self.scheme = loaded.info.config.tag_scheme
         self._pin = self.device.type == "cuda"
+        # -1 (no tag) when a model has no "O" tag: every tag then reaches span decoding.
+        self._outside = self.vocabs.tags.stoi.get(OUTSIDE, -1)
         crf = self.model.crf
         self._host_crf = (
             CrfWeights(*(w.detach().float().numpy() for w in (crf.transitions, crf.start, crf.end)))
@@ -155,29 +158,65 @@ class Tagger:
         )
         t1 = time.perf_counter()
         results: list[list[Entity]] = [[] for _ in items]
+        chunks = [items[i][0].chunks[items[i][1]] for i in rows]
+        stats.real_tokens = sum(len(c) for c in chunks)
+        # Only the tags that are not "O" reach Python, one flat list each, row after row: span
+        # decoding then costs per entity token, not per token.
+        lengths = np.array([len(c) for c in chunks], dtype=np.int64)
+        keep = (tags != self._outside) & (np.arange(tags.shape[1]) < lengths[:, None])
+        counts = keep.sum(axis=1).tolist()
+        positions = np.nonzero(keep)[1].tolist()
+        kept_tags, kept_scores = tags[keep].tolist(), scores[keep].tolist()
+        at = 0
         for r, i in enumerate(rows):
-            doc, c = items[i]
-            results[i] = self._entities(doc, doc.chunks[c], tags[r], scores[r])
-            stats.real_tokens += len(doc.chunks[c])
+            n = counts[r]
+            if n:
+                doc = items[i][0]
+                window = slice(at, at + n)
+                results[i] = self._entities(
+                    doc, chunks[r], positions[window], kept_tags[window], kept_scores[window]
+                )
+                at += n
         stats.inference_s = t1 - t0
         stats.spans_s = time.perf_counter() - t1
         return results, stats
 
     def _entities(
-        self, doc: PreparedDoc, chunk: list[Token], tag_ids: list[int], scores: list[float]
+        self,
+        doc: PreparedDoc,
+        chunk: list[Token],
+        positions: list[int],
+        tag_ids: list[int],
+        scores: list[float],
     ) -> list[Entity]:
-        names = [self.vocabs.tags.itos[i] for i in tag_ids[: len(chunk)]]
+        """Entities of one chunk from its non-"O" tags (`positions` ascending)."""
+        itos = self.vocabs.tags.itos
+        names: list[str] = []
+        index: list[int] = []  # position in the chunk of each entry of `names`
+        conf: list[float] = []
+        previous = -2
+        for pos, tag, score in zip(positions, tag_ids, scores, strict=True):
+            # One "O" stands for a run of them: for the decoding rules an "O" after an "O"
+            # changes nothing.
+            if names and pos != previous + 1:
+                names.append(OUTSIDE)
+                index.append(previous + 1)
+                conf.append(0.0)
+            names.append(itos[tag])
+            index.append(pos)
+            conf.append(score)
+            previous = pos
         entities = []
         for span in spans_from_tags(names, self.scheme):
-            start, end = chunk[span.start].start, chunk[span.end - 1].end
-            conf = scores[span.start : span.end]
+            start, end = chunk[index[span.start]].start, chunk[index[span.end - 1]].end
+            span_conf = conf[span.start : span.end]
             entities.append(
                 Entity(
                     text=doc.text[start:end],
                     type=span.type,
                     start=start,
                     end=end,
-                    score=sum(conf) / len(conf),
+                    score=sum(span_conf) / len(span_conf),
                 )
             )
         return entities
@@ -202,14 +241,14 @@ class Tagger:
 
     def _forward(
         self, groups: list[list[EncodedSentence]], pad_lengths: list[int]
-    ) -> tuple[list[list[int]], list[list[float]]]:
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Tags and confidences of every sentence of `groups`, in order.
 
         The network runs once per group (one length bucket each); decoding runs once over all of
         them, because the CRF's cost is its number of steps, not the rows it carries.
         """
         if not groups:
-            return [], []
+            return np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
         emissions, masks = [], []
         with torch.inference_mode():
             for sents, pad_to in zip(groups, pad_lengths, strict=True):
@@ -227,8 +266,7 @@ class Tagger:
             mask = torch.cat([nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
             if self._host_crf is not None:
                 lengths = mask.sum(1).numpy()
-                tags, scores = crf_host.decode(self._host_crf, em.float().numpy(), lengths)
-                return tags.tolist(), scores.tolist()
+                return crf_host.decode(self._host_crf, em.float().numpy(), lengths)
             tags, scores = self.model.decode_emissions(em, mask, with_scores=True)
         assert scores is not None
-        return tags.cpu().tolist(), scores.float().cpu().tolist()
+        return tags.cpu().numpy(), scores.float().cpu().numpy()

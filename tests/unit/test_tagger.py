@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ner_stream.batching import bucket_length
+from ner_stream.batching import bucket_length, pad_batch
+from ner_stream.spans import spans_from_tags
 from ner_stream.tagger import Tagger, TaggerOptions, resolve_device
 from tests.fakes import make_tagger, random_model
 
@@ -134,3 +135,30 @@ def test_asking_for_cuda_without_cuda_is_a_configuration_error():
 def test_an_unknown_device_is_refused():
     with pytest.raises(ValueError, match="unknown device"):
         resolve_device("tpu")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_entities_equal_span_decoding_of_every_tag_of_the_sentence(seed):
+    # Random weights give plentiful, often ill-formed tag sequences: the tagger's decoding of
+    # only the non-O tags must give what the lenient rules give on the whole sequence.
+    tagger = Tagger(random_model(seed), TaggerOptions(device="cpu"))
+    texts = [
+        "Peter and Paris met Peter in Paris , then Paris , Peter , went home .",
+        "Paris Paris Paris . Peter ? Nobody knows where Peter went to .",
+        "A very plain sentence with nothing in it at all except Peter .",
+    ]
+    docs = [tagger.prepare(t) for t in texts]
+    got, _ = tagger.tag_prepared(docs)
+    for doc, entities in zip(docs, got, strict=True):
+        expected = []
+        for chunk, enc in zip(doc.chunks, doc.encoded, strict=True):
+            with torch.inference_mode():
+                tags, scores = tagger.model.decode(pad_batch([enc]))
+            names = [tagger.vocabs.tags.itos[i] for i in tags[0].tolist()]
+            for span in spans_from_tags(names, tagger.scheme):
+                start, end = chunk[span.start].start, chunk[span.end - 1].end
+                score = scores[0, span.start : span.end].mean().item()
+                expected.append((start, end, span.type, score))
+        assert [(e.start, e.end, e.type) for e in entities] == [x[:3] for x in expected]
+        for e, x in zip(entities, expected, strict=True):
+            assert e.score == pytest.approx(x[3], abs=1e-5)
