@@ -460,16 +460,24 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
     }
     budget = args.case_budget_s * 3
-    cases = [("fp32", True), ("fp32", False)] + [(d, True) for d in usable if d != "fp32"]
-    for dtype, bucketed in cases:
+    cases = [("fp32", True, threads), ("fp32", False, threads)]
+    cases += [(d, True, threads) for d in usable if d != "fp32"]
+    if threads > 1:
+        # The worker gives the model every core but one: the same case on one thread, for
+        # comparing end to end with the model as the worker runs it.
+        cases.append(("fp32", True, 1))
+    for dtype, bucketed, case_threads in cases:
         if dtype not in usable:
             continue
         calls, batch_shapes = corpus_calls(tagger, groups, bucketed)
         padded = sum(n * t for n, t in batch_shapes)
+        torch.set_num_threads(case_threads)
         s = time_calls(tagger, calls, dtype, args.repeats, budget)
+        torch.set_num_threads(threads)
         tps = real_tokens / s["median"]
         run = {
             "dtype": dtype,
+            "threads": case_threads,
             "buckets": bucketed,
             "forward_passes": len(batch_shapes),
             "padded_tokens": padded,
@@ -478,17 +486,26 @@ def main(argv: list[str] | None = None) -> int:
             "tokens_per_s": tps,
             "model_gflops": tps * fpt["total"] / 1e9,
         }
-        run["efficiency_vs_matmul"] = run["model_gflops"] / matmul[dtype]["gflops"]
+        # The matmul figure is for the run's thread count; a one-thread row has no ratio.
+        same = case_threads == threads
+        eff_value = run["model_gflops"] / matmul[dtype]["gflops"]
+        run["efficiency_vs_matmul"] = eff_value if same else None
         corpus["runs"].append(run)
         mode = "on " if bucketed else "off"
         pad, eff = run["padding_ratio"], run["efficiency_vs_matmul"]
-        log(f"corpus {dtype} buckets {mode} {tps:>10.0f} tok/s  padding {pad:.1%}  eff {eff:.1%}")
+        log(
+            f"corpus {dtype} buckets {mode} {case_threads} thread(s) {tps:>10.0f} tok/s  "
+            f"padding {pad:.1%}  eff {'n/a' if eff is None else f'{eff:.1%}'}"
+        )
     result["corpus"] = corpus
 
-    on = next((r for r in corpus["runs"] if r["dtype"] == "fp32" and r["buckets"]), None)
-    off = next((r for r in corpus["runs"] if r["dtype"] == "fp32" and not r["buckets"]), None)
+    fp32 = [r for r in corpus["runs"] if r["dtype"] == "fp32"]
+    on = next((r for r in fp32 if r["buckets"] and r["threads"] == threads), None)
+    off = next((r for r in fp32 if not r["buckets"]), None)
+    one = next((r for r in fp32 if r["buckets"] and r["threads"] == 1), None)
     result["summary"] = {
         "tokens_per_s_bucketed_fp32": on and on["tokens_per_s"],
+        "tokens_per_s_bucketed_fp32_one_thread": one and one["tokens_per_s"],
         "tokens_per_s_unbucketed_fp32": off and off["tokens_per_s"],
         "bucketing_speedup": on and off and on["tokens_per_s"] / off["tokens_per_s"],
         "efficiency_bucketed_fp32": on and on["efficiency_vs_matmul"],
