@@ -242,6 +242,16 @@ def check_dtypes(model, batch: Batch, dtype: str) -> dict:
         model.lstm.register_forward_hook(hook("lstm_output")),
         model.proj.register_forward_hook(hook("projection_output")),
     ]
+    # On a CPU the BiLSTM's directions are called as functions, not through the module's hook.
+    overridden = "_lstm_direction" in model.__dict__  # by check_dtypes_lstm_fp32
+    original_direction = model._lstm_direction
+
+    def direction(x, suffix):
+        out = original_direction(x, suffix)
+        seen["lstm_output"] = str(out.dtype).replace("torch.", "")
+        return out
+
+    model._lstm_direction = direction
     crf = model.crf
     if crf is not None:
         for name in ("viterbi", "marginals"):
@@ -259,6 +269,10 @@ def check_dtypes(model, batch: Batch, dtype: str) -> dict:
     finally:
         for h in handles:
             h.remove()
+        if overridden:
+            model._lstm_direction = original_direction
+        else:
+            del model._lstm_direction
         if crf is not None:
             for name in ("viterbi", "marginals"):
                 crf.__dict__.pop(name, None)
@@ -269,16 +283,23 @@ def check_dtypes_lstm_fp32(model, batch: Batch, dtype: str) -> dict:
     """`check_dtypes` with the LSTM taken out of autocast (for a CPU with no bf16 LSTM)."""
     lstm = model.lstm
     original = lstm.forward
+    original_direction = model._lstm_direction
 
     def forward(x, *a, **k):
         with torch.autocast("cpu", enabled=False):
             return original(x.float(), *a, **k)
 
+    def direction(x, suffix):
+        with torch.autocast("cpu", enabled=False):
+            return original_direction(x.float(), suffix)
+
     lstm.forward = forward
+    model._lstm_direction = direction
     try:
         return check_dtypes(model, batch, dtype)
     finally:
         del lstm.forward
+        del model._lstm_direction
 
 
 # ------------------------------------------------------------------------------------ batches
