@@ -528,7 +528,7 @@ def doc_blocks(meta: dict, model, e2e, spacy, summary) -> dict[str, str]:
     return blocks
 
 
-def gpu_block(gpu: dict | None, tagger: dict | None) -> str | None:
+def gpu_block(gpu: dict | None) -> str | None:
     """The (d) tables, from `benchmarks.bench_gpu` results written on a GPU machine."""
     if not gpu:
         return None
@@ -569,7 +569,7 @@ def gpu_block(gpu: dict | None, tagger: dict | None) -> str | None:
             + table(["batch"] + [f"T = {t}" for t in lengths], rows)
             + "\n"
         )
-    runs = (tagger or gpu)["tagger"]
+    runs = gpu["tagger"]
     rows = [
         [
             f"{r['docs_per_call']:,}",
@@ -585,7 +585,7 @@ def gpu_block(gpu: dict | None, tagger: dict | None) -> str | None:
         + table(["documents per call", "tokens/s", "model part", "span decoding"], rows)
         + "\n"
     )
-    per_core = (tagger or gpu)["host_stages"]["tokens_per_s_one_core"]
+    per_core = host["tokens_per_s_one_core"]
     out.append(
         f"Host stages on one core of that machine (input JSON, tokenizing and encoding, output "
         f"JSON; Kafka client not included): {per_core:,.0f} tokens/s."
@@ -679,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_doc:
         blocks = doc_blocks(meta, model, e2e, spacy, summary)
         # (d) comes from a GPU machine, not from this run: its results file is kept as it is.
-        gpu = gpu_block(read_json(results / "gpu.json"), read_json(results / "gpu_tagger.json"))
+        gpu = gpu_block(read_json(results / "gpu.json"))
         if gpu:
             blocks["gpu"] = gpu
         update_doc(Path(args.doc), blocks)
