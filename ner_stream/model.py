@@ -5,7 +5,8 @@ Two architectures share one interface:
 - ``lstm``: the classic recipe and our baseline. Embedding -> LSTM -> Linear -> log-softmax over the
   K tags, trained with a masked negative log-likelihood per token.
 - ``bilstm-crf``: word embeddings (lowercase, optionally pretrained) + a character CNN or LSTM +
-  a casing feature -> BiLSTM -> Linear -> CRF, decoded with batched Viterbi on the model's device.
+  a casing feature -> BiLSTM -> Linear -> CRF, decoded with batched Viterbi (the Tagger decodes with
+  ner_stream.crf_host, the same functions in numpy, when it runs on a CPU).
 
 Both return, at inference, one tag id and one confidence per token (the CRF's marginal probability
 of the chosen tag, or the softmax probability for ``lstm``).
