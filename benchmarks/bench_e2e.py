@@ -1,6 +1,6 @@
 """(b) End to end through a real broker: one `ner-stream run` worker, documents in, entities out.
 
-1. Saturation. The corpus (default 40,000 documents) is produced to a fresh input topic
+1. Saturation. The corpus (default 50,000 documents) is produced to a fresh input topic
    beforehand; then one worker (a subprocess, fresh consumer group) drains it. Throughput is
    taken from the output topic, which is created with `message.timestamp.type=LogAppendTime`, so
    its record timestamps are the broker's append times: documents/s = outputs / (last append -
@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--docs",
         type=int,
         default=int(os.environ.get("BENCH_DOCS", "0")) or None,
-        help="documents for the saturation run (default 40000; BENCH_DOCS)",
+        help="documents for the saturation run (default 50000; BENCH_DOCS)",
     )
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
@@ -131,7 +131,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.quick = quick_mode(args.quick)
     q = args.quick
-    args.docs = args.docs or (2000 if q else 40_000)
+    args.docs = args.docs or (2000 if q else 50_000)
     args.rate_seconds = args.rate_seconds or (6.0 if q else 20.0)
     args.warmup_seconds = (
         args.warmup_seconds if args.warmup_seconds is not None else (1.0 if q else 3.0)
