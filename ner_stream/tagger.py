@@ -231,11 +231,14 @@ class Tagger:
                 continue
             # A bucket never pads a lone sequence past the token budget.
             length = min(bucket_length(n, self.options.buckets), max(n, budget))
-            if group and (length != pad_to or (len(group) + 1) * length > budget):
+            # A group of fewer than ROW_MULTIPLE rows would be padded with empty rows anyway:
+            # it grows into the next bucket instead, which saves a forward pass.
+            small = len(group) < ROW_MULTIPLE
+            if group and ((length != pad_to and not small) or (len(group) + 1) * length > budget):
                 yield group, pad_to
                 group = []
             group.append(pos)
-            pad_to = length
+            pad_to = length  # lengths come sorted: the group's longest so far
         if group:
             yield group, pad_to
 

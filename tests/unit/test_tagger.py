@@ -162,3 +162,18 @@ def test_entities_equal_span_decoding_of_every_tag_of_the_sentence(seed):
         assert [(e.start, e.end, e.type) for e in entities] == [x[:3] for x in expected]
         for e, x in zip(entities, expected, strict=True):
             assert e.score == pytest.approx(x[3], abs=1e-5)
+
+
+def test_a_bucket_with_few_sentences_joins_the_next_instead_of_a_pass_of_its_own():
+    rnd = make_tagger("random", max_chunk_tokens=128, max_batch_tokens=8192)
+    # Fewer rows than a pass is padded to anyway: one forward pass for all of them.
+    assert list(rnd._groups([3, 10, 20, 30, 50])) == [([0, 1, 2, 3, 4], 64)]
+    # Full buckets still get a pass each, at their own length.
+    lengths = [5] * 20 + [60] * 20
+    assert list(rnd._groups(lengths)) == [(list(range(20)), 8), (list(range(20, 40)), 64)]
+    # Seven short sentences join the long ones rather than being padded to 8 rows alone.
+    lengths = [5] * 7 + [60] * 20
+    assert list(rnd._groups(lengths)) == [(list(range(27)), 64)]
+    # The token budget still cuts a group: 4 x 64 fits in 256 tokens, a fifth row does not.
+    small = make_tagger("random", max_chunk_tokens=128, max_batch_tokens=256)
+    assert list(small._groups([3, 10, 20, 30, 50])) == [([0, 1, 2, 3], 32), ([4], 64)]
