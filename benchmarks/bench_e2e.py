@@ -198,6 +198,23 @@ def vm_hwm(pid: int) -> int | None:
     return None
 
 
+def descendants(pid: int) -> list[int]:
+    """The process ids of a process's children, their children and so on (Linux)."""
+    try:
+        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
+    return [d for c in children for d in (c, *descendants(c))]
+
+
+def tree_vm_hwm(pid: int) -> int | None:
+    """Peak RSS of a worker and its model process, summed: pages they share (the libraries)
+    count twice, so this is an upper bound on what they held at any one time."""
+    peaks = [vm_hwm(p) for p in (pid, *descendants(pid))]
+    known = [p for p in peaks if p is not None]
+    return sum(known) if known else None
+
+
 class Worker:
     """One `ner-stream run` subprocess with its metrics endpoint."""
 
@@ -271,7 +288,8 @@ class Worker:
 
     def stop(self, timeout: float = 60.0) -> dict:
         """SIGTERM, wait; the exit code, shutdown seconds and peak RSS."""
-        hwm = vm_hwm(self.proc.pid)
+        hwm = tree_vm_hwm(self.proc.pid)
+        own = vm_hwm(self.proc.pid)
         self.metrics()
         t0 = time.time()
         if self.alive():
@@ -286,6 +304,7 @@ class Worker:
             "exit_code": code,
             "shutdown_s": time.time() - t0,
             "peak_rss_bytes": hwm,
+            "peak_rss_bytes_main_process": own,
             "peak_scraped_rss_bytes": self.peak_scraped_rss or None,
             "log": display_path(self.log_path),
         }

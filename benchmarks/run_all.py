@@ -255,7 +255,7 @@ def summarize(model: dict | None, e2e: dict | None, spacy: dict | None) -> dict:
         es.get("peak_rss_bytes"),
         TARGETS["rss_bytes"],
         "<=",
-        "worker peak RSS (VmHWM)",
+        "worker peak RSS (VmHWM, with its model process)",
     )
     s["figures"] = {
         "model_core_tokens_per_s": core_tps,
@@ -499,7 +499,7 @@ def doc_blocks(meta: dict, model, e2e, spacy, summary) -> dict[str, str]:
                 lrows,
             )  # fmt: skip
             + "\n\n"
-            + table(["peak RSS (VmHWM)", ""], rss)
+            + table(["peak RSS (VmHWM, worker + model process)", ""], rss)
         )
 
     if spacy is not None:

@@ -22,9 +22,10 @@ import click
 import torch
 
 from ner_stream import __version__
-from ner_stream.checkpoint import CheckpointError
+from ner_stream.checkpoint import CheckpointError, default_model_path
 from ner_stream.config import SETTINGS, WorkerConfig
 from ner_stream.logs import configure_logging
+from ner_stream.model_process import ModelProcess, ModelProcessError
 from ner_stream.tagger import Tagger, TaggerOptions
 
 log = logging.getLogger("ner_stream")
@@ -87,6 +88,41 @@ def tune_interpreter() -> None:
 
 
 def _run_worker(cfg: WorkerConfig) -> int:
+    log.info("starting ner-stream %s with %s", __version__, cfg.redacted())
+    torch.set_num_threads(cfg.model_threads())
+    try:
+        tagger = Tagger.from_file(cfg.model, _tagger_options(cfg))
+    except CheckpointError as e:
+        return _fail(str(e), 2)
+    except ValueError as e:
+        return _fail(str(e), 2)
+    log.info("model %s %s (%s) on %s", tagger.name, tagger.version, tagger.info.config.arch,
+             tagger.device)  # fmt: skip
+    model_process = None
+    if cfg.model_process and tagger.device.type == "cpu":
+        try:
+            model_process = _start_model_process(cfg, tagger)
+        except ModelProcessError as e:
+            return _fail(str(e), 2)
+    tune_interpreter()
+    try:
+        return _serve(cfg, tagger)
+    finally:
+        if model_process is not None:
+            model_process.close()
+
+
+def _start_model_process(cfg: WorkerConfig, tagger: Tagger) -> ModelProcess:
+    """Move the model's forward pass into a child process; this one keeps a thread for padding."""
+    proc = ModelProcess(cfg.model or default_model_path(), tagger.options, cfg.model_threads())
+    tagger.use_runner(proc)
+    torch.set_num_threads(1)
+    log.info("model process %d runs the model on %d threads", proc.pid, cfg.model_threads())
+    return proc
+
+
+def _serve(cfg: WorkerConfig, tagger: Tagger) -> int:
+    """The metrics server, the Kafka clients and the worker loop, until a signal stops them."""
     # Imports here keep `ner-stream tag` and `--help` free of the Kafka client's start-up cost.
     from ner_stream.kafka_io import (
         StartupError,
@@ -98,17 +134,6 @@ def _run_worker(cfg: WorkerConfig) -> int:
     from ner_stream.metrics import Health, Metrics, MetricsServer
     from ner_stream.worker import Worker
 
-    log.info("starting ner-stream %s with %s", __version__, cfg.redacted())
-    torch.set_num_threads(cfg.model_threads())
-    try:
-        tagger = Tagger.from_file(cfg.model, _tagger_options(cfg))
-    except CheckpointError as e:
-        return _fail(str(e), 2)
-    except ValueError as e:
-        return _fail(str(e), 2)
-    log.info("model %s %s (%s) on %s", tagger.name, tagger.version, tagger.info.config.arch,
-             tagger.device)  # fmt: skip
-    tune_interpreter()
     metrics, health = Metrics(), Health()
     server = None
     if cfg.metrics_port:

@@ -48,6 +48,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("model", "Model file (default: the packaged English model)."),
     Setting("device", "auto (CUDA when present), cpu or cuda."),
     Setting("torch_threads", "CPU threads for the model (0: every core but one).", int),
+    Setting("model_process", "On the CPU, run the model in a child process of its own.", flag=True),
     Setting("max_batch_docs", "Most documents in one micro-batch.", int),
     Setting("max_batch_tokens", "Most padded tokens in one forward pass.", int),
     Setting("max_wait_ms", "Longest wait for a batch to fill, from its first document.", int),
@@ -87,6 +88,7 @@ class WorkerConfig:
     model: str | None = None
     device: str = "auto"
     torch_threads: int = 0
+    model_process: bool = True
     max_batch_docs: int = 128
     max_batch_tokens: int = 8192
     max_wait_ms: int = 20

@@ -8,9 +8,10 @@ caller can overlap them: `prepare` (tokenize, chunk, encode: CPU only, pure Pyth
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from ner_stream.batching import bucket_length, pad_batch
 from ner_stream.checkpoint import LoadedModel, default_model_path, load
 from ner_stream.crf_host import CrfWeights
 from ner_stream.messages import Entity
+from ner_stream.model import Batch
 from ner_stream.spans import OUTSIDE, spans_from_tags
 from ner_stream.text import Token, chunk_document
 from ner_stream.vocab import EncodedSentence
@@ -28,6 +30,32 @@ from ner_stream.vocab import EncodedSentence
 DEFAULT_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128)
 ROW_MULTIPLE = 8
 _EMPTY = EncodedSentence(words=[], chars=[], cases=[])
+
+
+@dataclass
+class Forwarded:
+    """Tags [N, T] and confidences [N, T] of a forward pass, and the seconds it took to run."""
+
+    tags: np.ndarray
+    scores: np.ndarray
+    seconds: float = 0.0
+
+    def ready(self) -> bool:
+        return True
+
+    def get(self) -> Forwarded:
+        return self
+
+
+class RunnerResult(Protocol):
+    """A forward pass that may still be running elsewhere."""
+
+    def ready(self) -> bool: ...
+    def get(self) -> Forwarded: ...
+
+
+# Padded batches and the real rows of each -> the tags of those rows, now or later.
+BatchRunner = Callable[[list[Batch], list[int]], RunnerResult]
 
 
 @dataclass
@@ -101,6 +129,7 @@ class Tagger:
             if crf is not None and self.device.type == "cpu"
             else None
         )
+        self._runner: BatchRunner = self._run_here
 
     @classmethod
     def from_file(cls, path: str | Path | None = None, options: TaggerOptions | None = None):
@@ -143,23 +172,37 @@ class Tagger:
         Chunks of any documents can be mixed, which lets a caller spread a very long document
         over several micro-batches instead of stalling the documents behind it.
         """
+        return self.submit(items).result()
+
+    def submit(self, items: Sequence[tuple[PreparedDoc, int]]) -> PendingTags:
+        """Start `tag_chunks`; with a model process the forward pass runs while the caller goes on.
+
+        The caller collects `result()` of each submission in the order they were made.
+        """
         # Sorted by length, so that sequences of like length share a bucket and little is padded.
         order = sorted(range(len(items)), key=lambda i: len(items[i][0].chunks[items[i][1]]))
         groups = list(self._groups([len(items[i][0].chunks[items[i][1]]) for i in order]))
         rows = [order[g] for group, _ in groups for g in group]
         stats = BatchStats(batches=[(len(group), pad_to) for group, pad_to in groups])
-        t0 = time.perf_counter()
-        tags, scores = self._forward(
+        forward = self._start_forward(
             [
                 [items[order[g]][0].encoded[items[order[g]][1]] for g in group]
                 for group, _ in groups
             ],
             [pad_to for _, pad_to in groups],
         )
-        t1 = time.perf_counter()
+        return PendingTags(self, list(items), rows, stats, forward)
+
+    def _decode_rows(
+        self,
+        items: list[tuple[PreparedDoc, int]],
+        rows: list[int],
+        tags: np.ndarray,
+        scores: np.ndarray,
+    ) -> tuple[list[list[Entity]], int]:
+        """Entities per item from the tags of `rows` (item indices), and the real tokens seen."""
         results: list[list[Entity]] = [[] for _ in items]
         chunks = [items[i][0].chunks[items[i][1]] for i in rows]
-        stats.real_tokens = sum(len(c) for c in chunks)
         # Only the tags that are not "O" reach Python, one flat list each, row after row: span
         # decoding then costs per entity token, not per token.
         lengths = np.array([len(c) for c in chunks], dtype=np.int64)
@@ -177,9 +220,7 @@ class Tagger:
                     doc, chunks[r], positions[window], kept_tags[window], kept_scores[window]
                 )
                 at += n
-        stats.inference_s = t1 - t0
-        stats.spans_s = time.perf_counter() - t1
-        return results, stats
+        return results, int(lengths.sum())
 
     def _entities(
         self,
@@ -245,26 +286,46 @@ class Tagger:
     def _forward(
         self, groups: list[list[EncodedSentence]], pad_lengths: list[int]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Tags and confidences of every sentence of `groups`, in order.
+        """Tags and confidences of every sentence of `groups`, in order (see `run_batches`)."""
+        done = self._start_forward(groups, pad_lengths).get()
+        return done.tags, done.scores
 
-        The network runs once per group (one length bucket each); decoding runs once over all of
+    def _start_forward(
+        self, groups: list[list[EncodedSentence]], pad_lengths: list[int]
+    ) -> RunnerResult:
+        if not groups:
+            return Forwarded(np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0), dtype=np.float32))
+        batches = []
+        for sents, pad_to in zip(groups, pad_lengths, strict=True):
+            # Rows rounded up to a multiple of ROW_MULTIPLE with empty sentences: the LSTM
+            # kernels are built and cached per shape, and a fresh shape costs about as much as
+            # running it, so few distinct shapes pay for a few padded rows.
+            extra = -len(sents) % ROW_MULTIPLE
+            batches.append(pad_batch([*sents, *([_EMPTY] * extra)], pad_to, self._pin))
+        return self._runner(batches, [len(sents) for sents in groups])
+
+    def use_runner(self, runner: BatchRunner | None) -> None:
+        """Run the padded batches with `runner` (e.g. a model process); None: in this process."""
+        self._runner = runner or self._run_here
+
+    def _run_here(self, batches: list[Batch], rows: list[int]) -> Forwarded:
+        t0 = time.perf_counter()
+        tags, scores = self.run_batches(batches, rows)
+        return Forwarded(tags, scores, time.perf_counter() - t0)
+
+    def run_batches(self, batches: list[Batch], rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Tags and confidences of the first `rows[i]` rows of each padded batch, in order.
+
+        The network runs once per batch (one length bucket each); decoding runs once over all of
         them, because the CRF's cost is its number of steps, not the rows it carries.
         """
-        if not groups:
-            return np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
         emissions, masks = [], []
         with torch.inference_mode():
-            for sents, pad_to in zip(groups, pad_lengths, strict=True):
-                # Rows rounded up to a multiple of ROW_MULTIPLE with empty sentences: the LSTM
-                # kernels are built and cached per shape, and a fresh shape costs about as much
-                # as running it, so few distinct shapes pay for a few padded rows.
-                extra = -len(sents) % ROW_MULTIPLE
-                padded = [*sents, *([_EMPTY] * extra)]
-                batch = pad_batch(padded, pad_to=pad_to, pin_memory=self._pin)
+            for batch, n in zip(batches, rows, strict=True):
                 batch = batch.to(self.device, non_blocking=self._pin)
-                emissions.append(self.model.emissions(batch)[: len(sents)])
-                masks.append(batch.mask[: len(sents)])
-            width = max(pad_lengths)
+                emissions.append(self.model.emissions(batch)[:n])
+                masks.append(batch.mask[:n])
+            width = max(m.shape[1] for m in masks)
             em = torch.cat([nn.functional.pad(e, (0, 0, 0, width - e.shape[1])) for e in emissions])
             mask = torch.cat([nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
             if self._host_crf is not None:
@@ -273,3 +334,34 @@ class Tagger:
             tags, scores = self.model.decode_emissions(em, mask, with_scores=True)
         assert scores is not None
         return tags.cpu().numpy(), scores.float().cpu().numpy()
+
+
+class PendingTags:
+    """A `Tagger.submit`ted batch: `ready()` once its forward pass is done, `result()` blocks."""
+
+    def __init__(
+        self,
+        tagger: Tagger,
+        items: list[tuple[PreparedDoc, int]],
+        rows: list[int],
+        stats: BatchStats,
+        forward: RunnerResult,
+    ) -> None:
+        self._tagger = tagger
+        self._items = items
+        self._rows = rows
+        self._stats = stats
+        self._forward = forward
+
+    def ready(self) -> bool:
+        return self._forward.ready()
+
+    def result(self) -> tuple[list[list[Entity]], BatchStats]:
+        """Entities of each submitted item, in item order, and the batch shapes."""
+        done = self._forward.get()
+        t0 = time.perf_counter()
+        results, real = self._tagger._decode_rows(self._items, self._rows, done.tags, done.scores)
+        self._stats.real_tokens = real
+        self._stats.inference_s = done.seconds
+        self._stats.spans_s = time.perf_counter() - t0
+        return results, self._stats

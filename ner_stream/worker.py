@@ -6,7 +6,10 @@ Two threads share the work:
   tokenizes each record, hands documents to the tagging stage through a bounded queue, sends dead
   letters, applies acknowledgements to the offset tracker and commits. When the queue is full it
   pauses its partitions and keeps polling, so the group never expels it (backpressure);
-- the tagging thread forms micro-batches, runs the model and sends the outputs.
+- the tagging thread forms micro-batches, runs the model and sends the outputs. With a model
+  process (`ner_stream.model_process`, the default on the CPU) the forward pass runs there: the
+  thread submits a batch, keeps at most one more queued behind it, and decodes spans and
+  produces the outputs of each batch while the model runs the next.
 
 The producer's acknowledgements arrive on its I/O thread and are handed back to the consumer
 thread through a queue: only that thread touches the offset tracker, so commits never pass a
@@ -42,8 +45,9 @@ from ner_stream.messages import (
     processing_error,
 )
 from ner_stream.metrics import Health, Metrics
+from ner_stream.model_process import ModelProcessError
 from ner_stream.offsets import OffsetTracker
-from ner_stream.tagger import PreparedDoc, Tagger
+from ner_stream.tagger import PendingTags, PreparedDoc, Tagger
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +123,7 @@ class Ack:
 
 
 _STOP = object()
+MODEL_POLL_S = 0.002  # how often the tagging thread looks for a finished forward pass
 
 
 class Worker(ConsumerRebalanceListener):
@@ -156,6 +161,8 @@ class Worker(ConsumerRebalanceListener):
         self._consumer_thread: threading.Thread | None = None
         self._last_lag = 0.0
         self._tagging = threading.Thread(target=self._tagging_loop, name="tagging", daemon=True)
+        # Submitted to the model, oldest first; only the tagging thread touches it.
+        self._in_model: deque[tuple[list[Piece], PendingTags]] = deque()
         self.health.model_loaded = True
         self.metrics.model.info(
             {
@@ -458,9 +465,12 @@ class Worker(ConsumerRebalanceListener):
         long_lane: deque[Piece] = deque()
         stopping = False
         while True:
+            self._finish_ready()
             wait = batcher.time_left(self.clock())
             if long_lane and (wait is None or wait > 0):
                 wait = 0.0
+            if self._in_model:
+                wait = MODEL_POLL_S if wait is None else min(wait, MODEL_POLL_S)
             item = None
             if not stopping:
                 try:
@@ -485,6 +495,8 @@ class Worker(ConsumerRebalanceListener):
                     pieces.append(long_lane.popleft())
                 self._run_batch(pieces)
             if stopping and not len(batcher) and not long_lane:
+                while self._in_model:
+                    self._finish_oldest()
                 return
 
     def _pieces(self, job: Job) -> list[Piece]:
@@ -517,7 +529,30 @@ class Worker(ConsumerRebalanceListener):
         )
         items = [(p.job.prepared, c) for p in pieces for c in p.chunks]
         try:
-            per_chunk, stats = self.tagger.tag_chunks(items)
+            pending = self.tagger.submit(items)
+        except ModelProcessError:
+            raise  # not the documents' fault: the worker stops without committing them
+        except Exception:
+            log.exception("a batch of %d documents failed; retrying them one by one", len(pieces))
+            self._run_one_by_one(pieces)
+            return
+        self._in_model.append((pieces, pending))
+        self._finish_ready()
+        # With a model process, one batch waits behind the one it is running, so the model goes
+        # straight on to it while this thread decodes spans and produces the outputs.
+        while len(self._in_model) > 1:
+            self._finish_oldest()
+
+    def _finish_ready(self) -> None:
+        while self._in_model and self._in_model[0][1].ready():
+            self._finish_oldest()
+
+    def _finish_oldest(self) -> None:
+        pieces, pending = self._in_model.popleft()
+        try:
+            per_chunk, stats = pending.result()
+        except ModelProcessError:
+            raise
         except Exception:
             log.exception("a batch of %d documents failed; retrying them one by one", len(pieces))
             self._run_one_by_one(pieces)
@@ -535,6 +570,8 @@ class Worker(ConsumerRebalanceListener):
         for p in pieces:
             try:
                 per_chunk, _ = self.tagger.tag_chunks([(p.job.prepared, c) for c in p.chunks])
+            except ModelProcessError:
+                raise
             except Exception as e:
                 log.exception("document %s failed", p.job.doc.id)
                 p.job.pieces_left = -1  # never produce an output for it

@@ -18,6 +18,7 @@ import pytest
 from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 
 from ner_stream.config import WorkerConfig
+from ner_stream.model_process import ModelProcessError
 from ner_stream.tagger import Tagger
 from ner_stream.worker import Worker
 from tests.fakes import FakeConsumer, FakeProducer, make_tagger, wait_for
@@ -290,13 +291,13 @@ def test_a_failed_dead_letter_is_fatal_and_not_committed(tagger):
 
 def test_backpressure_pauses_and_resumes_and_loses_nothing(monkeypatch):
     slow = make_tagger("rigged", max_chunk_tokens=32, max_batch_tokens=256)
-    original = slow.tag_chunks
+    original = slow.submit
 
     def tag_slowly(items):
         time.sleep(0.01)
         return original(items)
 
-    monkeypatch.setattr(slow, "tag_chunks", tag_slowly)
+    monkeypatch.setattr(slow, "submit", tag_slowly)
     consumer, producer = FakeConsumer(partitions=2), FakeProducer()
     n = 60
     for i in range(n):
@@ -387,7 +388,7 @@ def test_a_late_acknowledgement_from_before_a_rebalance_is_harmless(tagger):
 
 def test_stop_finishes_queued_work_flushes_and_commits(monkeypatch):
     slow = make_tagger("rigged", max_chunk_tokens=32, max_batch_tokens=256)
-    original = slow.tag_chunks
+    original = slow.submit
     started, gate = threading.Event(), threading.Event()
 
     def tag_slowly(items):
@@ -396,7 +397,7 @@ def test_stop_finishes_queued_work_flushes_and_commits(monkeypatch):
         time.sleep(0.01)
         return original(items)
 
-    monkeypatch.setattr(slow, "tag_chunks", tag_slowly)
+    monkeypatch.setattr(slow, "submit", tag_slowly)
     consumer, producer = FakeConsumer(partitions=1), FakeProducer(hold=True)
     for i in range(12):
         consumer.append(0, doc(f"d{i}", "Peter ."))
@@ -444,3 +445,28 @@ def test_a_long_document_is_tagged_whole_and_the_small_ones_behind_it_too():
     # The spans cover the whole text: the last entity is in the final sentence.
     assert ents[-1]["end"] == len(long_text) - 2
     assert consumer.committed_offset(0) == 11
+
+
+def test_a_lost_model_process_stops_the_worker_without_dead_letters():
+    tagger = make_tagger("rigged", max_chunk_tokens=32, max_batch_tokens=256)
+    passes = 0
+
+    def runner(batches, rows):
+        nonlocal passes
+        passes += 1
+        if passes > 1:
+            raise ModelProcessError("the model process stopped (exit code -9)")
+        return tagger._run_here(batches, rows)
+
+    tagger.use_runner(runner)
+    consumer, producer = FakeConsumer(partitions=1), FakeProducer()
+    for i in range(20):
+        consumer.append(0, doc(f"d{i}", "Peter went to Paris ."))
+    running = start(tagger, consumer, producer, max_batch_docs=4)
+    running.thread.join(10)
+    assert not running.thread.is_alive(), "the worker should stop by itself"
+    assert running.stop() == 1
+    assert producer.delivered(DLQ) == []  # not the documents' fault
+    tagged = len(producer.delivered(OUT))
+    assert 1 <= tagged < 20
+    assert all(om.offset <= tagged for c in consumer.commits for om in c.values())

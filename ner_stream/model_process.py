@@ -1,0 +1,223 @@
+"""The network and CRF decoding in a child process, for a worker whose model runs on the CPU.
+
+Why a process: the worker's consuming side (polling, JSON, tokenizing, kafka-python's I/O
+threads) is pure Python and holds the GIL most of the time. In one process the tagging thread
+has to win the GIL back after every torch and numpy call of the forward pass and the CRF, and
+the two stages together use well under two cores. A child process has its own interpreter: the
+model never waits for the parent's Python, and the parent's Python runs beside it on another
+core.
+
+The parent still tokenizes, encodes, pads and decodes spans; only padded arrays (about 1.5 MB
+for a full micro-batch) and the tags and confidences of the real rows cross the pipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import asdict
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import torch
+
+from ner_stream.model import Batch
+from ner_stream.tagger import Forwarded, Tagger, TaggerOptions
+
+
+class ModelProcessError(RuntimeError):
+    """The model process cannot serve (it failed to start or has stopped): fatal to the worker.
+
+    Unlike an error in one batch, this says nothing about the documents: they must not be
+    dead-lettered for it.
+    """
+
+
+class ModelProcess:
+    """A child process holding the model; calling it runs `Tagger.run_batches` there.
+
+    A `BatchRunner` for `Tagger.use_runner`; `close` stops the child.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        options: TaggerOptions,
+        threads: int,
+        start_timeout_s: float = 120.0,
+    ) -> None:
+        # A fresh interpreter (`python -m`), not a fork: a fork of a process that already runs
+        # torch and Kafka client threads could inherit locks those threads hold, and
+        # multiprocessing's "spawn" would import the caller's main module again.
+        ours, theirs = socket.socketpair()
+        spec = {"model": str(model_path), "options": asdict(options), "threads": threads}
+        with theirs:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", __name__, str(theirs.fileno()), json.dumps(spec)],
+                pass_fds=[theirs.fileno()],
+            )
+        self._conn = Connection(ours.detach())
+        self._lock = threading.Lock()
+        self._waiting: deque[Reply] = deque()
+        if not self._conn.poll(start_timeout_s):
+            self.close()
+            raise ModelProcessError(f"the model process did not start in {start_timeout_s:.0f} s")
+        try:
+            reply = self._conn.recv()
+        except (EOFError, OSError):
+            self.close()
+            raise ModelProcessError(self._stopped_message()) from None
+        if reply[0] != "ready":
+            self.close()
+            raise ModelProcessError(f"the model process could not load the model: {reply[1]}")
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def __call__(self, batches: list[Batch], rows: list[int]) -> Reply:
+        """Send a forward pass (see `Tagger.run_batches`) to the child; its reply comes later.
+
+        Passes are answered in the order they were sent, so the caller can send the next one
+        before collecting this one and the child never waits for the caller.
+        """
+        payload = [
+            (b.words.numpy(), b.chars.numpy(), b.cases.numpy(), b.mask.numpy()) for b in batches
+        ]
+        reply = Reply(self)
+        with self._lock:
+            try:
+                self._conn.send((payload, rows))
+            except OSError:
+                raise ModelProcessError(self._stopped_message()) from None
+            self._waiting.append(reply)
+        return reply
+
+    def _receive(self, block: bool) -> bool:
+        """Take the next answer off the pipe for the oldest waiting reply; False if none came."""
+        with self._lock:
+            if not self._waiting:
+                return False
+            try:
+                if not block and not self._conn.poll(0):
+                    return False
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                raise ModelProcessError(self._stopped_message()) from None
+            self._waiting.popleft().message = message
+            return True
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the child: asked first, terminated if it does not exit in `timeout_s`."""
+        # A tagging thread left blocked on a reply (a shutdown that timed out) holds the lock:
+        # the child is then terminated without being asked.
+        if self._lock.acquire(timeout=1.0):
+            try:
+                with contextlib.suppress(OSError):  # already gone
+                    self._conn.send(None)
+            finally:
+                self._lock.release()
+        try:
+            self._process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self._process.terminate()
+            self._process.wait(timeout_s)
+        self._conn.close()
+
+    def _stopped_message(self) -> str:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(1.0)
+        return f"the model process stopped (exit code {self._process.returncode})"
+
+
+class Reply:
+    """The model process's answer to one forward pass, once it has come."""
+
+    def __init__(self, process: ModelProcess) -> None:
+        self._process = process
+        self.message: tuple | None = None
+
+    def ready(self) -> bool:
+        while self.message is None:
+            if not self._process._receive(block=False):
+                return False
+        return True
+
+    def get(self) -> Forwarded:
+        """The tags and confidences; raises if the child could not run the pass."""
+        while self.message is None:
+            self._process._receive(block=True)
+        if self.message[0] != "ok":
+            raise RuntimeError(f"the model process failed on a batch: {self.message[1]}")
+        _, tags, scores, seconds = self.message
+        return Forwarded(tags, scores, seconds)
+
+
+def serve(conn: Connection, model_path: str, options: TaggerOptions, threads: int) -> None:
+    """The child's loop: load the model, then answer batches until told to stop or orphaned."""
+    # Ctrl-C reaches the whole process group; the parent decides when the model stops, after
+    # the batches in flight are done.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+    try:
+        tagger = Tagger.from_file(model_path, options)
+    except Exception as e:  # reported to the parent, which fails with the message
+        conn.send(("error", str(e)))
+        return
+    gc.collect()
+    gc.freeze()
+    # Requests are read as they come, on a thread of their own: the parent may be sending the
+    # next pass (more than a socket buffer holds) while this loop sends the answer to the last
+    # one, and neither side may block the other.
+    requests: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=_read_requests, args=(conn, requests), daemon=True).start()
+    conn.send(("ready", os.getpid()))
+    while True:
+        message = requests.get()
+        if message is None:  # asked to stop, or the parent is gone
+            return
+        arrays, rows = message
+        t0 = time.perf_counter()
+        try:
+            batches = [Batch(*(torch.from_numpy(a) for a in fields)) for fields in arrays]
+            tags, scores = tagger.run_batches(batches, rows)
+            reply: tuple = ("ok", tags, scores, time.perf_counter() - t0)
+        except Exception as e:  # this pass's documents fail; the next pass may be fine
+            reply = ("error", f"{type(e).__name__}: {e}")
+        try:
+            conn.send(reply)
+        except OSError:  # the parent is gone
+            return
+
+
+def _read_requests(conn: Connection, requests: queue.SimpleQueue) -> None:
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            message = None
+        requests.put(message)
+        if message is None:
+            return
+
+
+def main(argv: list[str]) -> None:
+    """Entry point of the child: `python -m ner_stream.model_process FD SPEC_JSON`."""
+    fd, spec = int(argv[0]), json.loads(argv[1])
+    options = spec["options"]
+    options["buckets"] = tuple(options["buckets"])
+    serve(Connection(fd), spec["model"], TaggerOptions(**options), spec["threads"])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
