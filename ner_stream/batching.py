@@ -128,15 +128,15 @@ class MicroBatcher(Generic[T]):
         self._items.append(item)
         self._tokens += tokens
 
+    def full(self) -> bool:
+        """Whether the batch has reached its document or token limit."""
+        return len(self._items) >= self.limits.max_docs or self._tokens >= self.limits.max_tokens
+
     def due(self, now: float) -> bool:
-        """Whether the batch should run now."""
+        """Whether the batch should run now: full, or waited long enough."""
         if not self._items:
             return False
-        return (
-            len(self._items) >= self.limits.max_docs
-            or self._tokens >= self.limits.max_tokens
-            or now - self._opened_at >= self.limits.max_wait_s
-        )
+        return self.full() or now - self._opened_at >= self.limits.max_wait_s
 
     def time_left(self, now: float) -> float | None:
         """Seconds until the wait limit closes the batch (None when empty)."""

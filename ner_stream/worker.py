@@ -465,12 +465,20 @@ class Worker(ConsumerRebalanceListener):
         long_lane: deque[Piece] = deque()
         stopping = False
         while True:
-            self._finish_ready()
-            wait = batcher.time_left(self.clock())
-            if long_lane and (wait is None or wait > 0):
+            if stopping:  # nothing more is coming: no reason to keep the model's queue full
+                self._drain_model()
+            # Passes whose results are in: the model may be free now, and the next batch goes to
+            # it before this thread spends its time on their spans and outputs.
+            finished = self._take_finished()
+            model_free = not self._in_model
+            if model_free:
+                wait = batcher.time_left(self.clock())
+                if long_lane and (wait is None or wait > 0):
+                    wait = 0.0
+            else:
+                wait = MODEL_POLL_S
+            if finished:
                 wait = 0.0
-            if self._in_model:
-                wait = MODEL_POLL_S if wait is None else min(wait, MODEL_POLL_S)
             item = None
             if not stopping:
                 try:
@@ -489,14 +497,22 @@ class Worker(ConsumerRebalanceListener):
                     batcher.add(pieces[0], pieces[0].tokens, self.clock())
             now = self.clock()
             idle = item is None
-            if batcher.due(now) or (long_lane and idle) or (stopping and len(batcher)):
+            # While the model is busy a batch keeps growing past its wait limit, up to full:
+            # under load the batches grow and the model works on large ones; when it is idle the
+            # wait limit alone decides, so light load keeps low latency.
+            if (
+                batcher.full()
+                or (stopping and len(batcher))
+                or (model_free and (batcher.due(now) or (long_lane and idle)))
+            ):
                 pieces = batcher.take()
                 if long_lane:
                     pieces.append(long_lane.popleft())
                 self._run_batch(pieces)
+            for done in finished:
+                self._finish(*done)
             if stopping and not len(batcher) and not long_lane:
-                while self._in_model:
-                    self._finish_oldest()
+                self._drain_model()
                 return
 
     def _pieces(self, job: Job) -> list[Piece]:
@@ -537,18 +553,23 @@ class Worker(ConsumerRebalanceListener):
             self._run_one_by_one(pieces)
             return
         self._in_model.append((pieces, pending))
-        self._finish_ready()
-        # With a model process, one batch waits behind the one it is running, so the model goes
-        # straight on to it while this thread decodes spans and produces the outputs.
-        while len(self._in_model) > 1:
-            self._finish_oldest()
+        # At most one batch waits behind the one the model is running.
+        while len(self._in_model) > 2:
+            self._finish(*self._in_model.popleft())
 
-    def _finish_ready(self) -> None:
+    def _take_finished(self) -> list[tuple[list[Piece], PendingTags]]:
+        """The passes, oldest first, whose results have come (taken off the in-model queue)."""
+        done = []
         while self._in_model and self._in_model[0][1].ready():
-            self._finish_oldest()
+            done.append(self._in_model.popleft())
+        return done
 
-    def _finish_oldest(self) -> None:
-        pieces, pending = self._in_model.popleft()
+    def _drain_model(self) -> None:
+        while self._in_model:
+            self._finish(*self._in_model.popleft())
+
+    def _finish(self, pieces: list[Piece], pending: PendingTags) -> None:
+        """Spans and outputs of a submitted pass (waits for its result)."""
         try:
             per_chunk, stats = pending.result()
         except ModelProcessError:
