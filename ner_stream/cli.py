@@ -74,10 +74,10 @@ def _fail(message: str, code: int) -> int:
 def tune_interpreter() -> None:
     """Interpreter settings for the worker process, once the model is loaded.
 
-    - The tagging thread releases the GIL inside every torch call and must win it back from the
-      consuming thread, which runs pure Python (tokenizing, JSON). CPython hands the GIL over
-      only every switch interval (5 ms by default); the model is the bottleneck, so the wait is
-      cut to 0.5 ms.
+    - The tagging thread releases the GIL inside every torch call (and, with a model process,
+      while it waits for a result) and must win it back from the consuming thread, which runs
+      pure Python (tokenizing, JSON). CPython hands the GIL over only every switch interval
+      (5 ms by default); the model is the bottleneck, so the wait is cut to 0.5 ms.
     - The model, its vocabularies and the libraries are long-lived: frozen out of the garbage
       collector's view, so the collections that the stream of short-lived objects triggers do
       not walk them again and again.

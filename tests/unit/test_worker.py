@@ -470,3 +470,49 @@ def test_a_lost_model_process_stops_the_worker_without_dead_letters():
     tagged = len(producer.delivered(OUT))
     assert 1 <= tagged < 20
     assert all(om.offset <= tagged for c in consumer.commits for om in c.values())
+
+
+class HeldRunner:
+    """A model runner whose passes finish only when released; records the rows of each pass."""
+
+    def __init__(self, tagger: Tagger) -> None:
+        self.tagger = tagger
+        self.rows: list[int] = []
+        self.release = threading.Event()
+
+    def __call__(self, batches, rows):
+        done = self.tagger._run_here(batches, rows)
+        self.rows.append(sum(rows))
+        release = self.release
+
+        class Held:
+            def ready(self) -> bool:
+                return release.is_set()
+
+            def get(self):
+                release.wait(10)
+                return done
+
+        return Held()
+
+
+def test_while_the_model_is_busy_a_batch_waits_until_full():
+    tagger = make_tagger("rigged", max_chunk_tokens=32, max_batch_tokens=256)
+    runner = HeldRunner(tagger)
+    tagger.use_runner(runner)
+    consumer, producer = FakeConsumer(partitions=1), FakeProducer()
+    consumer.append(0, doc("d0", "Peter ."))
+    running = start(tagger, consumer, producer, max_batch_docs=4, max_wait_ms=1)
+    wait_for(lambda: runner.rows == [1], what="the first document in the model")
+    for i in range(1, 7):
+        consumer.append(0, doc(f"d{i}", "Peter ."))
+    wait_for(lambda: consumer.positions.get((IN, 0)) == 7, what="all 7 consumed")
+    wait_for(lambda: runner.rows == [1, 4], what="a full batch queued behind the first")
+    time.sleep(0.1)  # a hundred wait limits pass: the last two documents still wait
+    assert runner.rows == [1, 4]
+    assert producer.sent == []
+    runner.release.set()
+    wait_for(lambda: len(producer.delivered(OUT)) == 7, what="all outputs")
+    assert runner.rows == [1, 4, 2]
+    assert running.stop() == 0
+    assert output_ids(producer) == {f"d{i}" for i in range(7)}
