@@ -336,22 +336,15 @@ class Tagger:
         return tags.cpu().numpy(), scores.float().cpu().numpy()
 
 
+@dataclass
 class PendingTags:
     """A `Tagger.submit`ted batch: `ready()` once its forward pass is done, `result()` blocks."""
 
-    def __init__(
-        self,
-        tagger: Tagger,
-        items: list[tuple[PreparedDoc, int]],
-        rows: list[int],
-        stats: BatchStats,
-        forward: RunnerResult,
-    ) -> None:
-        self._tagger = tagger
-        self._items = items
-        self._rows = rows
-        self._stats = stats
-        self._forward = forward
+    _tagger: Tagger
+    _items: list[tuple[PreparedDoc, int]]
+    _rows: list[int]  # item index of each row of the forward pass
+    _stats: BatchStats
+    _forward: RunnerResult
 
     def ready(self) -> bool:
         return self._forward.ready()

@@ -549,7 +549,6 @@ class Worker(ConsumerRebalanceListener):
         except ModelProcessError:
             raise  # not the documents' fault: the worker stops without committing them
         except Exception:
-            log.exception("a batch of %d documents failed; retrying them one by one", len(pieces))
             self._run_one_by_one(pieces)
             return
         self._in_model.append((pieces, pending))
@@ -575,7 +574,6 @@ class Worker(ConsumerRebalanceListener):
         except ModelProcessError:
             raise
         except Exception:
-            log.exception("a batch of %d documents failed; retrying them one by one", len(pieces))
             self._run_one_by_one(pieces)
             return
         self.metrics.observe_batch(len(pieces), stats.real_tokens, stats.batches)
@@ -588,6 +586,8 @@ class Worker(ConsumerRebalanceListener):
             self._piece_done(p)
 
     def _run_one_by_one(self, pieces: list[Piece]) -> None:
+        """After a batch failed (called while its exception is handled): each piece alone."""
+        log.exception("a batch of %d documents failed; retrying them one by one", len(pieces))
         for p in pieces:
             try:
                 per_chunk, _ = self.tagger.tag_chunks([(p.job.prepared, c) for c in p.chunks])
