@@ -8,7 +8,8 @@ Three parts, all with the same number of torch threads:
 
 1. matmul: fp32 and bf16 GFLOP/s of an N x N @ N x N product (the machine's dense peak, roughly);
 2. shapes: full batches of B sequences of exactly T tokens (every position real), fp32 and bf16
-   (`torch.autocast("cpu", dtype=torch.bfloat16)`);
+   (the network cast to bf16 as the worker's `--precision bf16` casts it, CRF in fp32; on a CPU
+   without native bf16 it is emulated and slow, so only one shape and the bucketed corpus run);
 3. corpus: the synthetic corpus cut into the worker's micro-batches (its document and token
    limits), each run either as the `Tagger` runs it (sorted by length, one forward pass per length
    bucket: "buckets on") or as one forward pass padded to its longest sequence ("buckets off").
@@ -26,6 +27,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -44,6 +46,7 @@ from ner_stream.batching import BatchLimits, MicroBatcher, pad_batch
 from ner_stream.checkpoint import default_model_path
 from ner_stream.config import WorkerConfig
 from ner_stream.model import Batch, ModelConfig
+from ner_stream.precision import cast_network, cpu_has_native_bf16
 from ner_stream.tagger import PreparedDoc, Tagger, TaggerOptions
 from ner_stream.vocab import EncodedSentence
 
@@ -148,19 +151,6 @@ def flops_per_token(cfg: ModelConfig, mean_chars: float) -> dict:
 # ------------------------------------------------------------------------------------ timing
 
 
-def bf16_native() -> bool | None:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return None
-
-
-def autocast(dtype: str):
-    if dtype == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
 def time_matmul(n: int, dtype: str, repeats: int, budget_s: float) -> dict:
     """GFLOP/s of torch.mm at n x n; fewer samples when one product is slow (emulated bf16)."""
     torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
@@ -198,35 +188,44 @@ def time_matmul(n: int, dtype: str, repeats: int, budget_s: float) -> dict:
 Call = tuple[list[list[EncodedSentence]], list[int]]
 
 
-def run_calls(tagger: Tagger, calls: list[Call], dtype: str) -> None:
-    with autocast(dtype):
-        for groups, pads in calls:
-            tagger._forward(groups, pads)
+def tagger_at(model_path: Path, options: TaggerOptions, dtype: str) -> Tagger:
+    """A tagger whose network runs at `dtype`, cast as the worker casts it.
+
+    Cast here rather than through `TaggerOptions.precision`, which would also ask the model file
+    for a dev-F1 measurement: the benchmark times any model.
+    """
+    tagger = Tagger.from_file(model_path, replace(options, precision="fp32"))
+    if dtype != "fp32":
+        cast_network(tagger.model, dtype)
+    return tagger
 
 
-def time_calls(
-    tagger: Tagger, calls: list[Call], dtype: str, repeats: int, budget_s: float
-) -> dict:
+def run_calls(tagger: Tagger, calls: list[Call]) -> None:
+    for groups, pads in calls:
+        tagger._forward(groups, pads)
+
+
+def time_calls(tagger: Tagger, calls: list[Call], repeats: int, budget_s: float) -> dict:
     """Warm-up once, then `repeats` timed passes (fewer if one pass exceeds the budget share)."""
     t0 = time.perf_counter()
-    run_calls(tagger, calls, dtype)  # warm-up (oneDNN primitives, allocator)
+    run_calls(tagger, calls)  # warm-up (oneDNN primitives, allocator)
     first = time.perf_counter() - t0
     n = max(1, min(repeats, int(budget_s / max(first, 1e-6))))
     samples = []
     for _ in range(n):
         t0 = time.perf_counter()
-        run_calls(tagger, calls, dtype)
+        run_calls(tagger, calls)
         samples.append(time.perf_counter() - t0)
     return summarize(samples)
 
 
-def run_batches(model, batches: list[Batch], dtype: str) -> None:
-    with torch.inference_mode(), autocast(dtype):
+def run_batches(model, batches: list[Batch]) -> None:
+    with torch.inference_mode():
         for b in batches:
             model.decode(b, with_scores=True)
 
 
-def check_dtypes(model, batch: Batch, dtype: str) -> dict:
+def check_dtypes(model, batch: Batch) -> dict:
     """The dtypes seen at the LSTM output, the projection output and the CRF's inputs."""
     seen: dict[str, str] = {}
 
@@ -243,7 +242,6 @@ def check_dtypes(model, batch: Batch, dtype: str) -> dict:
         model.proj.register_forward_hook(hook("projection_output")),
     ]
     # On a CPU the BiLSTM's directions are called as functions, not through the module's hook.
-    overridden = "_lstm_direction" in model.__dict__  # by check_dtypes_lstm_fp32
     original_direction = model._lstm_direction
 
     def direction(x, suffix):
@@ -265,41 +263,15 @@ def check_dtypes(model, batch: Batch, dtype: str) -> dict:
 
             setattr(crf, name, wrapped)
     try:
-        run_batches(model, [batch], dtype)
+        run_batches(model, [batch])
     finally:
         for h in handles:
             h.remove()
-        if overridden:
-            model._lstm_direction = original_direction
-        else:
-            del model._lstm_direction
+        del model._lstm_direction
         if crf is not None:
             for name in ("viterbi", "marginals"):
                 crf.__dict__.pop(name, None)
     return seen
-
-
-def check_dtypes_lstm_fp32(model, batch: Batch, dtype: str) -> dict:
-    """`check_dtypes` with the LSTM taken out of autocast (for a CPU with no bf16 LSTM)."""
-    lstm = model.lstm
-    original = lstm.forward
-    original_direction = model._lstm_direction
-
-    def forward(x, *a, **k):
-        with torch.autocast("cpu", enabled=False):
-            return original(x.float(), *a, **k)
-
-    def direction(x, suffix):
-        with torch.autocast("cpu", enabled=False):
-            return original_direction(x.float(), suffix)
-
-    lstm.forward = forward
-    model._lstm_direction = direction
-    try:
-        return check_dtypes(model, batch, dtype)
-    finally:
-        del lstm.forward
-        del model._lstm_direction
 
 
 # ------------------------------------------------------------------------------------ batches
@@ -368,15 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     model_path = Path(args.model) if args.model else default_model_path()
     log(f"model core: {display_path(model_path)}, {threads} torch threads")
-    tagger = Tagger.from_file(
-        model_path,
-        TaggerOptions(
-            device="cpu",
-            max_chunk_tokens=args.max_chunk_tokens,
-            max_batch_tokens=args.micro_batch_tokens,
-        ),
+    options = TaggerOptions(
+        device="cpu",
+        max_chunk_tokens=args.max_chunk_tokens,
+        max_batch_tokens=args.micro_batch_tokens,
     )
-    model = tagger.model
+    tagger = tagger_at(model_path, options, "fp32")
+    native_bf16 = cpu_has_native_bf16()
     cfg = tagger.info.config
 
     docs = documents(args.corpus_docs, args.seed)
@@ -394,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": threads,
             "mkldnn": torch.backends.mkldnn.is_available(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "bf16_native": bf16_native(),
+            "bf16_native": native_bf16,
         },
         "model": {
             "file": display_path(model_path),
@@ -424,50 +394,52 @@ def main(argv: list[str] | None = None) -> int:
         log(f"  {matmul[dtype]['gflops']:.1f} GFLOP/s")
     result["matmul"] = matmul
 
-    # bf16: does it run at all, and in which dtype does the CRF run?
+    # Each precision's tagger: does it run at all, and in which dtype does the CRF run?
     probe = pad_batch(shape_sentences(tagger, words, 8, 16, 0))
+    taggers = {"fp32": tagger}
     precision: dict = {}
     usable = []
     for dtype in args.dtypes:
         try:
-            precision[dtype] = {"supported": True, "dtypes_seen": check_dtypes(model, probe, dtype)}
+            taggers[dtype] = tagger_at(model_path, options, dtype)
+            seen = check_dtypes(taggers[dtype].model, probe)
+            emulated = dtype != "fp32" and not native_bf16
+            precision[dtype] = {"supported": True, "emulated": emulated, "dtypes_seen": seen}
             usable.append(dtype)
         except Exception as e:  # noqa: BLE001 - any failure means "unsupported here"
             msg = " ".join(str(e).split())[:400]
             precision[dtype] = {"supported": False, "error": f"{type(e).__name__}: {msg}"}
             log(f"{dtype} does not run on this machine: {precision[dtype]['error']}")
-            # Still check where the CRF runs: everything but the LSTM under autocast.
-            try:
-                seen = check_dtypes_lstm_fp32(model, probe, dtype)
-                precision[dtype]["dtypes_seen_with_lstm_in_fp32"] = seen
-            except Exception as e2:  # noqa: BLE001
-                precision[dtype]["dtypes_seen_with_lstm_in_fp32"] = {"error": str(e2)[:200]}
     result["precision"] = precision
 
     # 2. shapes
     shapes = []
     for dtype in usable:
-        for b in args.batch_sizes:
-            for t in args.lengths:
-                sents = shape_sentences(tagger, words, b, t, offset=b * 7 + t)
-                calls: list[Call] = [([sents], [t])]
-                s = time_calls(tagger, calls, dtype, args.repeats, args.case_budget_s)
-                tps = b * t / s["median"]
-                row = {
-                    "dtype": dtype,
-                    "batch": b,
-                    "length": t,
-                    "tokens": b * t,
-                    "seconds": s,
-                    "tokens_per_s": tps,
-                    "model_gflops": tps * fpt["total"] / 1e9,
-                }
-                row["efficiency_vs_matmul"] = row["model_gflops"] / matmul[dtype]["gflops"]
-                shapes.append(row)
-                log(
-                    f"{dtype} B={b:<4} T={t:<3} {tps:>10.0f} tok/s  "
-                    f"eff {row['efficiency_vs_matmul']:.1%}"
-                )
+        grid = [(b, t) for b in args.batch_sizes for t in args.lengths]
+        if precision[dtype].get("emulated"):
+            # Emulated bf16 runs several times slower than fp32: one shape shows how much.
+            grid = [(max(args.batch_sizes), sorted(args.lengths)[len(args.lengths) // 2])]
+        for b, t in grid:
+            sents = shape_sentences(tagger, words, b, t, offset=b * 7 + t)
+            calls: list[Call] = [([sents], [t])]
+            s = time_calls(taggers[dtype], calls, args.repeats, args.case_budget_s)
+            tps = b * t / s["median"]
+            row = {
+                "dtype": dtype,
+                "batch": b,
+                "length": t,
+                "tokens": b * t,
+                "seconds": s,
+                "tokens_per_s": tps,
+                "model_gflops": tps * fpt["total"] / 1e9,
+            }
+            # An emulated dtype's matmul is no ceiling of anything: no ratio.
+            emulated = precision[dtype].get("emulated")
+            eff = None if emulated else row["model_gflops"] / matmul[dtype]["gflops"]
+            row["efficiency_vs_matmul"] = eff
+            shapes.append(row)
+            shown = "n/a" if eff is None else f"{eff:.1%}"
+            log(f"{dtype} B={b:<4} T={t:<3} {tps:>10.0f} tok/s  eff {shown}")
     result["shapes"] = shapes
 
     # 3. corpus, buckets on and off
@@ -493,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         calls, batch_shapes = corpus_calls(tagger, groups, bucketed)
         padded = sum(n * t for n, t in batch_shapes)
         torch.set_num_threads(case_threads)
-        s = time_calls(tagger, calls, dtype, args.repeats, budget)
+        s = time_calls(taggers[dtype], calls, args.repeats, budget)
         torch.set_num_threads(threads)
         tps = real_tokens / s["median"]
         run = {
@@ -507,8 +479,8 @@ def main(argv: list[str] | None = None) -> int:
             "tokens_per_s": tps,
             "model_gflops": tps * fpt["total"] / 1e9,
         }
-        # The matmul figure is for the run's thread count; a one-thread row has no ratio.
-        same = case_threads == threads
+        # The matmul figure is for the run's thread count and a native dtype: no ratio otherwise.
+        same = case_threads == threads and not precision[dtype].get("emulated")
         eff_value = run["model_gflops"] / matmul[dtype]["gflops"]
         run["efficiency_vs_matmul"] = eff_value if same else None
         corpus["runs"].append(run)

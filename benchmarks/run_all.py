@@ -377,12 +377,9 @@ def doc_blocks(meta: dict, model, e2e, spacy, summary) -> dict[str, str]:
             if p["supported"]:
                 seen = p["dtypes_seen"]
                 desc = ", ".join(f"{k} {v}" for k, v in seen.items())
-                prows.append([d, "yes", desc])
+                prows.append([d, "emulated" if p.get("emulated") else "yes", desc])
             else:
-                seen = p.get("dtypes_seen_with_lstm_in_fp32") or {}
-                desc = ", ".join(f"{k} {v}" for k, v in seen.items())
-                also = f" With the LSTM kept in fp32 (dtype check only): {desc}." if desc else ""
-                prows.append([d, "**no**", p["error"] + also])
+                prows.append([d, "**no**", p["error"]])
         srows = [
             [
                 r["dtype"], str(r["batch"]), str(r["length"]), fmt(r["tokens_per_s"]),

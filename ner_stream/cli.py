@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import torch
 
 from ner_stream import __version__
 from ner_stream.checkpoint import CheckpointError, default_model_path
-from ner_stream.config import SETTINGS, WorkerConfig
+from ner_stream.config import PRECISIONS, SETTINGS, WorkerConfig
 from ner_stream.logs import configure_logging
 from ner_stream.model_process import ModelProcess, ModelProcessError
 from ner_stream.tagger import Tagger, TaggerOptions
@@ -96,8 +96,12 @@ def _run_worker(cfg: WorkerConfig) -> int:
         return _fail(str(e), 2)
     except ValueError as e:
         return _fail(str(e), 2)
-    log.info("model %s %s (%s) on %s", tagger.name, tagger.version, tagger.info.config.arch,
-             tagger.device)  # fmt: skip
+    log.info("model %s %s (%s) on %s at %s (%s)", tagger.name, tagger.version,
+             tagger.info.config.arch, tagger.device, tagger.precision.precision,
+             tagger.precision.reason)  # fmt: skip
+    if tagger.precision.emulated:
+        log.warning("precision %s is emulated on this %s: expect it to be slower than fp32",
+                    tagger.precision.precision, tagger.device.type)  # fmt: skip
     model_process = None
     if cfg.model_process and tagger.device.type == "cpu":
         try:
@@ -114,7 +118,9 @@ def _run_worker(cfg: WorkerConfig) -> int:
 
 def _start_model_process(cfg: WorkerConfig, tagger: Tagger) -> ModelProcess:
     """Move the model's forward pass into a child process; this one keeps a thread for padding."""
-    proc = ModelProcess(cfg.model or default_model_path(), tagger.options, cfg.model_threads())
+    # The precision already chosen, so that the child cannot decide otherwise.
+    options = replace(tagger.options, precision=tagger.precision.precision)
+    proc = ModelProcess(cfg.model or default_model_path(), options, cfg.model_threads())
     tagger.use_runner(proc)
     torch.set_num_threads(1)
     log.info("model process %d runs the model on %d threads", proc.pid, cfg.model_threads())
@@ -173,6 +179,8 @@ def _tagger_options(cfg: WorkerConfig) -> TaggerOptions:
         device=cfg.device,
         max_chunk_tokens=cfg.max_chunk_tokens,
         max_batch_tokens=cfg.max_batch_tokens,
+        precision=cfg.precision,
+        max_f1_change=cfg.max_f1_change,
     )
 
 
@@ -218,12 +226,17 @@ FORMAT = click.Choice(["auto", "jsonl", "text"])
 @click.option("--device", default="auto", show_default=True, envvar="NER_STREAM_DEVICE")
 @click.option("--format", "fmt", type=FORMAT, default="auto", show_default=True,
               help="Input lines: JSON objects with a text, plain text, or either.")  # fmt: skip
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              envvar="NER_STREAM_PRECISION", help="As for `run`.")  # fmt: skip
+@click.option("--max-f1-change", type=click.FloatRange(0), default=0.1, show_default=True,
+              envvar="NER_STREAM_MAX_F1_CHANGE", help="As for `run`.")  # fmt: skip
 @click.option("--batch-docs", type=click.IntRange(1), default=64, show_default=True)
 @click.argument("inputs", nargs=-1, type=click.File("r", encoding="utf-8"))
-def tag(model, device, fmt, batch_docs, inputs) -> None:
+def tag(model, device, precision, max_f1_change, fmt, batch_docs, inputs) -> None:
     """Tag text or JSONL from files or stdin; print one JSON object per document. No Kafka."""
+    options = TaggerOptions(device=device, precision=precision, max_f1_change=max_f1_change)
     try:
-        tagger = Tagger.from_file(model, TaggerOptions(device=device))
+        tagger = Tagger.from_file(model, options)
     except (CheckpointError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     streams = inputs or (click.open_file("-", encoding="utf-8"),)

@@ -47,6 +47,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("client_id", "Kafka client id prefix."),
     Setting("model", "Model file (default: the packaged English model)."),
     Setting("device", "auto (CUDA when present), cpu or cuda."),
+    Setting(
+        "precision",
+        "Network precision: auto (bf16 on a CPU with native bf16 when the "
+        "model's dev F1 allows), fp32, bf16 or fp16 (CUDA).",
+    ),
+    Setting(
+        "max_f1_change",
+        "Dev-F1 points a reduced precision may move (from the model "
+        "file's measurement) to be used.",
+        float,
+    ),
     Setting("torch_threads", "CPU threads for the model (0: every core but one).", int),
     Setting("model_process", "On the CPU, run the model in a child process of its own.", flag=True),
     Setting("max_batch_docs", "Most documents in one micro-batch.", int),
@@ -87,6 +98,8 @@ class WorkerConfig:
     client_id: str = "ner-stream"
     model: str | None = None
     device: str = "auto"
+    precision: str = "auto"
+    max_f1_change: float = 0.1
     torch_threads: int = 0
     model_process: bool = True
     max_batch_docs: int = 128
@@ -147,6 +160,8 @@ class WorkerConfig:
         return out
 
 
+# The network precisions (see ner_stream.precision, which chooses among them).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
@@ -172,6 +187,10 @@ def validate(cfg: WorkerConfig) -> list[str]:
         problems.append("--session-timeout-ms must be between 6000 and 300000")
     if cfg.torch_threads < 0:
         problems.append("--torch-threads must not be negative")
+    if cfg.precision not in PRECISIONS:
+        problems.append(f"--precision must be one of {', '.join(PRECISIONS)}")
+    if cfg.max_f1_change < 0:
+        problems.append("--max-f1-change must not be negative")
     if cfg.max_wait_ms < 0:
         problems.append("--max-wait-ms must not be negative")
     if cfg.max_chunk_tokens > cfg.max_batch_tokens:

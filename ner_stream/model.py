@@ -345,7 +345,8 @@ class NerModel(nn.Module):
             h = self._bilstm_reversed(x, batch.mask)
         scores = self.proj(self.dropout(h))
         if self.crf is None:
-            return torch.log_softmax(scores, dim=2)
+            # fp32 whatever the network runs at: these are the probabilities the scores report.
+            return torch.log_softmax(scores.float(), dim=2)
         return scores
 
     def _bilstm_packed(self, x: Tensor, mask: Tensor) -> Tensor:

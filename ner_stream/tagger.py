@@ -23,6 +23,7 @@ from ner_stream.checkpoint import LoadedModel, default_model_path, load
 from ner_stream.crf_host import CrfWeights
 from ner_stream.messages import Entity
 from ner_stream.model import Batch
+from ner_stream.precision import DEFAULT_MAX_F1_CHANGE, Choice, cast_network, checks_of, choose
 from ner_stream.spans import OUTSIDE, spans_from_tags
 from ner_stream.text import Token, chunk_document
 from ner_stream.vocab import EncodedSentence
@@ -66,6 +67,8 @@ class TaggerOptions:
     max_chunk_tokens: int = 128  # a longer sentence is cut into windows of this many tokens
     max_batch_tokens: int = 8192  # padded tokens per forward pass
     buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    precision: str = "auto"  # see ner_stream.precision
+    max_f1_change: float = DEFAULT_MAX_F1_CHANGE  # dev-F1 points a reduced precision may move
 
     def __post_init__(self) -> None:
         if self.max_chunk_tokens < 1 or self.max_batch_tokens < self.max_chunk_tokens:
@@ -117,6 +120,12 @@ class Tagger:
         self.options = options or TaggerOptions()
         self.info = loaded.info
         self.device = resolve_device(self.options.device)
+        self.precision: Choice = choose(
+            self.options.precision,
+            self.device,
+            checks_of(loaded.info.extra),
+            self.options.max_f1_change,
+        )
         self.model = loaded.model.to(self.device).eval()
         self.vocabs = loaded.info.vocabs
         self.scheme = loaded.info.config.tag_scheme
@@ -129,6 +138,8 @@ class Tagger:
             if crf is not None and self.device.type == "cpu"
             else None
         )
+        if self.precision.precision != "fp32":
+            cast_network(self.model, self.precision.precision)
         self._runner: BatchRunner = self._run_here
 
     @classmethod

@@ -170,6 +170,7 @@ class Worker(ConsumerRebalanceListener):
                 "version": tagger.version,
                 "architecture": tagger.info.config.arch,
                 "device": str(tagger.device),
+                "precision": tagger.precision.precision,
             }
         )
 

@@ -15,12 +15,19 @@ import torch
 from ner_stream import __version__
 from ner_stream.checkpoint import CheckpointError, default_model_path, load, save
 from ner_stream.model import ARCHS, CHAR_ENCODERS
+from ner_stream.precision import PrecisionCheck, with_check
 from ner_stream.spans import SCHEMES
 from ner_stream.tagger import Tagger, TaggerOptions, resolve_device
 from training.datasets import FORMATS, DatasetError, load_corpus
 from training.embeddings import load_embeddings
 from training.evaluate import format_report
-from training.trainer import TrainConfig, evaluate_model, fingerprint, train
+from training.trainer import (
+    TrainConfig,
+    evaluate_model,
+    fingerprint,
+    precision_check,
+    train,
+)
 
 
 def _load_model(path: Path | None):
@@ -194,6 +201,13 @@ def train_cmd(
     )
     result.info.metrics["total_seconds"] = round(time.monotonic() - started, 1)
     result.info.extra["train_command"] = _portable_command(sys.argv[1:])
+    # Measured once here, so that a worker may run the model in bf16 where that pays (see
+    # `ner-stream run --precision`).
+    check = _check_precision(
+        result.model, result.info, dev_sents, "bf16", resolve_device(device), dev_path
+    )
+    if check is not None:
+        result.info.extra = with_check(result.info.extra, check)
     out.parent.mkdir(parents=True, exist_ok=True)
     save(out, result.model, result.info)
     report = result.best_report
@@ -229,6 +243,66 @@ def evaluate_cmd(model_path, data, fmt, device, as_json) -> None:
         click.echo(json.dumps({**report.to_dict(), "accuracy": accuracy}, indent=2))
     else:
         click.echo(format_report(report, accuracy))
+
+
+def _check_precision(
+    model, info, sentences, precision: str, device: torch.device, data: Path
+) -> PrecisionCheck | None:
+    """`precision_check` with its result echoed; None (and a note) where the device cannot."""
+    try:
+        check = precision_check(
+            model, info.vocabs, sentences, info.config.tag_scheme, device, precision,
+            data.name, fingerprint([data]).removeprefix("sha256:"),
+        )  # fmt: skip
+    except RuntimeError as e:
+        click.echo(f"{precision} not measured on {device}: {e}", err=True)
+        return None
+    click.echo(
+        f"dev F1 {check.fp32_f1:.2f} at fp32, {check.f1:.2f} at {precision} "
+        f"({check.change:+.2f}) on {check.data}, {check.sentences} sentences, {check.device}",
+        err=True,
+    )
+    return check
+
+
+@main.command("check-precision")
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Model file (default: the packaged English model).",
+)
+@click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="conll", show_default=True)
+@click.option("--precision", type=click.Choice(["bf16", "fp16"]), default="bf16", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--write", is_flag=True, help="Record the result in the model file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def check_precision_cmd(model_path, data, fmt, precision, device, write, as_json) -> None:
+    """Dev F1 at fp32 and at a reduced precision, on the same data and device.
+
+    With --write the result goes into the model file, where `ner-stream run --precision` reads
+    it: a reduced precision is used only when F1 moved by at most --max-f1-change.
+    """
+    path = model_path or default_model_path()
+    loaded = _load_model(path)
+    sentences = _read(data, fmt)
+    try:
+        dev = resolve_device(device)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--device") from None
+    if precision == "fp16" and dev.type != "cuda":
+        raise click.BadParameter("fp16 runs only on CUDA", param_hint="--precision")
+    check = _check_precision(loaded.model, loaded.info, sentences, precision, dev, data)
+    if check is None:
+        raise click.ClickException(f"{precision} could not run on {dev}")
+    if as_json:
+        click.echo(json.dumps({**check.to_dict(), "change": round(check.change, 4)}, indent=2))
+    if write:
+        fresh = _load_model(path)  # the file's own weights, untouched by the measurement
+        fresh.info.extra = with_check(fresh.info.extra, check)
+        save(path, fresh.model, fresh.info)
+        click.echo(f"recorded in {path}", err=True)
 
 
 @main.command("predict")

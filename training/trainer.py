@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import random
@@ -17,6 +18,7 @@ import torch
 from ner_stream.batching import pad_batch
 from ner_stream.checkpoint import ModelInfo, round_half_precision
 from ner_stream.model import ModelConfig, NerModel
+from ner_stream.precision import PrecisionCheck, cast_network, cpu_has_native_bf16
 from ner_stream.spans import convert_tags
 from ner_stream.tagger import resolve_device
 from ner_stream.vocab import UNK_ID, EncodedSentence, Vocab, Vocabularies, word_key
@@ -213,6 +215,43 @@ def evaluate_model(
     report = entity_scores([s.tags for s in sentences], pred, scheme="iob2")
     accuracy = masked_token_accuracy(*_flat_with_mask(pred_ids, gold_ids))
     return report, accuracy
+
+
+def precision_check(
+    model: NerModel,
+    vocabs: Vocabularies,
+    sentences: Sequence[Sentence],
+    scheme: str,
+    device: torch.device,
+    precision: str,
+    data_name: str,
+    data_sha256: str,
+) -> PrecisionCheck:
+    """Dev F1 of `model` at fp32 and at `precision`, on the same sentences and device.
+
+    The reduced-precision copy is cast exactly as the worker casts it
+    (`ner_stream.precision.cast_network`); `model` itself is left as it was.
+    """
+    fp32_report, _ = evaluate_model(model, vocabs, sentences, scheme, device)
+    reduced = cast_network(copy.deepcopy(model).to(device), precision)
+    report, _ = evaluate_model(reduced, vocabs, sentences, scheme, device)
+    return PrecisionCheck(
+        precision=precision,
+        f1=round(report.micro.f1, 4),
+        fp32_f1=round(fp32_report.micro.f1, 4),
+        data=data_name,
+        data_sha256=data_sha256,
+        sentences=len(sentences),
+        device=device_name(device),
+    )
+
+
+def device_name(device: torch.device) -> str:
+    """The device in words: the GPU's name, or the CPU's flags that matter for precision."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    native = "native bf16" if cpu_has_native_bf16() else "no native bf16"
+    return f"cpu ({torch.backends.cpu.get_cpu_capability()}, {native})"
 
 
 def _flat_with_mask(pred: list[list[int]], gold: list[list[int]]):

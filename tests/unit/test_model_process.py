@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from ner_stream.batching import pad_batch
 from ner_stream.checkpoint import save
 from ner_stream.model_process import ModelProcess, ModelProcessError
+from ner_stream.precision import PrecisionCheck, with_check
 from ner_stream.tagger import Tagger, TaggerOptions
 from tests.fakes import random_model
 
@@ -108,3 +110,25 @@ def test_a_pass_that_fails_in_the_child_fails_alone(model_file, process):
     assert tagger.tag(["Peter went to Paris ."]) == Tagger.from_file(model_file, OPTIONS).tag(
         ["Peter went to Paris ."]
     )
+
+
+def test_the_model_process_runs_the_precision_it_is_given(tmp_path):
+    loaded = random_model(seed=3)
+    loaded.info.extra = with_check(
+        {}, PrecisionCheck("bf16", 90.0, 90.0, "dev.txt", "ab" * 32, 10, "cpu")
+    )
+    path = tmp_path / "checked.nerm"
+    save(path, loaded.model, loaded.info)
+    options = replace(OPTIONS, precision="bf16")
+    here = Tagger.from_file(path, options)
+    fp32 = Tagger.from_file(path, replace(OPTIONS, precision="fp32")).tag(TEXTS)
+    expected = here.tag(TEXTS)
+    # bf16 rounds the scores: a pass in the child at fp32 would give those of `fp32`.
+    assert [[e.score for e in d] for d in expected] != [[e.score for e in d] for d in fp32]
+    proc = ModelProcess(path, options, threads=1)
+    try:
+        remote = Tagger.from_file(path, options)
+        remote.use_runner(proc)
+        assert remote.tag(TEXTS) == expected
+    finally:
+        proc.close()

@@ -4,8 +4,12 @@ import json
 import random
 
 import pytest
+import torch
 from click.testing import CliRunner
 
+from ner_stream.checkpoint import load, save
+from ner_stream.precision import checks_of
+from ner_stream.tagger import Tagger, TaggerOptions
 from training.cli import main
 
 PEOPLE = [("Anna", "Berg"), ("Tom", "Hale"), ("Ines", "Moreau"), ("Raj", "Patel")]
@@ -90,3 +94,37 @@ def test_missing_model_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(main, args, input="x\n")
     assert result.exit_code == 1
     assert "model file not found" in result.output
+
+
+def test_training_records_the_dev_f1_of_the_model_in_bf16(trained):
+    d, model, output = trained
+    check = checks_of(load(model).info.extra)["bf16"]
+    assert check.sentences == 30 and check.data == "dev.txt"
+    assert 0.0 <= check.f1 <= 100.0
+    evaluated = CliRunner().invoke(
+        main, ["evaluate", "--model", str(model), "--data", str(d / "dev.txt"), "--json"]
+    )
+    assert check.fp32_f1 == pytest.approx(json.loads(evaluated.output)["f1"], abs=1e-3)
+    assert "at bf16" in output
+
+
+def test_check_precision_writes_the_measurement_the_worker_gates_on(trained, tmp_path):
+    d, model, _ = trained
+    copy = tmp_path / "copy.nerm"
+    loaded = load(model)
+    loaded.info.extra = {}  # as a model trained before precision checks existed
+    save(copy, loaded.model, loaded.info)
+    with pytest.raises(ValueError, match="no dev-F1 measurement"):
+        Tagger.from_file(copy, TaggerOptions(device="cpu", precision="bf16"))
+    args = ["check-precision", "--model", str(copy), "--data", str(d / "dev.txt")]
+    result = CliRunner().invoke(main, [*args, "--device", "cpu", "--write", "--json"])
+    assert result.exit_code == 0, result.output
+    reported = json.loads(result.output[result.output.index("{") : result.output.rindex("}") + 1])
+    assert checks_of(load(copy).info.extra)["bf16"].f1 == reported["f1"]
+    # The weights are the file's own, not the bf16 copy the measurement ran.
+    for name, tensor in load(copy).model.state_dict().items():
+        assert torch.equal(tensor, loaded.model.state_dict()[name]), name
+    tagger = Tagger.from_file(
+        copy, TaggerOptions(device="cpu", precision="bf16", max_f1_change=100.0)
+    )
+    assert tagger.precision.precision == "bf16"

@@ -1,0 +1,129 @@
+"""Choosing the network's precision: only where the hardware runs it and the dev F1 allows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ner_stream import precision as prec
+from ner_stream.checkpoint import load, save
+from ner_stream.cli import main as ner_stream_main
+from ner_stream.precision import PrecisionCheck, PrecisionError, checks_of, choose, with_check
+from ner_stream.tagger import Tagger, TaggerOptions
+from tests.fakes import random_model
+
+CPU = torch.device("cpu")
+TEXTS = [
+    "Peter went to Paris and the Peter went .",
+    "paris peter to the and went Peter Paris .",
+    "Peter Peter Paris went to the Paris .",
+]
+
+
+def check(precision: str = "bf16", f1: float = 90.03, fp32_f1: float = 90.0) -> PrecisionCheck:
+    return PrecisionCheck(precision, f1, fp32_f1, "dev.txt", "ab" * 32, 100, "cpu")
+
+
+@pytest.fixture
+def native_bf16(monkeypatch):
+    monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda: True)
+
+
+@pytest.fixture
+def no_native_bf16(monkeypatch):
+    monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda: False)
+
+
+def test_auto_takes_bf16_on_a_cpu_with_native_bf16_when_dev_f1_allows(native_bf16):
+    choice = choose("auto", CPU, {"bf16": check()})
+    assert choice.precision == "bf16" and not choice.emulated
+    assert "90.00" in choice.reason and "90.03" in choice.reason
+
+
+def test_auto_stays_fp32_without_native_bf16(no_native_bf16):
+    choice = choose("auto", CPU, {"bf16": check()})
+    assert choice.precision == "fp32"
+    assert "no native bf16" in choice.reason
+
+
+@pytest.mark.parametrize("checks", [{}, {"bf16": check(f1=89.8)}, {"bf16": check(f1=90.2)}])
+def test_auto_stays_fp32_when_the_model_has_no_check_or_f1_moved_too_much(native_bf16, checks):
+    # A gain counts as a move too: the gate is on how far F1 moved, not in which direction.
+    assert choose("auto", CPU, checks).precision == "fp32"
+
+
+def test_auto_stays_fp32_on_cuda():
+    assert choose("auto", torch.device("cuda"), {"bf16": check()}).precision == "fp32"
+
+
+def test_the_allowed_change_is_configurable(native_bf16):
+    moved = {"bf16": check(f1=89.75)}
+    assert choose("auto", CPU, moved, max_f1_change=0.1).precision == "fp32"
+    assert choose("auto", CPU, moved, max_f1_change=0.3).precision == "bf16"
+
+
+def test_an_explicit_request_is_refused_without_a_measurement(no_native_bf16):
+    with pytest.raises(PrecisionError, match="no dev-F1 measurement at bf16.*check-precision"):
+        choose("bf16", CPU, {})
+
+
+def test_an_explicit_request_is_refused_when_f1_moved_too_much(no_native_bf16):
+    with pytest.raises(PrecisionError, match=r"-0\.50 on dev\.txt.*--max-f1-change 0\.1"):
+        choose("bf16", CPU, {"bf16": check(f1=89.5)})
+
+
+def test_an_explicit_request_without_native_support_runs_emulated(no_native_bf16):
+    choice = choose("bf16", CPU, {"bf16": check()})
+    assert choice.precision == "bf16" and choice.emulated
+
+
+def test_fp16_is_refused_on_a_cpu_and_unknown_names_everywhere():
+    with pytest.raises(PrecisionError, match="only on CUDA"):
+        choose("fp16", CPU, {"fp16": check("fp16")})
+    with pytest.raises(PrecisionError, match="unknown precision"):
+        choose("fp8", CPU, {})
+    with pytest.raises(PrecisionError, match="must not be negative"):
+        choose("auto", CPU, {}, max_f1_change=-1)
+
+
+def test_checks_survive_the_model_file(tmp_path):
+    loaded = random_model()
+    loaded.info.extra = with_check(with_check({"note": "kept"}, check()), check(f1=91.0))
+    save(tmp_path / "m.nerm", loaded.model, loaded.info)
+    back = load(tmp_path / "m.nerm").info.extra
+    assert back["note"] == "kept"
+    assert checks_of(back) == {"bf16": check(f1=91.0)}  # the later check replaced the earlier
+
+
+def test_a_bf16_tagger_finds_the_entities_of_the_fp32_tagger():
+    # The network really runs in bf16 (emulated on a CPU without it); the CRF stays fp32.
+    loaded = random_model()
+    fp32 = Tagger(random_model(), TaggerOptions(device="cpu", precision="fp32"))
+    loaded.info.extra = with_check({}, check())
+    bf16 = Tagger(loaded, TaggerOptions(device="cpu", precision="bf16"))
+    assert bf16.model.lstm.weight_ih_l0.dtype == torch.bfloat16
+    assert bf16.model.crf.transitions.dtype == torch.float32
+    want, got = fp32.tag(TEXTS), bf16.tag(TEXTS)
+    assert sum(map(len, want)) > 0
+    same = sum(
+        (a.start, a.end, a.type) == (b.start, b.end, b.type)
+        for x, y in zip(want, got, strict=True)
+        for a, b in zip(x, y, strict=False)
+    )
+    assert same >= 0.9 * sum(map(len, want))
+    for x, y in zip(want, got, strict=True):
+        for a, b in zip(x, y, strict=False):
+            if (a.start, a.end, a.type) == (b.start, b.end, b.type):
+                assert abs(a.score - b.score) < 0.05
+
+
+def test_the_worker_refuses_a_precision_the_model_has_not_measured(tmp_path):
+    # Bad configuration: exit 2 with the reason, before any broker is contacted.
+    loaded = random_model()
+    save(tmp_path / "m.nerm", loaded.model, loaded.info)
+    args = ["run", "--model", str(tmp_path / "m.nerm"), "--precision", "bf16"]
+    args += ["--bootstrap-servers", "127.0.0.1:1", "--metrics-port", "0", "--device", "cpu"]
+    result = CliRunner().invoke(ner_stream_main, args)
+    assert result.exit_code == 2
+    assert "precision bf16 refused" in result.output
