@@ -14,6 +14,7 @@ of the chosen tag, or the softmax probability for ``lstm``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -120,10 +121,14 @@ class CharCNN(nn.Module):
 
     def forward(self, chars: Tensor) -> Tensor:
         b, t, length = chars.shape
-        # A word's features depend on its characters alone, and text repeats words: encode each
-        # distinct character row once (about a third of the rows of a news batch).
-        rows, inverse = unique_rows(chars.reshape(b * t, length))
-        return self._encode(rows)[inverse].view(b, t, self.out_dim)
+        return self.encode_rows(chars.reshape(b * t, length)).view(b, t, self.out_dim)
+
+    def encode_rows(self, rows: Tensor) -> Tensor:
+        """Features [N, filters] of rows of character ids [N, L], each distinct row encoded once."""
+        # A word's features depend on its characters alone, and text repeats words (about a third
+        # of the rows of a news batch are distinct).
+        distinct, inverse = unique_rows(rows)
+        return self._encode(distinct)[inverse]
 
     def _encode(self, rows: Tensor) -> Tensor:
         """Features of each row of character ids [N, L] -> [N, filters]."""
@@ -327,11 +332,43 @@ class NerModel(nn.Module):
         self.proj = nn.Linear(c.hidden * (2 if bidirectional else 1), c.num_tags)
         self.crf = CRF(c.num_tags) if c.arch == "bilstm-crf" else None
 
-    def emissions(self, batch: Batch) -> Tensor:
-        """Per-token tag scores [B, T, K] (log-probabilities for ``lstm``)."""
+    def char_features(self, chars: Sequence[Tensor]) -> list[Tensor] | None:
+        """The character encoder's features [B, T, F] of several batches' characters [B, T, L].
+
+        The CNN encodes the distinct words of all the batches in one pass: words repeat across the
+        length buckets of a micro-batch too, and each pass of the encoder has a fixed cost. None
+        for a model without a character encoder.
+        """
+        if self.char_encoder is None:
+            return None
+        if not isinstance(self.char_encoder, CharCNN):
+            return [self.char_encoder(c) for c in chars]
+        # Padding characters read as zeros (see CharCNN._encode): rows padded to one width give
+        # the same features.
+        width = max(c.shape[2] for c in chars)
+        rows = torch.cat(
+            [
+                nn.functional.pad(c, (0, width - c.shape[2]), value=PAD_ID).reshape(-1, width)
+                for c in chars
+            ]
+        )
+        features = self.char_encoder.encode_rows(rows)
+        sizes = [c.shape[0] * c.shape[1] for c in chars]
+        return [
+            f.view(c.shape[0], c.shape[1], -1)
+            for f, c in zip(features.split(sizes), chars, strict=True)
+        ]
+
+    def emissions(self, batch: Batch, char_features: Tensor | None = None) -> Tensor:
+        """Per-token tag scores [B, T, K] (log-probabilities for ``lstm``).
+
+        `char_features`: this batch's from `char_features`, when computed for several at once.
+        """
         feats = [self.word_embed(batch.words)]
         if self.char_encoder is not None:
-            feats.append(self.char_encoder(batch.chars))
+            if char_features is None:
+                char_features = self.char_encoder(batch.chars)
+            feats.append(char_features)
         if self.case_embed is not None:
             feats.append(self.case_embed(batch.cases))
         x = self.dropout(torch.cat(feats, dim=2) if len(feats) > 1 else feats[0])

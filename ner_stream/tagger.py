@@ -332,9 +332,11 @@ class Tagger:
         """
         emissions, masks = [], []
         with torch.inference_mode():
-            for batch, n in zip(batches, rows, strict=True):
-                batch = batch.to(self.device, non_blocking=self._pin)
-                emissions.append(self.model.emissions(batch)[:n])
+            batches = [b.to(self.device, non_blocking=self._pin) for b in batches]
+            chars = self.model.char_features([b.chars for b in batches])
+            for i, (batch, n) in enumerate(zip(batches, rows, strict=True)):
+                features = None if chars is None else chars[i]
+                emissions.append(self.model.emissions(batch, features)[:n])
                 masks.append(batch.mask[:n])
             width = max(m.shape[1] for m in masks)
             em = torch.cat([nn.functional.pad(e, (0, 0, 0, width - e.shape[1])) for e in emissions])
