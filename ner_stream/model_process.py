@@ -8,7 +8,9 @@ model never waits for the parent's Python, and the parent's Python runs beside i
 core.
 
 The parent still tokenizes, encodes, pads and decodes spans; only padded arrays (about 1.5 MB
-for a full micro-batch) and the tags and confidences of the real rows cross the pipe.
+for a full micro-batch) and the tags and confidences of the real rows cross the pipe. In the
+child, passes flow through two stages on two threads, the network (torch, `--torch-threads`
+threads) and then the CRF (numpy), so that one pass is decoded while the next one's network runs.
 """
 
 from __future__ import annotations
@@ -181,22 +183,51 @@ def serve(conn: Connection, model_path: str, options: TaggerOptions, threads: in
     # one, and neither side may block the other.
     requests: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=_read_requests, args=(conn, requests), daemon=True).start()
+    # The network of one pass runs while the CRF decodes the pass before it, on a thread of its
+    # own: the CRF (numpy) is about a sixth of a pass, and a CPU rarely has no room at all for
+    # it beside the worker's own process. The two threads hand the GIL back and forth, so it
+    # must be handed over promptly.
+    sys.setswitchinterval(0.0005)
+    decoded: queue.SimpleQueue = queue.SimpleQueue()
+    decoder = threading.Thread(target=_decode_and_reply, args=(conn, tagger, decoded))
+    decoder.start()
     conn.send(("ready", os.getpid()))
+    try:
+        while True:
+            message = requests.get()
+            if message is None:  # asked to stop, or the parent is gone
+                return
+            arrays, rows = message
+            t0 = time.perf_counter()
+            try:
+                batches = [Batch(*(torch.from_numpy(a) for a in fields)) for fields in arrays]
+                decoded.put((tagger.run_network(batches, rows), time.perf_counter() - t0))
+            except Exception as e:  # this pass's documents fail; the next pass may be fine
+                decoded.put(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        decoded.put(None)
+        decoder.join()  # the answers to passes already run still go out
+
+
+def _decode_and_reply(conn: Connection, tagger: Tagger, decoded: queue.SimpleQueue) -> None:
+    """Decode each pass's emissions, in order, and send the answer."""
     while True:
-        message = requests.get()
-        if message is None:  # asked to stop, or the parent is gone
+        item = decoded.get()
+        if item is None:
             return
-        arrays, rows = message
-        t0 = time.perf_counter()
-        try:
-            batches = [Batch(*(torch.from_numpy(a) for a in fields)) for fields in arrays]
-            tags, scores = tagger.run_batches(batches, rows)
-            reply: tuple = ("ok", tags, scores, time.perf_counter() - t0)
-        except Exception as e:  # this pass's documents fail; the next pass may be fine
-            reply = ("error", f"{type(e).__name__}: {e}")
+        if item[0] == "error":
+            reply: tuple = item
+        else:
+            emissions, network_s = item
+            t0 = time.perf_counter()
+            try:
+                tags, scores = tagger.decode(emissions)
+                reply = ("ok", tags, scores, network_s + time.perf_counter() - t0)
+            except Exception as e:  # as in the network: this pass alone fails
+                reply = ("error", f"{type(e).__name__}: {e}")
         try:
             conn.send(reply)
-        except OSError:  # the parent is gone
+        except OSError:  # the parent is gone; the reading thread ends the loop
             return
 
 

@@ -330,6 +330,10 @@ class Tagger:
         The network runs once per batch (one length bucket each); decoding runs once over all of
         them, because the CRF's cost is its number of steps, not the rows it carries.
         """
+        return self.decode(self.run_network(batches, rows))
+
+    def run_network(self, batches: list[Batch], rows: list[int]) -> Emissions:
+        """The first half of `run_batches`: the network's emissions of the real rows, joined."""
         emissions, masks = [], []
         with torch.inference_mode():
             batches = [b.to(self.device, non_blocking=self._pin) for b in batches]
@@ -341,12 +345,26 @@ class Tagger:
             width = max(m.shape[1] for m in masks)
             em = torch.cat([nn.functional.pad(e, (0, 0, 0, width - e.shape[1])) for e in emissions])
             mask = torch.cat([nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
-            if self._host_crf is not None:
-                lengths = mask.sum(1).numpy()
-                return crf_host.decode(self._host_crf, em.float().numpy(), lengths)
+        return Emissions(em, mask)
+
+    def decode(self, emissions: Emissions) -> tuple[np.ndarray, np.ndarray]:
+        """The second half of `run_batches`: best tags and their confidences."""
+        em, mask = emissions.scores, emissions.mask
+        if self._host_crf is not None:
+            lengths = mask.sum(1).numpy()
+            return crf_host.decode(self._host_crf, em.float().numpy(), lengths)
+        with torch.inference_mode():
             tags, scores = self.model.decode_emissions(em, mask, with_scores=True)
         assert scores is not None
         return tags.cpu().numpy(), scores.float().cpu().numpy()
+
+
+@dataclass
+class Emissions:
+    """The network's tag scores [N, T, K] of a forward pass and its mask [N, T]."""
+
+    scores: torch.Tensor
+    mask: torch.Tensor
 
 
 @dataclass

@@ -132,3 +132,23 @@ def test_the_model_process_runs_the_precision_it_is_given(tmp_path):
         assert remote.tag(TEXTS) == expected
     finally:
         proc.close()
+
+
+def test_a_failing_pass_among_passes_in_flight_fails_alone_and_in_its_place(model_file, process):
+    # The child runs one pass's network while it decodes the one before: a pass that fails in
+    # the network must not overtake, delay or break the answers around it.
+    tagger = Tagger.from_file(model_file, OPTIONS)
+    good = pad_batch([tagger.vocabs.encode(["Peter", "went", "to", "Paris"])], pad_to=8)
+    bad = pad_batch([tagger.vocabs.encode(["Peter", "went"])], pad_to=8)
+    bad.words[0, 0] = 10**6
+    expected = tagger.run_batches([good], [1])
+    replies = [process([b], [1]) for b in (good, bad, good, good)]
+    outcomes = []
+    for reply in replies:
+        try:
+            got = reply.get()
+            outcomes.append((got.tags.tolist(), got.scores.tolist()))
+        except RuntimeError:
+            outcomes.append("failed")
+    want = (expected[0].tolist(), expected[1].tolist())
+    assert outcomes == [want, "failed", want, want]
