@@ -239,6 +239,9 @@ def tag(model, device, precision, max_f1_change, fmt, batch_docs, inputs) -> Non
         tagger = Tagger.from_file(model, options)
     except (CheckpointError, ValueError) as e:
         raise click.ClickException(str(e)) from None
+    if tagger.precision.emulated:
+        click.echo(f"ner-stream: {tagger.precision.precision} is emulated on this "
+                   f"{tagger.device.type}: slower than fp32", err=True)  # fmt: skip
     streams = inputs or (click.open_file("-", encoding="utf-8"),)
     for batch in _chunks(_documents(streams, fmt), batch_docs):
         results = tagger.tag([text for _, text, _ in batch])
