@@ -6,7 +6,8 @@ client, no broker):
 1. device and ceilings: GPU name, torch/CUDA versions, dense matmul TFLOP/s (fp32, tf32, bf16);
 2. agreement: the same corpus tagged on the CPU and on the GPU (entities compared one by one);
 3. shapes: `NerModel.decode` on full batches of B sequences x T tokens, B = 256 ... 4096, in
-   fp32, bf16 and fp16 (autocast), timed with CUDA synchronisation, with and without the CRF;
+   fp32, bf16 and fp16 (the network cast as the worker's `--precision` casts it, the CRF in
+   fp32), timed with CUDA synchronisation, with and without the CRF;
 4. tagger: the corpus through `Tagger._forward` (host padding, copies, one forward pass per length
    bucket, CRF decoding, results back as lists) at micro-batches of 128 ... 4096 documents;
 5. host stages on one CPU core of the same machine: JSON decode of the input records,
@@ -19,6 +20,7 @@ client, no broker):
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -32,9 +34,10 @@ from benchmarks.corpus import DEFAULT_SEED, documents
 from ner_stream.batching import pad_batch
 from ner_stream.checkpoint import default_model_path
 from ner_stream.messages import Source, decode, encode_output
+from ner_stream.precision import cast_network
 from ner_stream.tagger import Tagger, TaggerOptions
 
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -178,21 +181,21 @@ def main(argv: list[str] | None = None) -> int:
 
     # Shapes: model.decode on device tensors.
     words = [t.text for p in prepared for c in p.chunks for t in c]
-    model = gpu.model
+    models = {p: cast_network(copy.deepcopy(gpu.model), p) for p in PRECISIONS}
     shapes = []
     for t in ints(args.lengths):
         for b in ints(args.batch_sizes):
             if time.perf_counter() - started > args.budget_s * 0.6:
                 break
             batch = pad_batch(shape_rows(gpu, words, b, t)).to(gpu.device)
-            for dtype, cast in AUTOCAST.items():
+            for dtype, model in models.items():
 
-                def full(cast=cast, batch=batch):
-                    with torch.inference_mode(), torch.autocast(device, cast, enabled=bool(cast)):
+                def full(model=model, batch=batch):
+                    with torch.inference_mode():
                         model.decode(batch, with_scores=True)
 
-                def network(cast=cast, batch=batch):
-                    with torch.inference_mode(), torch.autocast(device, cast, enabled=bool(cast)):
+                def network(model=model, batch=batch):
+                    with torch.inference_mode():
                         model.emissions(batch)
 
                 try:
