@@ -61,6 +61,36 @@ def _progress(batches: Iterator, total: int, label: str, status: Callable[[], st
         yield from bar
 
 
+def _device(name: str) -> torch.device:
+    """The torch device for --device, or a usage error naming the flag."""
+    try:
+        return resolve_device(name)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--device") from None
+
+
+def _scoring_options(func):
+    """--model, --data, --format and --device: the options of the commands that score a model."""
+    options = [
+        click.option(
+            "--model",
+            "model_path",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Model file (default: the packaged English model).",
+        ),
+        click.option(
+            "--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True
+        ),
+        click.option(
+            "--format", "fmt", type=click.Choice(FORMATS), default="conll", show_default=True
+        ),
+        click.option("--device", default="auto", show_default=True),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ner-train")
 def main() -> None:
@@ -174,10 +204,7 @@ def train_cmd(
     """Train a tagger; keep the epoch with the best dev entity F1."""
     if threads:
         torch.set_num_threads(threads)
-    try:
-        resolve_device(device)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--device") from None
+    train_device = _device(device)
     started = time.monotonic()
     train_sents, dev_sents = _read(train_path, fmt), _read(dev_path, fmt)
     click.echo(f"train: {len(train_sents)} sentences, dev: {len(dev_sents)} sentences", err=True)
@@ -203,9 +230,7 @@ def train_cmd(
     result.info.extra["train_command"] = _portable_command(sys.argv[1:])
     # Measured once here, so that a worker may run the model in bf16 where that pays (see
     # `ner-stream run --precision`).
-    check = _check_precision(
-        result.model, result.info, dev_sents, "bf16", resolve_device(device), dev_path
-    )
+    check = _check_precision(result.model, result.info, dev_sents, "bf16", train_device, dev_path)
     if check is not None:
         result.info.extra = with_check(result.info.extra, check)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -217,24 +242,13 @@ def train_cmd(
 
 
 @main.command("evaluate")
-@click.option(
-    "--model",
-    "model_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Model file (default: the packaged English model).",
-)
-@click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="conll", show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@_scoring_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def evaluate_cmd(model_path, data, fmt, device, as_json) -> None:
     """Entity P/R/F1 per type (conlleval rules) and masked token accuracy on labelled data."""
     loaded = _load_model(model_path)
     sentences = _read(data, fmt)
-    try:
-        dev = resolve_device(device)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--device") from None
+    dev = _device(device)
     model = loaded.model.to(dev)
     report, accuracy = evaluate_model(
         model, loaded.info.vocabs, sentences, loaded.info.config.tag_scheme, dev
@@ -266,16 +280,8 @@ def _check_precision(
 
 
 @main.command("check-precision")
-@click.option(
-    "--model",
-    "model_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Model file (default: the packaged English model).",
-)
-@click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="conll", show_default=True)
+@_scoring_options
 @click.option("--precision", type=click.Choice(["bf16", "fp16"]), default="bf16", show_default=True)
-@click.option("--device", default="auto", show_default=True)
 @click.option("--write", is_flag=True, help="Record the result in the model file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def check_precision_cmd(model_path, data, fmt, precision, device, write, as_json) -> None:
@@ -287,10 +293,7 @@ def check_precision_cmd(model_path, data, fmt, precision, device, write, as_json
     path = model_path or default_model_path()
     loaded = _load_model(path)
     sentences = _read(data, fmt)
-    try:
-        dev = resolve_device(device)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--device") from None
+    dev = _device(device)
     if precision == "fp16" and dev.type != "cuda":
         raise click.BadParameter("fp16 runs only on CUDA", param_hint="--precision")
     check = _check_precision(loaded.model, loaded.info, sentences, precision, dev, data)
