@@ -226,10 +226,11 @@ FORMAT = click.Choice(["auto", "jsonl", "text"])
 @click.option("--device", default="auto", show_default=True, envvar="NER_STREAM_DEVICE")
 @click.option("--format", "fmt", type=FORMAT, default="auto", show_default=True,
               help="Input lines: JSON objects with a text, plain text, or either.")  # fmt: skip
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-              envvar="NER_STREAM_PRECISION", help="As for `run`.")  # fmt: skip
-@click.option("--max-f1-change", type=click.FloatRange(0), default=0.1, show_default=True,
-              envvar="NER_STREAM_MAX_F1_CHANGE", help="As for `run`.")  # fmt: skip
+@click.option("--precision", type=click.Choice(PRECISIONS), default=WorkerConfig.precision,
+              show_default=True, envvar="NER_STREAM_PRECISION", help="As for `run`.")  # fmt: skip
+@click.option("--max-f1-change", type=click.FloatRange(0), default=WorkerConfig.max_f1_change,
+              show_default=True, envvar="NER_STREAM_MAX_F1_CHANGE",
+              help="As for `run`.")  # fmt: skip
 @click.option("--batch-docs", type=click.IntRange(1), default=64, show_default=True)
 @click.argument("inputs", nargs=-1, type=click.File("r", encoding="utf-8"))
 def tag(model, device, precision, max_f1_change, fmt, batch_docs, inputs) -> None:

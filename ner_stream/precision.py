@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from ner_stream.config import PRECISIONS
+from ner_stream.config import PRECISIONS, WorkerConfig
 from ner_stream.model import NerModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKS_KEY = "precision_checks"  # in the model file's `extra`
-DEFAULT_MAX_F1_CHANGE = 0.1
+DEFAULT_MAX_F1_CHANGE = WorkerConfig.max_f1_change
 
 
 class PrecisionError(ValueError):
@@ -63,10 +63,6 @@ class Choice:
     precision: str
     reason: str
     emulated: bool = False  # the hardware has no native support: slower than fp32
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return DTYPES[self.precision]
 
 
 def checks_of(extra: dict) -> dict[str, PrecisionCheck]:
@@ -123,28 +119,22 @@ def choose(
         return Choice("bf16", f"auto: native bf16, {_moved('bf16', checks['bf16'])}")
     if requested == "fp16" and device.type != "cuda":
         raise PrecisionError("precision fp16 runs only on CUDA; use bf16 or fp32 on a CPU")
-    check = checks.get(requested)
-    if check is None:
-        raise PrecisionError(
-            f"precision {requested} refused: the model records no dev-F1 measurement at "
-            f"{requested}; measure it with `ner-train check-precision --precision {requested} "
-            "--data DEV --write`"
-        )
-    if abs(check.change) > max_f1_change:
-        raise PrecisionError(
-            f"precision {requested} refused: {_moved(requested, check)}, more than "
-            f"--max-f1-change {max_f1_change:g}"
-        )
-    return Choice(requested, _moved(requested, check), not is_native(requested, device))
+    problem = _gate(requested, checks, max_f1_change)
+    if problem:
+        raise PrecisionError(f"precision {requested} refused: {problem}")
+    return Choice(requested, _moved(requested, checks[requested]), not is_native(requested, device))
 
 
 def _gate(precision: str, checks: dict[str, PrecisionCheck], max_f1_change: float) -> str | None:
     """Why `precision` may not run (None when it may)."""
     check = checks.get(precision)
     if check is None:
-        return f"the model records no dev-F1 measurement at {precision}"
+        return (
+            f"the model records no dev-F1 measurement at {precision}; measure it with "
+            f"`ner-train check-precision --precision {precision} --data DEV --write`"
+        )
     if abs(check.change) > max_f1_change:
-        return f"{_moved(precision, check)}, more than {max_f1_change:g}"
+        return f"{_moved(precision, check)}, more than --max-f1-change {max_f1_change:g}"
     return None
 
 

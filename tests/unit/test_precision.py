@@ -106,16 +106,16 @@ def test_a_bf16_tagger_finds_the_entities_of_the_fp32_tagger():
     assert bf16.model.crf.transitions.dtype == torch.float32
     want, got = fp32.tag(TEXTS), bf16.tag(TEXTS)
     assert sum(map(len, want)) > 0
-    same = sum(
-        (a.start, a.end, a.type) == (b.start, b.end, b.type)
-        for x, y in zip(want, got, strict=True)
-        for a, b in zip(x, y, strict=False)
-    )
-    assert same >= 0.9 * sum(map(len, want))
-    for x, y in zip(want, got, strict=True):
-        for a, b in zip(x, y, strict=False):
-            if (a.start, a.end, a.type) == (b.start, b.end, b.type):
-                assert abs(a.score - b.score) < 0.05
+
+    def spans(docs):
+        return [[(e.start, e.end, e.type) for e in doc] for doc in docs]
+
+    assert spans(got) == spans(want)
+    pairs = zip([e for doc in want for e in doc], [e for doc in got for e in doc], strict=True)
+    scores = [(a.score, b.score) for a, b in pairs]
+    # bf16 rounds the network's outputs: scores move a little, and do move.
+    assert max(abs(a - b) for a, b in scores) < 0.05
+    assert any(a != b for a, b in scores)
 
 
 def test_the_worker_refuses_a_precision_the_model_has_not_measured(tmp_path):
