@@ -55,12 +55,14 @@ class Chunk:
         return self.tokens[-1].end if self.tokens else 0
 
 
-def _combining_mark_class() -> str:
-    """Regex class body with every combining mark (Unicode categories Mn, Mc, Me).
+def _combining_mark_classes() -> tuple[str, str]:
+    """Regex class bodies with every combining mark (Unicode categories Mn, Mc, Me): BMP, astral.
 
     Python's ``\\w`` leaves out combining marks, which would cut decomposed accents ("e" + U+0301)
     and Indic vowel signs out of their words. The stdlib ``re`` has no ``\\p{M}``, so the ranges
-    are derived once from ``unicodedata``; no marks exist between U+20000 and U+E0000.
+    are derived once from ``unicodedata``; no marks exist between U+20000 and U+E0000. The two
+    planes are kept apart because ``re`` checks the BMP part of a class with one table look-up
+    but the astral ranges (about 200 of them) one by one (see `_mark`).
     """
     codepoints = [
         cp
@@ -70,17 +72,34 @@ def _combining_mark_class() -> str:
     ]
     ranges: list[list[int]] = []
     for cp in codepoints:
-        if ranges and ranges[-1][1] == cp - 1:
+        # A range never crosses from the BMP into the astral planes.
+        if ranges and ranges[-1][1] == cp - 1 and cp != 0x10000:
             ranges[-1][1] = cp
         else:
             ranges.append([cp, cp])
     # Zero-width (non-)joiners occur inside Indic and Persian words.
-    parts = [r"\u200c\u200d"]
-    parts += [rf"\U{lo:08x}-\U{hi:08x}" if lo != hi else rf"\U{lo:08x}" for lo, hi in ranges]
-    return "".join(parts)
+    bmp, astral = [r"\u200c\u200d"], []
+    for lo, hi in ranges:
+        part = rf"\U{lo:08x}-\U{hi:08x}" if lo != hi else rf"\U{lo:08x}"
+        (bmp if hi < 0x10000 else astral).append(part)
+    return "".join(bmp), "".join(astral)
 
 
-_MARKS = _combining_mark_class()
+_MARKS_BMP, _MARKS_ASTRAL = _combining_mark_classes()
+
+
+def _mark(extra_astral: str = "") -> str:
+    """A regex for one combining mark (or one of `extra_astral`, a class body of astral ranges).
+
+    The astral ranges are tried only for an astral character: every word end and every
+    punctuation token asks "is the next character a mark?", and for the usual answer (a space,
+    a letter) the BMP table says no at once instead of after some 200 range comparisons, which
+    took about half of the tokenizer's time.
+    """
+    return rf"(?:[{_MARKS_BMP}]|(?=[\U00010000-\U0010ffff])[{_MARKS_ASTRAL}{extra_astral}])"
+
+
+_MARK = _mark()
 # Han ideographs and kana: written without spaces, so each character is a token of its own.
 _CJK = (
     r"\u3005\u3007\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
@@ -89,7 +108,7 @@ _CJK = (
 _UPPER = r"A-ZÀ-ÖØ-Þ"
 _LETTER = r"[^\W\d_]"
 # A character that continues a word: a word character that is not CJK, or a combining mark.
-_WORD_CHAR = rf"(?:[^\W{_CJK}]|[{_MARKS}])"
+_WORD_CHAR = rf"(?:[^\W{_CJK}]|{_MARK})"
 # Word-internal joiners: hyphens, apostrophes and slashes between word characters, "," "." ":"
 # between digits ("1,000", "3.5", "2:29.34"), "&" between letters ("S&P", "AT&T").
 _JOINER = rf"(?:[-\u2010\u2011'’/]|(?<=\d)[.,:](?=\d)|(?<={_LETTER})&(?={_LETTER}))"
@@ -112,8 +131,8 @@ _ABBREVIATIONS = frozenset(
 # Whitespace, control characters and invisible format characters (soft hyphen, zero-width space,
 # direction marks, BOM): never part of a token, skipped like spaces.
 _SKIP = r"\s\x00-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u2060-\u206f\ufeff"
-# Emoji modifiers that stay with the symbol before them.
-_EMOJI_MODIFIERS = rf"{_MARKS}\U0001F3FB-\U0001F3FF"
+# A combining mark or an emoji skin-tone modifier: stays with the symbol before it.
+_EMOJI_MODIFIER = _mark(r"\U0001F3FB-\U0001F3FF")
 # One alternation, tried at each token start after skipping whitespace. Possessive quantifiers
 # (Python 3.11+) and bounded repeats keep every branch from backtracking far, so a pass over the
 # text stays linear even on adversarial input.
@@ -124,12 +143,12 @@ _TOKEN_RE = re.compile(
     # Fast paths, tried first because they cover most tokens: an ASCII word followed by nothing
     # that could make it part of a longer token, a symbol that starts no other kind of token, and
     # a CJK character. They yield the same tokens the general branches below would.
-      [A-Za-z]++(?![\w.@'’&/:$+\-\u2010\u2011{_EMOJI_MODIFIERS}])
-    | [^\w{_SKIP}@#+.'’\-\U0001F1E6-\U0001F1FF](?![{_EMOJI_MODIFIERS}])
+      [A-Za-z]++(?![\w.@'’&/:$+\-\u2010\u2011]|{_EMOJI_MODIFIER})
+    | [^\w{_SKIP}@#+.'’\-\U0001F1E6-\U0001F1FF](?!{_EMOJI_MODIFIER})
     | [{_CJK}]                                                       # one CJK character
     | (?i:https?://|ftp://|www\.)[^\s<>"“”]*[^\s<>"“”'’.,;:!?)\]}}]     # URL, minus end punct
     | \w[\w.+-]{{0,63}}+@(?:[\w-]{{1,63}}\.){{1,8}}{_LETTER}{{2,63}}   # e-mail address
-    | (?<!\w)[@#]\w[\w{_MARKS}]*+                                    # @handle, #hashtag
+    | (?<!\w)[@#]\w(?:\w|{_MARK})*+                                    # @handle, #hashtag
     | (?:{_LETTER}\.){{2,}}(?:{_LETTER}(?!\w))?                     # U.S., a.m., F.B.I., U.S.A
     | [{_UPPER}]\.(?=\s*[{_UPPER}])                                  # initial: J. Smith
     | (?<!\w)[A-Z]{{1,3}}\$                                          # US$, C$, HK$
@@ -142,12 +161,13 @@ _TOKEN_RE = re.compile(
     | [\U0001F1E6-\U0001F1FF]{{2}}                                   # flag (regional indicators)
     # Any other visible character, with the modifiers, variation selectors and ZWJ-joined
     # symbols of an emoji sequence.
-    | [^\w{_SKIP}](?:\u200d[^\w{_SKIP}]|[{_EMOJI_MODIFIERS}])*+
+    | [^\w{_SKIP}](?:\u200d[^\w{_SKIP}]|{_EMOJI_MODIFIER})*+
     # Every character is either skipped or starts a token, so the only failure is at the end.
     ) | \Z)
     """,
     re.VERBOSE,
 )
+_new_tuple = tuple.__new__
 _CLITIC_RE = re.compile(r"(?:n['’]t|['’](?:s|re|ll|ve|m|d))\Z", re.IGNORECASE)
 
 # "..." and longer runs of periods are terminal too; they are the only tokens starting "..".
@@ -176,6 +196,7 @@ def tokenize(text: str) -> list[Token]:
     never part of a token. Runs in a single regex pass, linear in ``len(text)``.
     """
     tokens: list[Token] = []
+    append = tokens.append
     for match in _TOKEN_RE.finditer(text):
         start, end = match.span(1)
         if start < 0:  # the empty match at the end of the text
@@ -192,12 +213,10 @@ def tokenize(text: str) -> list[Token]:
         elif ("'" in value or "’" in value) and match.start("word") >= 0:
             tokens.extend(_split_clitic(value, start))
         else:
-            tokens.append(Token(value, start, end))
+            # tuple.__new__ directly: the named tuple's own __new__ is a Python function, and
+            # this line runs once per token.
+            append(_new_tuple(Token, (value, start, end)))
     return tokens
-
-
-def _is_terminal(token: Token) -> bool:
-    return token.text in _TERMINALS or token.text.startswith("..")
 
 
 def _is_closer(token: Token, previous: Token) -> bool:
@@ -225,24 +244,34 @@ def split_sentences(tokens: list[Token], text: str) -> list[list[Token]]:
     current: list[Token] = []
     previous: Token | None = None
     after_terminal = False  # only terminals and closers since the last terminal token
+    previous_end = 0
     for token in tokens:
-        terminal = _is_terminal(token)
+        word, start = token.text, token.start
+        terminal = word in _TERMINALS or word[:2] == ".."
+        # Most tokens follow the previous one directly or after one space: only a wider gap
+        # (or a paragraph separator) is looked at for a blank line.
+        gap = start - previous_end
         if previous is None:
             after_terminal = terminal
-        elif _has_blank_line(text, previous.end, token.start):
+        elif (
+            gap > 0
+            and (gap > 1 or text[previous_end] == "\u2029")
+            and _has_blank_line(text, previous_end, start)
+        ):
             sentences.append(current)
             current = []
             after_terminal = terminal
         elif after_terminal:
             if not (terminal or _is_closer(token, previous)):
                 after_terminal = False
-                if not token.text[0].islower():
+                if not word[0].islower():
                     sentences.append(current)
                     current = []
         else:
             after_terminal = terminal
         current.append(token)
         previous = token
+        previous_end = token.end
     if current:
         sentences.append(current)
     return sentences

@@ -84,6 +84,10 @@ def test_curly_apostrophes_behave_like_straight_ones() -> None:
         ("São Paulo Zoë Ångström", ["São", "Paulo", "Zoë", "Ångström"]),
         ("cafe\u0301 noir", ["cafe\u0301", "noir"]),  # decomposed accent stays in its word
         ("हिन्दी भाषा", ["हिन्दी", "भाषा"]),  # vowel signs are combining marks
+        # Marks outside the BMP too (Brahmi vowel sign, musical stem, variation selector 17)
+        ("\U00011013\U00011038\U0001102b pad", ["\U00011013\U00011038\U0001102b", "pad"]),
+        ("word\U0001d165 next", ["word\U0001d165", "next"]),
+        ("#tag\U000e0100 x", ["#tag\U000e0100", "x"]),
         ("北京大学 in Tokyo", ["北", "京", "大", "学", "in", "Tokyo"]),
         ("서울 시청", ["서울", "시청"]),  # Korean separates words with spaces
         ("ok 👍🏽 👨\u200d👩\u200d👧 🇫🇷 ❤️", ["ok", "👍🏽", "👨\u200d👩\u200d👧", "🇫🇷", "❤️"]),
