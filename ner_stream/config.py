@@ -63,6 +63,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_batch_docs", "Most documents in one micro-batch.", int),
     Setting("max_batch_tokens", "Most padded tokens in one forward pass.", int),
     Setting("max_wait_ms", "Longest wait for a batch to fill, from its first document.", int),
+    Setting(
+        "fetch_max_wait_ms",
+        "Longest the broker holds a fetch while input trickles in; shorter lowers "
+        "latency at light load, but an idle worker then polls more often.",
+        int,
+    ),
     Setting("max_doc_bytes", "Larger input values go to the dead-letter topic.", int),
     Setting("max_chunk_tokens", "Sentences longer than this are cut into windows.", int),
     Setting("queue_docs", "Documents buffered between consuming and tagging.", int),
@@ -105,6 +111,7 @@ class WorkerConfig:
     max_batch_docs: int = 128
     max_batch_tokens: int = 8192
     max_wait_ms: int = 20
+    fetch_max_wait_ms: int = 10
     max_doc_bytes: int = 1_048_576
     max_chunk_tokens: int = 128
     queue_docs: int = 512
@@ -193,6 +200,8 @@ def validate(cfg: WorkerConfig) -> list[str]:
         problems.append("--max-f1-change must not be negative")
     if cfg.max_wait_ms < 0:
         problems.append("--max-wait-ms must not be negative")
+    if not 0 <= cfg.fetch_max_wait_ms <= 10_000:
+        problems.append("--fetch-max-wait-ms must be between 0 and 10000")
     if cfg.max_chunk_tokens > cfg.max_batch_tokens:
         problems.append("--max-chunk-tokens must not exceed --max-batch-tokens")
     if cfg.shutdown_timeout_s <= 0 or cfg.connect_timeout_s <= 0:

@@ -90,7 +90,7 @@ def make_consumer(cfg: WorkerConfig) -> KafkaConsumer:
         fetch_max_bytes=max(52_428_800, cfg.max_doc_bytes * 2),
         max_partition_fetch_bytes=max(1_048_576, cfg.max_doc_bytes + 65_536),
         fetch_min_bytes=65_536,
-        fetch_max_wait_ms=10,
+        fetch_max_wait_ms=cfg.fetch_max_wait_ms,
         **cfg.kafka_security(),
     )
 

@@ -209,3 +209,18 @@ def test_end_offsets_add_up_to_records_produced(kafka_bootstrap, loaded_topic):
     assert {tp.partition: offset for tp, offset in end.items()} == {
         p: produced.per_partition.get(p, 0) for p in range(PARTITIONS)
     }
+
+
+def test_worker_clients_take_the_fetch_wait_and_batch_settings(kafka_bootstrap):
+    """--fetch-max-wait-ms reaches the worker's consumer (the idle-CPU versus latency knob)."""
+    from ner_stream.config import WorkerConfig
+    from ner_stream.kafka_io import make_consumer
+
+    cfg = WorkerConfig(bootstrap_servers=kafka_bootstrap, fetch_max_wait_ms=250, max_batch_docs=16)
+    consumer = make_consumer(cfg)
+    try:
+        assert consumer.config["fetch_max_wait_ms"] == 250
+        assert consumer.config["max_poll_records"] == 64
+    finally:
+        consumer.close()
+    assert WorkerConfig().fetch_max_wait_ms == 10

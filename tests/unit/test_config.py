@@ -45,6 +45,8 @@ def test_settings_and_config_fields_agree():
         ({"commit_interval_ms": 0}, "--commit-interval-ms"),
         ({"topic_partitions": 0}, "--topic-partitions"),
         ({"max_wait_ms": -1}, "--max-wait-ms"),
+        ({"fetch_max_wait_ms": -1}, "--fetch-max-wait-ms"),
+        ({"fetch_max_wait_ms": 60_000}, "--fetch-max-wait-ms"),
         ({"precision": "fp8"}, "--precision"),
         ({"max_f1_change": -0.1}, "--max-f1-change"),
         ({"max_chunk_tokens": 512, "max_batch_tokens": 256}, "--max-chunk-tokens"),
