@@ -38,6 +38,11 @@ class Token(NamedTuple):
     end: int
 
 
+# Tokens are built with tuple.__new__ directly: the named tuple's own __new__ is a Python
+# function, and tokenizing builds one per token.
+_new_tuple = tuple.__new__
+
+
 @dataclass(frozen=True)
 class Chunk:
     """A run of tokens handed to the tagger as one sequence."""
@@ -167,7 +172,6 @@ _TOKEN_RE = re.compile(
     """,
     re.VERBOSE,
 )
-_new_tuple = tuple.__new__
 _CLITIC_RE = re.compile(r"(?:n['’]t|['’](?:s|re|ll|ve|m|d))\Z", re.IGNORECASE)
 
 # "..." and longer runs of periods are terminal too; they are the only tokens starting "..".
@@ -213,8 +217,6 @@ def tokenize(text: str) -> list[Token]:
         elif ("'" in value or "’" in value) and match.start("word") >= 0:
             tokens.extend(_split_clitic(value, start))
         else:
-            # tuple.__new__ directly: the named tuple's own __new__ is a Python function, and
-            # this line runs once per token.
             append(_new_tuple(Token, (value, start, end)))
     return tokens
 
@@ -227,8 +229,7 @@ def _is_closer(token: Token, previous: Token) -> bool:
 
 
 def _has_blank_line(text: str, start: int, end: int) -> bool:
-    if end - start < 2:  # the common single space: no need to look
-        return end - start == 1 and text[start] == "\u2029"
+    """Whether a gap of two characters or more between two tokens ends a paragraph."""
     return text.count("\n", start, end) >= 2 or text.find("\u2029", start, end) != -1
 
 
@@ -248,15 +249,12 @@ def split_sentences(tokens: list[Token], text: str) -> list[list[Token]]:
     for token in tokens:
         word, start = token.text, token.start
         terminal = word in _TERMINALS or word[:2] == ".."
-        # Most tokens follow the previous one directly or after one space: only a wider gap
-        # (or a paragraph separator) is looked at for a blank line.
         gap = start - previous_end
         if previous is None:
             after_terminal = terminal
-        elif (
-            gap > 0
-            and (gap > 1 or text[previous_end] == "\u2029")
-            and _has_blank_line(text, previous_end, start)
+        # Most gaps are empty or one space: looked at here, without a call (this runs per token).
+        elif (gap == 1 and text[previous_end] == "\u2029") or (
+            gap > 1 and _has_blank_line(text, previous_end, start)
         ):
             sentences.append(current)
             current = []
