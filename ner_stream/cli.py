@@ -99,9 +99,9 @@ def _run_worker(cfg: WorkerConfig) -> int:
     log.info("model %s %s (%s) on %s at %s (%s)", tagger.name, tagger.version,
              tagger.info.config.arch, tagger.device, tagger.precision.precision,
              tagger.precision.reason)  # fmt: skip
-    if tagger.precision.emulated:
-        log.warning("precision %s is emulated on this %s: expect it to be slower than fp32",
-                    tagger.precision.precision, tagger.device.type)  # fmt: skip
+    warning = tagger.precision.warning(tagger.device)
+    if warning:
+        log.warning("%s", warning)
     model_process = None
     if cfg.model_process and tagger.device.type == "cpu":
         try:
@@ -240,9 +240,9 @@ def tag(model, device, precision, max_f1_change, fmt, batch_docs, inputs) -> Non
         tagger = Tagger.from_file(model, options)
     except (CheckpointError, ValueError) as e:
         raise click.ClickException(str(e)) from None
-    if tagger.precision.emulated:
-        click.echo(f"ner-stream: {tagger.precision.precision} is emulated on this "
-                   f"{tagger.device.type}: slower than fp32", err=True)  # fmt: skip
+    warning = tagger.precision.warning(tagger.device)
+    if warning:
+        click.echo(f"ner-stream: {warning}", err=True)
     streams = inputs or (click.open_file("-", encoding="utf-8"),)
     for batch in _chunks(_documents(streams, fmt), batch_docs):
         results = tagger.tag([text for _, text, _ in batch])

@@ -64,6 +64,12 @@ class Choice:
     reason: str
     emulated: bool = False  # the hardware has no native support: slower than fp32
 
+    def warning(self, device: torch.device) -> str | None:
+        """What to tell the user when the chosen precision is only emulated on `device`."""
+        if not self.emulated:
+            return None
+        return f"precision {self.precision} is emulated on this {device.type}: slower than fp32"
+
 
 def checks_of(extra: dict) -> dict[str, PrecisionCheck]:
     """The precision checks recorded in a model file's `extra` metadata, by precision."""

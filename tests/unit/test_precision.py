@@ -9,7 +9,14 @@ from click.testing import CliRunner
 from ner_stream import precision as prec
 from ner_stream.checkpoint import load, save
 from ner_stream.cli import main as ner_stream_main
-from ner_stream.precision import PrecisionCheck, PrecisionError, checks_of, choose, with_check
+from ner_stream.precision import (
+    Choice,
+    PrecisionCheck,
+    PrecisionError,
+    checks_of,
+    choose,
+    with_check,
+)
 from ner_stream.tagger import Tagger, TaggerOptions
 from tests.fakes import random_model
 
@@ -127,3 +134,12 @@ def test_the_worker_refuses_a_precision_the_model_has_not_measured(tmp_path):
     result = CliRunner().invoke(ner_stream_main, args)
     assert result.exit_code == 2
     assert "precision bf16 refused" in result.output
+
+
+def test_an_emulated_precision_comes_with_a_warning_and_a_native_one_without():
+    cpu = torch.device("cpu")
+    warning = Choice("bf16", "explicit", emulated=True).warning(cpu)
+    assert warning is not None and "bf16" in warning and "emulated" in warning
+    assert "slower than fp32" in warning
+    assert Choice("bf16", "auto: native bf16").warning(cpu) is None
+    assert Choice("fp32", "auto").warning(cpu) is None
