@@ -136,6 +136,7 @@ def _serve(cfg: WorkerConfig, tagger: Tagger) -> int:
         ensure_topics,
         make_consumer,
         make_producer,
+        size_limits,
     )
     from ner_stream.metrics import Health, Metrics, MetricsServer
     from ner_stream.worker import Worker
@@ -152,6 +153,7 @@ def _serve(cfg: WorkerConfig, tagger: Tagger) -> int:
         admin = connect_admin(cfg)
         try:
             ensure_topics(admin, cfg)
+            limits = size_limits(admin, cfg)
         finally:
             admin.close()
         consumer = make_consumer(cfg)
@@ -166,7 +168,9 @@ def _serve(cfg: WorkerConfig, tagger: Tagger) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    worker = Worker(cfg, tagger, consumer, producer, metrics, health)
+    log.info("largest output %d bytes, largest dead letter %d bytes", limits.output,
+             limits.dead_letter)  # fmt: skip
+    worker = Worker(cfg, tagger, consumer, producer, metrics, health, limits=limits)
     try:
         return worker.run(stop)
     finally:

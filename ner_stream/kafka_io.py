@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
-from kafka.admin import NewTopic
+from kafka import errors as kafka_errors
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from ner_stream.config import WorkerConfig
@@ -95,6 +97,11 @@ def make_consumer(cfg: WorkerConfig) -> KafkaConsumer:
     )
 
 
+def max_request_size(cfg: WorkerConfig) -> int:
+    """The producer's ``max_request_size`` in bytes: room for the largest accepted input."""
+    return max(1_048_576, cfg.max_doc_bytes + 65_536)
+
+
 def make_producer(cfg: WorkerConfig, **overrides: Any) -> KafkaProducer:
     """The output producer: acks from all in-sync replicas, idempotent, small linger."""
     settings: dict[str, Any] = {
@@ -104,8 +111,77 @@ def make_producer(cfg: WorkerConfig, **overrides: Any) -> KafkaProducer:
         "enable_idempotence": True,
         "linger_ms": 5,
         "batch_size": 65_536,
-        "max_request_size": max(1_048_576, cfg.max_doc_bytes + 65_536),
+        "max_request_size": max_request_size(cfg),
         **cfg.kafka_security(),
     }
     settings.update(overrides)
     return KafkaProducer(**settings)
+
+
+@dataclass(frozen=True)
+class SizeLimits:
+    """The largest record, in bytes (as ``messages.record_size`` counts), each topic accepts."""
+
+    output: int
+    dead_letter: int
+
+    @classmethod
+    def of_producer(cls, cfg: WorkerConfig) -> SizeLimits:
+        """Both limits at the producer's ``max_request_size`` (topic limits unknown)."""
+        limit = max_request_size(cfg)
+        return cls(output=limit, dead_letter=limit)
+
+
+def size_limits(admin: KafkaAdminClient, cfg: WorkerConfig) -> SizeLimits:
+    """The producer's limit, lowered to each topic's ``max.message.bytes`` where it is smaller.
+
+    The topic configurations are read once at start; when they cannot be read (no
+    DescribeConfigs permission, say) the producer's limit stands, and a record the broker still
+    refuses as too large is dead-lettered when its delivery fails.
+    """
+    limits = SizeLimits.of_producer(cfg)
+    topics = (cfg.output_topic, cfg.dlq_topic)
+    found: dict[str, int] = {}
+    for name in topics:
+        try:
+            resource = ConfigResource(ConfigResourceType.TOPIC, name, ["max.message.bytes"])
+            described = admin.describe_configs([resource], config_filter="all")
+            found[name] = int(described["topic"][name]["max.message.bytes"]["value"])
+        except Exception as e:  # best effort: see the docstring
+            log.info("max.message.bytes of %r not read (%s); using the producer's %d bytes",
+                     name, type(e).__name__, max_request_size(cfg))  # fmt: skip
+    return SizeLimits(
+        output=min(limits.output, found.get(cfg.output_topic, limits.output)),
+        dead_letter=min(limits.dead_letter, found.get(cfg.dlq_topic, limits.dead_letter)),
+    )
+
+
+# Produce errors that are about one record, not the broker or the cluster: the same record would
+# fail again on any broker, so it is dead-lettered and the stream goes on. Client-side refusals
+# (kafka-python raises ValueError, TypeError or AssertionError for a record it cannot encode) are
+# of the same kind. Every other error (timeouts, authorization, unknown topic, a closed
+# producer...) stops the worker without committing past the record.
+_RECORD_ERRORS: tuple[type[BaseException], ...] = (
+    kafka_errors.MessageSizeTooLargeError,
+    kafka_errors.RecordListTooLargeError,
+    kafka_errors.InvalidRecordError,
+    kafka_errors.InvalidTimestampError,
+    kafka_errors.CorruptRecordError,
+    ValueError,
+    TypeError,
+    AssertionError,
+)
+_SIZE_ERRORS: tuple[type[BaseException], ...] = (
+    kafka_errors.MessageSizeTooLargeError,
+    kafka_errors.RecordListTooLargeError,
+)
+
+
+def is_record_error(error: BaseException | None) -> bool:
+    """Whether a produce error is deterministic for the one record (see ``_RECORD_ERRORS``)."""
+    return isinstance(error, _RECORD_ERRORS)
+
+
+def is_size_error(error: BaseException | None) -> bool:
+    """Whether a produce error says the record is too large for the producer or the topic."""
+    return isinstance(error, _SIZE_ERRORS)

@@ -17,6 +17,7 @@ Output value: compact UTF-8 JSON (non-ASCII characters written as-is)::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -30,10 +31,14 @@ __all__ = [
     "RejectReason",
     "Rejection",
     "Source",
+    "OutRecord",
+    "carried_headers",
+    "dead_letter",
     "dead_letter_headers",
     "decode",
     "encode_output",
     "processing_error",
+    "record_size",
 ]
 
 HEADER_PREFIX = "ner_stream."
@@ -60,6 +65,7 @@ class RejectReason(StrEnum):
     TOO_LARGE = "too_large"
     ID_NOT_STRING = "id_not_string"
     PROCESSING_ERROR = "processing_error"
+    OUTPUT_TOO_LARGE = "output_too_large"
 
 
 @dataclass(frozen=True)
@@ -125,10 +131,35 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"invalid JSON constant {name}")
 
 
-def _parse_json(value: str) -> Any:
-    """Parse strict JSON, raising ``ValueError`` (with position) when it is not."""
+def _float_or_literal(literal: str) -> float | str:
+    # A number a double cannot hold (1e309) would turn into inf and make our own output invalid
+    # JSON; its literal is kept, as a string, so the record is still tagged and nothing is lost.
+    value = float(literal)
+    return value if math.isfinite(value) else literal
+
+
+def _int_or_literal(literal: str) -> int | str:
+    # Python refuses to convert integers of more than 4300 digits (a guard against quadratic
+    # time); such an integer is kept as the string of its literal, like an out-of-range float.
     try:
-        parsed = json.loads(value, parse_constant=_reject_constant)
+        return int(literal)
+    except ValueError:
+        return literal
+
+
+def _parse_json(value: str) -> Any:
+    """Parse strict JSON, raising ``ValueError`` (with position) when it is not.
+
+    Numbers that a double (or Python's integer conversion) cannot hold come back as the string
+    of their literal; NaN and Infinity are refused.
+    """
+    try:
+        parsed = json.loads(
+            value,
+            parse_constant=_reject_constant,
+            parse_float=_float_or_literal,
+            parse_int=_int_or_literal,
+        )
     except json.JSONDecodeError as exc:
         raise ValueError(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
@@ -241,7 +272,9 @@ def decode(
       and not null (``MISSING_TEXT``) and a string (``TEXT_NOT_STRING``); an empty string is a
       valid text. ``id`` may be a string or an integer (converted with ``str``); other types are
       ``ID_NOT_STRING``; when absent, null or empty the id defaults as for plain text. All other
-      fields go to ``meta`` unchanged.
+      fields go to ``meta`` unchanged, so none can shadow an output field. A number that a
+      double cannot hold (``1e309``) or an integer of more than 4300 digits is kept as the
+      string of its literal. Duplicate keys: the last one wins.
     - Any other JSON value (array, number, quoted string, true/false/null): ``NOT_AN_OBJECT``.
     - Anything else is plain text: the whole decoded value is the document text, and the id is the
       key decoded as UTF-8 if there is a (valid, non-empty) key, else ``"topic/partition/offset"``.
@@ -307,18 +340,120 @@ def _truncate_utf8(text: str, limit: int) -> bytes:
     return kept + marker
 
 
+# Kafka's record format v2 (KIP-98): a batch header of 61 bytes, at most 21 bytes of per-record
+# fields (length, attributes, timestamp and offset deltas as varints), then key, value and each
+# header with a varint length of at most 5 bytes in front.
+_BATCH_OVERHEAD = 61 + 21
+_VARINT_MAX = 5
+
+
+def record_size(
+    key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes | None]]
+) -> int:
+    """An upper bound, in bytes, of the size of one uncompressed record in a batch of its own.
+
+    This is the size that the producer's ``max.request.size`` and the topic's
+    ``max.message.bytes`` are checked against (kafka-python's own estimate is never larger).
+    """
+    size = _BATCH_OVERHEAD + 3 * _VARINT_MAX + len(key or b"") + len(value or b"")
+    for name, data in headers:
+        size += 2 * _VARINT_MAX + len(name.encode("utf-8", errors="replace")) + len(data or b"")
+    return size
+
+
+def carried_headers(headers: list[tuple[str, bytes | None]]) -> list[tuple[str, bytes]]:
+    """Input headers as they are carried to an output or dead letter.
+
+    A header whose value is null (legal in the protocol, written by Java clients) is carried
+    with an empty value: kafka-python can only write bytes values. Order and duplicate names
+    are kept.
+    """
+    if all(data is not None for _, data in headers):
+        return headers  # type: ignore[return-value]
+    return [(name, b"" if data is None else data) for name, data in headers]
+
+
+@dataclass(frozen=True)
+class OutRecord:
+    """A record to produce: value, key and headers as kafka-python's ``send`` takes them."""
+
+    value: bytes | None
+    key: bytes | None
+    headers: list[tuple[str, bytes]]
+
+    @property
+    def size(self) -> int:
+        """See :func:`record_size`."""
+        return record_size(self.key, self.value, self.headers)
+
+
+# A dead letter too large for its topic keeps this much of the original value and key; headers
+# of the original are kept as long as they fit in the header budget.
+DEAD_LETTER_PREFIX_BYTES = 65_536
+DEAD_LETTER_KEY_BYTES = 1_024
+DEAD_LETTER_HEADER_BYTES = 16_384
+
+
+def dead_letter(
+    rejection: Rejection,
+    value: bytes | None,
+    key: bytes | None,
+    headers: list[tuple[str, bytes | None]],
+    limit: int,
+) -> OutRecord:
+    """The dead-letter record for a rejected input, never larger than ``limit`` bytes.
+
+    The dead letter is the original value, key and headers (see :func:`carried_headers`) plus
+    the headers of :func:`dead_letter_headers`, when that fits in ``limit`` (the smaller of the
+    producer's ``max.request.size`` and the dead-letter topic's ``max.message.bytes``, as
+    measured by :func:`record_size`). Otherwise it is *bounded*: the value is cut to a prefix of
+    at most 64 KiB, the key to 1 KiB, the original headers are kept only when they fit in
+    16 KiB, all within ``limit``; ``ner_stream.truncated`` says so. The original's size and
+    SHA-256 are in the headers either way, with its topic, partition and offset, so that an
+    operator can find the original.
+
+    A null value with a null key, which kafka-python cannot send, becomes an empty value (the
+    header ``ner_stream.original.size`` is ``-1`` for a null value, as in Kafka's own format).
+    Raises ``ValueError`` when even the headers alone exceed ``limit``.
+    """
+    carried = carried_headers(headers)
+    ours = dead_letter_headers(rejection, carried, value)
+    if value is None and key is None:
+        value = b""
+    whole = OutRecord(value, key, ours)
+    if whole.size <= limit:
+        return whole
+    mark = [(HEADER_PREFIX + "truncated", b"true")]
+    own = [(name, data) for name, data in ours if name.startswith(HEADER_PREFIX)] + mark
+    kept_headers = [(name, data) for name, data in ours if not name.startswith(HEADER_PREFIX)]
+    if record_size(None, None, kept_headers) > DEAD_LETTER_HEADER_BYTES:
+        kept_headers = []
+    short_key = key[:DEAD_LETTER_KEY_BYTES] if key is not None else None
+    base = OutRecord(None, short_key, kept_headers + own)
+    if base.size > limit:
+        base = OutRecord(None, short_key, own)
+    room = limit - base.size
+    if room < 0:
+        raise ValueError(f"a dead letter needs more than the {limit}-byte limit")
+    prefix = (value or b"")[: min(DEAD_LETTER_PREFIX_BYTES, room)]
+    return OutRecord(prefix, base.key, base.headers)
+
+
 def dead_letter_headers(
-    rejection: Rejection, original_headers: list[tuple[str, bytes]]
+    rejection: Rejection,
+    original_headers: list[tuple[str, bytes]],
+    value: bytes | None,
 ) -> list[tuple[str, bytes]]:
     """Headers for the dead-letter copy of a record: the original ones plus why and where from.
 
     Adds ``ner_stream.reason``, ``ner_stream.detail`` (at most 500 bytes),
-    ``ner_stream.source.topic``, ``ner_stream.source.partition`` and
-    ``ner_stream.source.offset``, all UTF-8. Original headers under the ``ner_stream.`` prefix
-    (left by an earlier dead-lettering of a replayed record) are dropped so that each key appears
-    once and describes this rejection.
+    ``ner_stream.source.topic``, ``ner_stream.source.partition``,
+    ``ner_stream.source.offset``, ``ner_stream.original.size`` (bytes of the original value,
+    ``-1`` when null) and, for a non-null value, ``ner_stream.original.sha256`` (hex), all
+    UTF-8. Original headers under the ``ner_stream.`` prefix (left by an earlier dead-lettering
+    of a replayed record) are dropped so that each key appears once and describes this rejection.
     """
-    kept = [(name, value) for name, value in original_headers if not name.startswith(HEADER_PREFIX)]
+    kept = [(name, data) for name, data in original_headers if not name.startswith(HEADER_PREFIX)]
     source = rejection.source
     added = [
         ("reason", str(rejection.reason).encode("utf-8")),
@@ -326,5 +461,8 @@ def dead_letter_headers(
         ("source.topic", source.topic.encode("utf-8", errors="replace")),
         ("source.partition", str(source.partition).encode("utf-8")),
         ("source.offset", str(source.offset).encode("utf-8")),
+        ("original.size", str(-1 if value is None else len(value)).encode("utf-8")),
     ]
-    return kept + [(HEADER_PREFIX + name, value) for name, value in added]
+    if value is not None:
+        added.append(("original.sha256", hashlib.sha256(value).hexdigest().encode("ascii")))
+    return kept + [(HEADER_PREFIX + name, data) for name, data in added]

@@ -34,12 +34,16 @@ from kafka.structs import TopicPartition as KafkaTP
 
 from ner_stream.batching import BatchLimits, MicroBatcher
 from ner_stream.config import WorkerConfig
+from ner_stream.kafka_io import SizeLimits, is_record_error, is_size_error
 from ner_stream.messages import (
     Document,
     Entity,
+    OutRecord,
     Rejection,
+    RejectReason,
     Source,
-    dead_letter_headers,
+    carried_headers,
+    dead_letter,
     decode,
     encode_output,
     processing_error,
@@ -109,6 +113,19 @@ class Piece:
 
 
 @dataclass(frozen=True)
+class Letter:
+    """A dead letter on its way: what is needed to send it again, smaller, if it is refused."""
+
+    rejection: Rejection
+    value: bytes | None
+    key: bytes | None
+    headers: list[tuple[str, bytes | None]]
+    timestamp_ms: int
+    part: Partition | None
+    limit: int  # the size it was built to
+
+
+@dataclass(frozen=True)
 class Ack:
     """A delivery report from the producer's I/O thread."""
 
@@ -120,10 +137,14 @@ class Ack:
     error: BaseException | None = None
     job: Job | None = None  # for an output that failed: sent on as a dead letter
     part: Partition | None = None  # the assignment the record was consumed under
+    letter: Letter | None = None  # for a dead letter that failed: sent again, bounded harder
 
 
 _STOP = object()
 MODEL_POLL_S = 0.002  # how often the tagging thread looks for a finished forward pass
+# A dead letter the broker refused as too large (a topic limit the worker could not read at
+# start) is sent once more, cut to this size; refused again, the worker stops.
+TIGHT_DEAD_LETTER_BYTES = 8_192
 
 
 class Worker(ConsumerRebalanceListener):
@@ -142,8 +163,10 @@ class Worker(ConsumerRebalanceListener):
         metrics: Metrics | None = None,
         health: Health | None = None,
         clock: Callable[[], float] = time.monotonic,
+        limits: SizeLimits | None = None,
     ) -> None:
         self.cfg = cfg
+        self.limits = limits or SizeLimits.of_producer(cfg)
         self.tagger = tagger
         self.consumer = consumer
         self.producer = producer
@@ -268,24 +291,37 @@ class Worker(ConsumerRebalanceListener):
         rejection: Rejection,
         value: bytes | None,
         key: bytes | None,
-        headers: list[tuple[str, bytes]],
+        headers: list[tuple[str, bytes | None]],
         timestamp_ms: int,
         part: Partition | None = None,
+        limit: int | None = None,
     ) -> None:
+        """Send the dead letter of a record (bounded to the topic's size limit, see
+        `messages.dead_letter`); a dead letter that cannot be sent stops the worker."""
         src = rejection.source
         tp = (src.topic, src.partition)
-        self.metrics.dead_letters.labels(str(rejection.reason)).inc()
-        log.warning(
-            "dead letter %s/%d/%d: %s (%s)",
-            src.topic, src.partition, src.offset, rejection.reason, rejection.detail[:200],
-        )  # fmt: skip
-        future = self.producer.send(
-            self.cfg.dlq_topic,
-            value=value,
-            key=key,
-            headers=dead_letter_headers(rejection, headers),
-        )
-        self._on_delivery(future, tp, src.offset, timestamp_ms, output=False, job=None, part=part)
+        if limit is None:
+            self.metrics.dead_letters.labels(str(rejection.reason)).inc()
+            log.warning(
+                "dead letter %s/%d/%d: %s (%s)",
+                src.topic, src.partition, src.offset, rejection.reason, rejection.detail[:200],
+            )  # fmt: skip
+            limit = self.limits.dead_letter
+        letter = Letter(rejection, value, key, headers, timestamp_ms, part, limit)
+        try:
+            record = dead_letter(rejection, value, key, headers, limit)
+            future = self._send(self.cfg.dlq_topic, record)
+        except Exception as e:
+            # Not acknowledged, so never committed: a restart reprocesses the record.
+            log.error("dead letter for %s/%d/%d failed: %s", *tp, src.offset, e)
+            self.fatal = e
+            return
+        self._on_delivery(future, tp, src.offset, timestamp_ms, output=False, job=None, part=part,
+                          letter=letter)  # fmt: skip
+
+    def _send(self, topic: str, record: OutRecord) -> Any:
+        """Hand a record to the producer; returns its future (raises what `send` raises)."""
+        return self.producer.send(topic, value=record.value, key=record.key, headers=record.headers)
 
     def _on_delivery(
         self,
@@ -296,10 +332,11 @@ class Worker(ConsumerRebalanceListener):
         output: bool,
         job: Job | None,
         part: Partition | None = None,
+        letter: Letter | None = None,
     ) -> None:
         put = self.acks.put
         future.add_callback(lambda _md: put(Ack(tp, offset, True, output, ts, part=part)))
-        future.add_errback(lambda e: put(Ack(tp, offset, False, output, ts, e, job, part)))
+        future.add_errback(lambda e: put(Ack(tp, offset, False, output, ts, e, job, part, letter)))
 
     def _apply_acks(self) -> None:
         now_ms = time.time() * 1000
@@ -320,24 +357,40 @@ class Worker(ConsumerRebalanceListener):
                 self.metrics.outcome["ok" if ack.output else "dead_letter"].inc()
                 if ack.output and ack.timestamp_ms and ack.timestamp_ms > 0:
                     self.metrics.end_to_end.observe(max(0.0, (now_ms - ack.timestamp_ms) / 1000))
+            elif not is_record_error(ack.error):
+                # The broker or the cluster, not this record: stop without committing past it,
+                # so that a restart reprocesses it.
+                what = "output" if ack.output else "dead letter"
+                log.error("%s for %s/%d/%d failed: %r", what, *ack.tp, ack.offset, ack.error)
+                self.fatal = ack.error or RuntimeError(f"{what} send failed")
             elif ack.output and ack.job is not None:
-                # The output could not be written (too large for the topic, say): the document
-                # goes to the dead-letter topic instead, so that its offset can still advance.
-                log.error("output for %s failed: %s", ack.job.doc.id, ack.error)
-                job = ack.job
-                self._dead_letter(
-                    processing_error(job.doc.source, ack.error or RuntimeError("send failed")),
-                    job.value,
-                    job.key,
-                    job.headers,
-                    job.timestamp_ms,
-                    job.partition,
-                )
+                self._output_failed(ack.job, ack.error)
+            elif (
+                ack.letter is not None
+                and is_size_error(ack.error)
+                and ack.letter.limit > TIGHT_DEAD_LETTER_BYTES
+            ):
+                letter = ack.letter
+                log.warning("dead letter for %s/%d too large for its topic; sending %d bytes",
+                            *ack.tp, TIGHT_DEAD_LETTER_BYTES)  # fmt: skip
+                self._dead_letter(letter.rejection, letter.value, letter.key, letter.headers,
+                                  letter.timestamp_ms, letter.part,
+                                  limit=TIGHT_DEAD_LETTER_BYTES)  # fmt: skip
             else:
-                # A dead letter that cannot be written cannot be acknowledged: stop without
-                # committing past it, so that a restart reprocesses it.
-                log.error("dead letter for %s/%d failed: %s", ack.tp, ack.offset, ack.error)
+                log.error("dead letter for %s/%d/%d failed: %r", *ack.tp, ack.offset, ack.error)
                 self.fatal = ack.error or RuntimeError("dead-letter send failed")
+
+    def _output_failed(self, job: Job, error: BaseException | None) -> None:
+        """An output refused for itself (size, encoding): the document is dead-lettered instead,
+        so that its offset can still advance."""
+        log.error("output for %s failed: %r", job.doc.id, error)
+        if is_size_error(error):
+            rejection = Rejection(RejectReason.OUTPUT_TOO_LARGE, f"{type(error).__name__}: "
+                                  f"{error}", job.doc.source)  # fmt: skip
+        else:
+            rejection = processing_error(job.doc.source, error or RuntimeError("send failed"))
+        self._dead_letter(rejection, job.value, job.key, job.headers, job.timestamp_ms,
+                          job.partition)  # fmt: skip
 
     def _commit(self, only: Iterable[TopicPartition] | None = None) -> None:
         offsets = self.tracker.committable()
@@ -619,15 +672,34 @@ class Worker(ConsumerRebalanceListener):
             self._produce(job)
 
     def _produce(self, job: Job) -> None:
+        """Send a tagged document's output, or its dead letter when the output cannot be one
+        (it cannot be encoded, is larger than the output topic takes, or the producer refuses
+        it); errors about the broker raise."""
         t0 = time.perf_counter()
         entities = [e for chunk in job.entities for e in chunk]
         for e in entities:
             self.metrics.entities.labels(e.type).inc()
-        value = encode_output(job.doc, entities, self.tagger.name, self.tagger.version)
         src = job.doc.source
-        future = self.producer.send(
-            self.cfg.output_topic, value=value, key=job.key, headers=job.headers
-        )
+        try:
+            value = encode_output(job.doc, entities, self.tagger.name, self.tagger.version)
+        except (ValueError, TypeError, RecursionError) as e:
+            self._dead_letter(processing_error(src, e), job.value, job.key, job.headers,
+                              job.timestamp_ms, job.partition)  # fmt: skip
+            return
+        record = OutRecord(value, job.key, carried_headers(job.headers))
+        size, limit = record.size, self.limits.output
+        if size > limit:
+            detail = f"output is {size} bytes, limit {limit}"
+            self._dead_letter(Rejection(RejectReason.OUTPUT_TOO_LARGE, detail, src), job.value,
+                              job.key, job.headers, job.timestamp_ms, job.partition)  # fmt: skip
+            return
+        try:
+            future = self._send(self.cfg.output_topic, record)
+        except Exception as e:
+            if not is_record_error(e):
+                raise
+            self._output_failed(job, e)
+            return
         self._on_delivery(future, (src.topic, src.partition), src.offset, job.timestamp_ms,
                           output=True, job=job, part=job.partition)  # fmt: skip
         self.metrics.stage["produce"].observe(time.perf_counter() - t0)

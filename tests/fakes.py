@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import torch
 from kafka import ConsumerRebalanceListener
-from kafka.errors import KafkaTimeoutError
+from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
+from kafka.record.default_records import DefaultRecordBatchBuilder
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from ner_stream.checkpoint import LoadedModel, ModelInfo
@@ -347,6 +348,7 @@ class Sent:
     headers: list[tuple[str, bytes]]
     future: FakeFuture = field(default_factory=FakeFuture)
     outcome: str = "pending"  # pending, delivered or failed
+    size: int = 0  # kafka-python's estimate of the record's size
 
     def header(self, name: str) -> bytes | None:
         return next((v for k, v in self.headers if k == name), None)
@@ -368,10 +370,15 @@ class FakeProducer:
         self,
         hold: bool = False,
         fail: Callable[[str, bytes | None], BaseException | None] | None = None,
+        max_request_size: int = 1_048_576,
+        topic_limits: dict[str, int] | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self.hold = hold
         self.fail = fail
+        self.max_request_size = max_request_size
+        # Per topic: larger records are refused on delivery, as a broker's max.message.bytes does.
+        self.topic_limits = topic_limits or {}
         self.sent: list[Sent] = []
         self._pending: list[Sent] = []
         self._next_offset: dict[str, int] = defaultdict(int)
@@ -383,13 +390,20 @@ class FakeProducer:
     ) -> FakeFuture:
         if self.closed:
             raise RuntimeError("send on a closed producer")
+        # kafka-python's own checks, in its order.
+        if value is None and key is None:
+            raise ValueError("Need at least one: key or value")
         if value is not None and not isinstance(value, bytes):
             raise TypeError("value must be bytes")
         headers = list(headers or [])
         for name, v in headers:
             if not isinstance(name, str) or not isinstance(v, bytes):
-                raise TypeError("headers must be (str, bytes) pairs")
+                raise TypeError("All headers items must be (str, bytes) tuples")
+        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
+        if size > self.max_request_size:
+            raise MessageSizeTooLargeError(f"The message is {size} bytes when serialized")
         sent = Sent(topic, value, key, headers)
+        sent.size = size
         with self._lock:
             self.sent.append(sent)
             self._pending.append(sent)
@@ -426,6 +440,8 @@ class FakeProducer:
     def _deliver(self, batch: list[Sent]) -> None:
         for sent in batch:
             error = self.fail(sent.topic, sent.value) if self.fail else None
+            if error is None and sent.size > self.topic_limits.get(sent.topic, sent.size):
+                error = MessageSizeTooLargeError(f"{sent.size} bytes, over the topic's limit")
             if error is None:
                 with self._lock:
                     offset = self._next_offset[sent.topic]

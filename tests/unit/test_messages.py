@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
+from kafka.record.default_records import DefaultRecordBatchBuilder
 
 from ner_stream.messages import (
     Document,
@@ -12,10 +14,13 @@ from ner_stream.messages import (
     Rejection,
     RejectReason,
     Source,
+    carried_headers,
+    dead_letter,
     dead_letter_headers,
     decode,
     encode_output,
     processing_error,
+    record_size,
 )
 
 SOURCE = Source(topic="news", partition=3, offset=1234)
@@ -187,6 +192,7 @@ def test_every_reason_is_reachable() -> None:
         "too_large",
         "id_not_string",
         "processing_error",
+        "output_too_large",
     }
 
 
@@ -251,7 +257,7 @@ def test_decoded_meta_round_trips_to_output() -> None:
 def test_dead_letter_headers() -> None:
     rejection = Rejection(RejectReason.INVALID_JSON, "Expecting value at line 1 column 9", SOURCE)
     original = [("trace-id", b"abc"), ("content-type", b"application/json")]
-    headers = dead_letter_headers(rejection, original)
+    headers = dead_letter_headers(rejection, original, b'{"id": }')
     assert headers[:2] == original
     assert dict(headers[2:]) == {
         "ner_stream.reason": b"invalid_json",
@@ -259,6 +265,8 @@ def test_dead_letter_headers() -> None:
         "ner_stream.source.topic": b"news",
         "ner_stream.source.partition": b"3",
         "ner_stream.source.offset": b"1234",
+        "ner_stream.original.size": b"8",
+        "ner_stream.original.sha256": hashlib.sha256(b'{"id": }').hexdigest().encode(),
     }
     assert original == [("trace-id", b"abc"), ("content-type", b"application/json")]
 
@@ -266,7 +274,7 @@ def test_dead_letter_headers() -> None:
 def test_dead_letter_headers_replace_earlier_ones() -> None:
     rejection = Rejection(RejectReason.TOO_LARGE, "big", SOURCE)
     original = [("ner_stream.reason", b"invalid_json"), ("ner_stream.detail", b"old"), ("x", b"1")]
-    headers = dead_letter_headers(rejection, original)
+    headers = dead_letter_headers(rejection, original, b"x")
     names = [name for name, _ in headers]
     assert len(names) == len(set(names))
     assert dict(headers)["ner_stream.reason"] == b"too_large"
@@ -276,8 +284,98 @@ def test_dead_letter_headers_replace_earlier_ones() -> None:
 @pytest.mark.parametrize("char", ["a", "é", "😀", "東"])
 def test_dead_letter_detail_is_truncated_on_a_character_boundary(char: str) -> None:
     rejection = Rejection(RejectReason.PROCESSING_ERROR, char * 2000, SOURCE)
-    detail = dict(dead_letter_headers(rejection, []))["ner_stream.detail"]
+    detail = dict(dead_letter_headers(rejection, [], None))["ner_stream.detail"]
     assert 400 < len(detail) <= 500
     text = detail.decode("utf-8")  # still valid UTF-8
     assert text.endswith("…")
     assert set(text[:-1]) == {char}
+
+
+# --- numbers a double cannot hold -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("literal", "kept"),
+    [("1e309", "1e309"), ("-1E+400", "-1E+400"), ("1.5", 1.5), ("1e-400", 0.0), ("7", 7)],
+)
+def test_numbers_are_kept_or_passed_as_their_literal(literal: str, kept: object) -> None:
+    document = _document(f'{{"text": "t", "n": {literal}}}'.encode())
+    assert document.meta == {"n": kept}
+    encode_output(document, [], "m", "1")  # and the output is valid JSON
+
+
+def test_an_integer_too_long_for_python_is_kept_as_its_literal() -> None:
+    digits = "1" * 4301
+    value = f'{{"id": {digits}, "text": "t", "n": [{digits}]}}'.encode()
+    document = decode(value, None, SOURCE, max_bytes=len(value))
+    assert isinstance(document, Document)
+    assert document.id == digits and document.meta == {"n": [digits]}
+
+
+# --- record sizes and bounded dead letters ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "headers"),
+    [
+        (None, None, []),
+        (b"k", b"v" * 1000, [("a", b"1"), ("b", b"")]),
+        (b"k" * 300, b"v" * 70_000, [("h" * 200, b"x" * 20_000)] * 3),
+    ],
+)
+def test_record_size_is_never_below_kafka_pythons_estimate(key, value, headers) -> None:
+    assert record_size(key, value, headers) >= DefaultRecordBatchBuilder.estimate_size_in_bytes(
+        key, value, headers
+    )
+
+
+def test_null_header_values_are_carried_as_empty_ones() -> None:
+    assert carried_headers([("a", None), ("a", b"1")]) == [("a", b""), ("a", b"1")]
+    headers = [("a", b"1")]
+    assert carried_headers(headers) is headers  # nothing copied when nothing is null
+
+
+def test_a_dead_letter_that_fits_is_the_original() -> None:
+    rejection = Rejection(RejectReason.INVALID_JSON, "bad", SOURCE)
+    record = dead_letter(rejection, b"{x", b"key", [("h", None)], limit=10_000)
+    assert (record.value, record.key) == (b"{x", b"key")
+    assert record.headers[0] == ("h", b"")
+    assert dict(record.headers)["ner_stream.original.size"] == b"2"
+    assert "ner_stream.truncated" not in dict(record.headers)
+
+
+@pytest.mark.parametrize("limit", [3_000, 100_000, 1_048_588])
+def test_a_dead_letter_too_large_is_bounded_and_says_where_the_original_is(limit: int) -> None:
+    value = bytes(range(256)) * 8_000  # 2 MB
+    key = b"k" * 5_000
+    headers = [("trace", b"t" * 100), ("big", b"b" * 20_000)]
+    rejection = Rejection(RejectReason.TOO_LARGE, "value is 2048000 bytes", SOURCE)
+    record = dead_letter(rejection, value, key, headers, limit)
+    assert record.size <= limit
+    assert record_size(record.key, record.value, record.headers) <= limit
+    found = dict(record.headers)
+    assert found["ner_stream.truncated"] == b"true"
+    assert found["ner_stream.reason"] == b"too_large"
+    assert found["ner_stream.original.size"] == b"2048000"
+    assert found["ner_stream.original.sha256"] == hashlib.sha256(value).hexdigest().encode()
+    assert found["ner_stream.source.offset"] == b"1234"
+    assert value.startswith(record.value) and len(record.value) <= 65_536
+    assert key.startswith(record.key) and len(record.key) <= 1_024
+    # The original headers (20 kB) exceed the 16 kB kept for them.
+    assert "big" not in found and "trace" not in found
+
+
+def test_a_null_key_and_value_becomes_an_empty_value() -> None:
+    rejection = Rejection(RejectReason.MISSING_TEXT, "null value (tombstone)", SOURCE)
+    record = dead_letter(rejection, None, None, [], limit=10_000)
+    assert record.value == b"" and record.key is None
+    assert dict(record.headers)["ner_stream.original.size"] == b"-1"
+    assert "ner_stream.original.sha256" not in dict(record.headers)
+    tombstone = dead_letter(rejection, None, b"k", [], limit=10_000)
+    assert tombstone.value is None and tombstone.key == b"k"
+
+
+def test_a_limit_below_the_headers_alone_is_an_error() -> None:
+    rejection = Rejection(RejectReason.INVALID_UTF8, "x" * 400, SOURCE)
+    with pytest.raises(ValueError, match="limit"):
+        dead_letter(rejection, b"\xff", None, [], limit=200)

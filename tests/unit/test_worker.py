@@ -266,7 +266,7 @@ def test_a_failed_output_becomes_a_dead_letter_and_the_offset_advances(tagger):
     assert dead.value == doc("huge", "Paris .")  # the input, not the output that failed
     assert dead.key == b"kh"
     assert dead.header("h") == b"1"
-    assert dead.header("ner_stream.reason") == b"processing_error"
+    assert dead.header("ner_stream.reason") == b"output_too_large"
     assert b"MessageSizeTooLargeError" in dead.header("ner_stream.detail")
     assert dead.header("ner_stream.source.offset") == b"1"
 
