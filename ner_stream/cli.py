@@ -184,13 +184,36 @@ def _tagger_options(cfg: WorkerConfig) -> TaggerOptions:
     )
 
 
+def _lines(stream) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a binary stream, decoded as UTF-8.
+
+    A line ends at "\n" only (its "\r\n" or "\n" is removed): a lone "\r" stays in the line,
+    which text mode's universal newlines would have cut in two. A byte-order mark before the first
+    line is dropped. Raises `click.ClickException` naming the line when it is not valid UTF-8.
+    """
+    name = getattr(stream, "name", "<stdin>")
+    for lineno, raw in enumerate(stream, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise click.ClickException(
+                f"{name}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})"
+            ) from None
+        if line.endswith("\n"):
+            line = line[:-2] if line.endswith("\r\n") else line[:-1]
+        yield lineno, line.removeprefix("\ufeff") if lineno == 1 else line
+
+
 def _documents(streams, fmt: str) -> Iterator[tuple[str, str, dict]]:
-    """(id, text, extra fields) per input line; `auto` takes JSON objects with a text as such."""
+    """(id, text, extra fields) per input line of binary `streams` (lines as in `_lines`).
+
+    `text`: each line is a document; `jsonl`: each line a JSON object with a text; `auto` takes a
+    line starting with "{" as JSON and any other as text.
+    """
     n = 0
     for stream in streams:
         name = getattr(stream, "name", "<stdin>")
-        for lineno, line in enumerate(stream, 1):
-            line = line.rstrip("\n")
+        for lineno, line in _lines(stream):
             if fmt == "text" or (fmt == "auto" and not line.lstrip().startswith("{")):
                 n += 1
                 yield str(n), line, {}
@@ -232,7 +255,7 @@ FORMAT = click.Choice(["auto", "jsonl", "text"])
               show_default=True, envvar="NER_STREAM_MAX_F1_CHANGE",
               help="As for `run`.")  # fmt: skip
 @click.option("--batch-docs", type=click.IntRange(1), default=64, show_default=True)
-@click.argument("inputs", nargs=-1, type=click.File("r", encoding="utf-8"))
+@click.argument("inputs", nargs=-1, type=click.File("rb"))
 def tag(model, device, precision, max_f1_change, fmt, batch_docs, inputs) -> None:
     """Tag text or JSONL from files or stdin; print one JSON object per document. No Kafka."""
     options = TaggerOptions(device=device, precision=precision, max_f1_change=max_f1_change)
@@ -243,7 +266,7 @@ def tag(model, device, precision, max_f1_change, fmt, batch_docs, inputs) -> Non
     warning = tagger.precision.warning(tagger.device)
     if warning:
         click.echo(f"ner-stream: {warning}", err=True)
-    streams = inputs or (click.open_file("-", encoding="utf-8"),)
+    streams = inputs or (click.open_file("-", "rb"),)
     for batch in _chunks(_documents(streams, fmt), batch_docs):
         results = tagger.tag([text for _, text, _ in batch])
         for (doc_id, _, extra), entities in zip(batch, results, strict=True):
@@ -274,7 +297,7 @@ def produce(bootstrap_servers, topic, fmt, repeat, inputs) -> None:
     sent = 0
     t0 = time.monotonic()
     for round_ in range(repeat):
-        streams = [p.open(encoding="utf-8") for p in inputs] or [click.open_file("-", "r")]
+        streams = [p.open("rb") for p in inputs] or [click.open_file("-", "rb")]
         docs = list(_documents(streams, fmt))
         with click.progressbar(docs, label=f"producing to {topic}", file=sys.stderr) as bar:
             for doc_id, text, extra in bar:
