@@ -95,3 +95,47 @@ def test_a_line_that_is_not_utf8_is_named_without_a_traceback(model_path, tmp_pa
     assert result.exit_code == 1
     assert f"{path}:2: not valid UTF-8" in result.output
     assert "Traceback" not in result.output
+
+
+def test_pass_through_fields_are_nested_under_meta_and_never_shadow_the_output(model_path):
+    lines = [
+        {"id": "g1", "text": "Peter went to Paris.", "entities": [{"text": "x"}], "lang": "en"},
+        {"text": "Paris", "id": ""},
+        {"id": 7, "text": "", "meta": {"a": 1}},
+        {"id": None, "text": "to Peter"},
+    ]
+    stdin = "\n".join(json.dumps(line) for line in lines).encode()
+    for fmt in ("jsonl", "auto"):
+        outs = tag(model_path, "--format", fmt, input=stdin)
+        assert [sorted(o) for o in outs] == [
+            ["entities", "id", "meta"], ["entities", "id"], ["entities", "id", "meta"],
+            ["entities", "id"],
+        ]  # fmt: skip
+        assert [o["id"] for o in outs] == ["g1", "2", "7", "4"]
+        assert spans(outs[0]) == [("Peter", "PER", 0, 5), ("Paris", "LOC", 14, 19)]
+        assert outs[0]["meta"] == {"entities": [{"text": "x"}], "lang": "en"}
+        assert outs[2]["meta"] == {"meta": {"a": 1}}
+        assert spans(outs[3]) == [("Peter", "PER", 3, 8)]
+
+
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        ('{"text": "Peter", "score": NaN}', "not valid JSON (invalid JSON constant NaN)"),
+        ('{"text": "Peter", "score": -Infinity}', "not valid JSON (invalid JSON constant"),
+        ('{"text": "Pa\\ud800ris"}', "not valid JSON (string with an unpaired surrogate"),
+        ('{"text": "Peter", "tags": ["\\udfff"]}', "not valid JSON (string with an unpaired"),
+        ('{"text": "Peter"', "not valid JSON (Expecting"),
+        ('{"id": true, "text": "Peter"}', "id is a JSON boolean"),
+        ('{"id": "a", "text": 5}', "expected an object with a text"),
+    ],
+)
+def test_a_json_line_that_run_would_refuse_stops_tag_with_the_line_named(
+    model_path, tmp_path, line, why
+):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"text": "Peter \\ud83d\\ude00"}\n' + line + "\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["tag", "--model", model_path, "--device", "cpu", str(path)])
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit)  # a clean exit, not a traceback
+    assert f"{path}:2: {why}" in result.stderr
