@@ -338,6 +338,8 @@ def test_one_megabyte_document(unit: str) -> None:
         "@" * 200_000,  # one token per character, one sentence
         "北京" * 100_000,
         "A. " * 70_000,
+        "a\u00ad" * 200_000,  # one word broken by format characters everywhere
+        "a \u200b" * 70_000,  # format characters between the words
     ],
 )
 def test_pathological_inputs_finish(text: str) -> None:
