@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from ner_stream import __version__
 from ner_stream.checkpoint import CheckpointError, default_model_path
 from ner_stream.config import PRECISIONS, SETTINGS, WorkerConfig
 from ner_stream.logs import configure_logging
+from ner_stream.messages import document_id, output_object, parse_json, pass_through
 from ner_stream.model_process import ModelProcess, ModelProcessError
 from ner_stream.tagger import Tagger, TaggerOptions
 
@@ -188,26 +189,55 @@ def _tagger_options(cfg: WorkerConfig) -> TaggerOptions:
     )
 
 
+def _lines(stream) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a binary stream, decoded as UTF-8.
+
+    A line ends at "\n" only (its "\r\n" or "\n" is removed): a lone "\r" stays in the line,
+    which text mode's universal newlines would have cut in two. A byte-order mark before the first
+    line is dropped. Raises `click.ClickException` naming the line when it is not valid UTF-8.
+    """
+    name = getattr(stream, "name", "<stdin>")
+    for lineno, raw in enumerate(stream, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise click.ClickException(
+                f"{name}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})"
+            ) from None
+        if line.endswith("\n"):
+            line = line[:-2] if line.endswith("\r\n") else line[:-1]
+        yield lineno, line.removeprefix("\ufeff") if lineno == 1 else line
+
+
 def _documents(streams, fmt: str) -> Iterator[tuple[str, str, dict]]:
-    """(id, text, extra fields) per input line; `auto` takes JSON objects with a text as such."""
+    """(id, text, pass-through fields) per input line of binary `streams` (lines as in `_lines`).
+
+    `text`: each line is a document; `jsonl`: each line a JSON object with a text; `auto` takes a
+    line starting with "{" as JSON and any other as text. A JSON line follows the input rules of
+    `run` (`ner_stream.messages`), except that a missing id is the document's number in the
+    input. Raises `click.ClickException` naming the line that breaks them.
+    """
     n = 0
     for stream in streams:
         name = getattr(stream, "name", "<stdin>")
-        for lineno, line in enumerate(stream, 1):
-            line = line.rstrip("\n")
+        for lineno, line in _lines(stream):
             if fmt == "text" or (fmt == "auto" and not line.lstrip().startswith("{")):
                 n += 1
                 yield str(n), line, {}
                 continue
+            # Strict JSON as for `run` (no NaN, no unpaired surrogates), so the output is JSON too.
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise click.ClickException(f"{name}:{lineno}: not valid JSON ({e.msg})") from None
+                obj = parse_json(line)
+            except ValueError as e:
+                raise click.ClickException(f"{name}:{lineno}: not valid JSON ({e})") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise click.ClickException(f"{name}:{lineno}: expected an object with a text")
+            try:
+                doc_id = document_id(obj.get("id"))
+            except ValueError as e:
+                raise click.ClickException(f"{name}:{lineno}: {e}") from None
             n += 1
-            extra = {k: v for k, v in obj.items() if k not in ("id", "text")}
-            yield str(obj.get("id", n)), obj["text"], extra
+            yield doc_id or str(n), obj["text"], pass_through(obj)
 
 
 def _chunks(items: Iterator, size: int) -> Iterator[list]:
@@ -236,9 +266,13 @@ FORMAT = click.Choice(["auto", "jsonl", "text"])
               show_default=True, envvar="NER_STREAM_MAX_F1_CHANGE",
               help="As for `run`.")  # fmt: skip
 @click.option("--batch-docs", type=click.IntRange(1), default=64, show_default=True)
-@click.argument("inputs", nargs=-1, type=click.File("r", encoding="utf-8"))
+@click.argument("inputs", nargs=-1, type=click.File("rb"))
 def tag(model, device, precision, max_f1_change, fmt, batch_docs, inputs) -> None:
-    """Tag text or JSONL from files or stdin; print one JSON object per document. No Kafka."""
+    """Tag text or JSONL from files or stdin; print one JSON object per document. No Kafka.
+
+    Each output is {"id", "entities", "meta"}: a JSON line's fields other than id and text are
+    nested under "meta" (left out when there are none), as in the output of `run`.
+    """
     options = TaggerOptions(device=device, precision=precision, max_f1_change=max_f1_change)
     try:
         tagger = Tagger.from_file(model, options)
@@ -247,18 +281,12 @@ def tag(model, device, precision, max_f1_change, fmt, batch_docs, inputs) -> Non
     warning = tagger.precision.warning(tagger.device)
     if warning:
         click.echo(f"ner-stream: {warning}", err=True)
-    streams = inputs or (click.open_file("-", encoding="utf-8"),)
+    streams = inputs or (click.open_file("-", "rb"),)
     for batch in _chunks(_documents(streams, fmt), batch_docs):
         results = tagger.tag([text for _, text, _ in batch])
-        for (doc_id, _, extra), entities in zip(batch, results, strict=True):
-            out = {"id": doc_id, "entities": [_entity(e) for e in entities], **extra}
-            click.echo(json.dumps(out, ensure_ascii=False))
-
-
-def _entity(e) -> dict:
-    d = asdict(e)
-    d["score"] = round(d["score"], 4)
-    return d
+        for (doc_id, _, meta), entities in zip(batch, results, strict=True):
+            out = output_object(doc_id, entities, meta)
+            click.echo(json.dumps(out, ensure_ascii=False, allow_nan=False))
 
 
 @main.command()
@@ -278,7 +306,7 @@ def produce(bootstrap_servers, topic, fmt, repeat, inputs) -> None:
     sent = 0
     t0 = time.monotonic()
     for round_ in range(repeat):
-        streams = [p.open(encoding="utf-8") for p in inputs] or [click.open_file("-", "r")]
+        streams = [p.open("rb") for p in inputs] or [click.open_file("-", "rb")]
         docs = list(_documents(streams, fmt))
         with click.progressbar(docs, label=f"producing to {topic}", file=sys.stderr) as bar:
             for doc_id, text, extra in bar:

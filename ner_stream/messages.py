@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -36,7 +37,11 @@ __all__ = [
     "dead_letter",
     "dead_letter_headers",
     "decode",
+    "document_id",
     "encode_output",
+    "output_object",
+    "parse_json",
+    "pass_through",
     "processing_error",
     "record_size",
 ]
@@ -147,11 +152,12 @@ def _int_or_literal(literal: str) -> int | str:
         return literal
 
 
-def _parse_json(value: str) -> Any:
-    """Parse strict JSON, raising ``ValueError`` (with position) when it is not.
+def parse_json(value: str) -> Any:
+    """Parse strict JSON: no NaN or Infinity, no unpaired surrogate escapes, bounded nesting.
 
     Numbers that a double (or Python's integer conversion) cannot hold come back as the string
-    of their literal; NaN and Infinity are refused.
+    of their literal. Raises ``ValueError`` saying why (with the position, for a syntax error)
+    when it is not JSON.
     """
     try:
         parsed = json.loads(
@@ -185,18 +191,21 @@ def _has_lone_surrogate(value: Any) -> bool:
     return False
 
 
-def _document_id(obj: dict[str, Any], key: bytes | None, source: Source) -> str:
-    """The ``id`` field: a string, or an integer written in decimal; absent/null/"" -> default."""
-    raw = obj.get("id")
+def document_id(raw: Any) -> str | None:
+    """The id an input object's ``id`` field (``raw``) gives, or None for the caller's default.
+
+    A string is the id; an integer is written in decimal; absent (None), null or "" -> None.
+    Raises ``ValueError`` ("id is a JSON <type>") for any other value.
+    """
     if raw is None or raw == "":
-        return _default_id(key, source)
+        return None
     if isinstance(raw, str):
         return raw
     # Integer ids are common (database keys) and convert without ambiguity. bool is an int
     # subclass but is no id; floats would round-trip ambiguously ("1.0" vs "1").
     if isinstance(raw, int) and not isinstance(raw, bool):
         return str(raw)
-    raise _Invalid(RejectReason.ID_NOT_STRING, f"id is a JSON {_json_type(raw)}")
+    raise ValueError(f"id is a JSON {_json_type(raw)}")
 
 
 def _json_type(value: Any) -> str:
@@ -215,6 +224,11 @@ def _json_type(value: Any) -> str:
             return "null"
 
 
+def pass_through(obj: dict[str, Any]) -> dict[str, Any]:
+    """The fields of an input object other than ``id`` and ``text``: its output's ``meta``."""
+    return {name: field for name, field in obj.items() if name not in ("id", "text")}
+
+
 def _from_object(obj: dict[str, Any], key: bytes | None, source: Source) -> Document:
     if "text" not in obj:
         raise _Invalid(RejectReason.MISSING_TEXT, 'no "text" field')
@@ -223,8 +237,13 @@ def _from_object(obj: dict[str, Any], key: bytes | None, source: Source) -> Docu
         raise _Invalid(RejectReason.MISSING_TEXT, '"text" is null')
     if not isinstance(text, str):
         raise _Invalid(RejectReason.TEXT_NOT_STRING, f"text is a JSON {_json_type(text)}")
-    doc_id = _document_id(obj, key, source)
-    meta = {name: field for name, field in obj.items() if name not in ("id", "text")}
+    try:
+        doc_id = document_id(obj.get("id"))
+    except ValueError as exc:
+        raise _Invalid(RejectReason.ID_NOT_STRING, str(exc)) from None
+    if doc_id is None:
+        doc_id = _default_id(key, source)
+    meta = pass_through(obj)
     return Document(id=doc_id, text=text, meta=meta, source=source)
 
 
@@ -242,14 +261,14 @@ def _decode(value: bytes | None, key: bytes | None, source: Source, max_bytes: i
     head = decoded.lstrip()[:1]
     if head == "{":
         try:
-            parsed = _parse_json(decoded)
+            parsed = parse_json(decoded)
         except ValueError as exc:
             raise _Invalid(RejectReason.INVALID_JSON, str(exc)) from None
         # A value that starts with "{" and parses completely is an object.
         return _from_object(parsed, key, source)
     if head in _JSON_VALUE_START:
         try:
-            parsed = _parse_json(decoded)
+            parsed = parse_json(decoded)
         except ValueError:
             pass  # not JSON: plain text that happens to start like a JSON value
         else:
@@ -306,6 +325,35 @@ def _entity_json(entity: Entity) -> dict[str, Any]:
     }
 
 
+def output_object(
+    doc_id: str,
+    entities: Sequence[Entity],
+    meta: dict[str, Any],
+    source: Source | None = None,
+    model: tuple[str, str] | None = None,
+) -> dict[str, Any]:
+    """The output object of one document: ``{"id", "source"?, "model"?, "entities", "meta"?}``.
+
+    ``source`` and ``model`` (name, version) are included when given; ``meta`` (the input's
+    pass-through fields) only when non-empty, always nested, so that no input field can shadow
+    the others. Scores are rounded to 4 decimals. Raises ``ValueError`` if a score is NaN or
+    infinite.
+    """
+    payload: dict[str, Any] = {"id": doc_id}
+    if source is not None:
+        payload["source"] = {
+            "topic": source.topic,
+            "partition": source.partition,
+            "offset": source.offset,
+        }
+    if model is not None:
+        payload["model"] = {"name": model[0], "version": model[1]}
+    payload["entities"] = [_entity_json(entity) for entity in entities]
+    if meta:
+        payload["meta"] = meta
+    return payload
+
+
 def encode_output(
     doc: Document, entities: list[Entity], model_name: str, model_version: str
 ) -> bytes:
@@ -313,18 +361,7 @@ def encode_output(
 
     Scores are rounded to 4 decimals. Raises ``ValueError`` if a score is NaN or infinite.
     """
-    payload: dict[str, Any] = {
-        "id": doc.id,
-        "source": {
-            "topic": doc.source.topic,
-            "partition": doc.source.partition,
-            "offset": doc.source.offset,
-        },
-        "model": {"name": model_name, "version": model_version},
-        "entities": [_entity_json(entity) for entity in entities],
-    }
-    if doc.meta:
-        payload["meta"] = doc.meta
+    payload = output_object(doc.id, entities, doc.meta, doc.source, (model_name, model_version))
     text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     return text.encode("utf-8")
 

@@ -11,9 +11,22 @@ addresses, @handles and #hashtags are single tokens, Chinese/Japanese characters
 each (those scripts do not separate words with spaces), and emoji sequences and flags are kept
 together.
 
+Invisible format characters (Unicode category Cf: soft hyphen U+00AD, zero-width space U+200B,
+word joiner U+2060, BOM U+FEFF, direction marks and embeddings, ...) never split a word and never
+make a token of their own. The text is tokenized as if they were absent, and a token covers its
+characters from its first visible one to its last: a format character between two of them stays
+inside the token ("Ange\\u00adla", "Mer\\u200bkel" are one token each, as web text breaks long
+words with them), one at a token's edge or standing between spaces is skipped like whitespace.
+Two kinds of format character are read like combining marks instead and stay with the character
+before them: the zero-width (non-)joiners U+200C and U+200D (emoji sequences, Indic and Persian
+words) and the emoji tag characters U+E0020 to U+E007F (subdivision flags). The vocabularies look a
+token up without any of its format characters (`visible_form`), so "Ange\\u00adla" encodes like
+"Angela".
+
 Offsets are Python ``str`` indices (code points) into the original document, and
 ``document[token.start:token.end] == token.text`` always holds. Tokenising is a single pass of one
-compiled regular expression, so it runs in time linear in the document size.
+compiled regular expression (plus, for a text with format characters, one to remove them and one
+over the tokens to map them back), so it runs in time linear in the document size.
 """
 
 from __future__ import annotations
@@ -23,7 +36,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import NamedTuple
 
-__all__ = ["Chunk", "Token", "chunk_document", "split_sentences", "tokenize"]
+__all__ = ["Chunk", "Token", "chunk_document", "split_sentences", "tokenize", "visible_form"]
 
 
 class Token(NamedTuple):
@@ -60,21 +73,8 @@ class Chunk:
         return self.tokens[-1].end if self.tokens else 0
 
 
-def _combining_mark_classes() -> tuple[str, str]:
-    """Regex class bodies with every combining mark (Unicode categories Mn, Mc, Me): BMP, astral.
-
-    Python's ``\\w`` leaves out combining marks, which would cut decomposed accents ("e" + U+0301)
-    and Indic vowel signs out of their words. The stdlib ``re`` has no ``\\p{M}``, so the ranges
-    are derived once from ``unicodedata``; no marks exist between U+20000 and U+E0000. The two
-    planes are kept apart because ``re`` checks the BMP part of a class with one table look-up
-    but the astral ranges (about 200 of them) one by one (see `_mark`).
-    """
-    codepoints = [
-        cp
-        for block in (range(0x20000), range(0xE0000, 0xE0200))
-        for cp in block
-        if unicodedata.category(chr(cp)) in ("Mn", "Mc", "Me")
-    ]
+def _class_body(codepoints: list[int]) -> tuple[str, str]:
+    """Regex class bodies for ascending ``codepoints``, as ranges: the BMP part, the astral part."""
     ranges: list[list[int]] = []
     for cp in codepoints:
         # A range never crosses from the BMP into the astral planes.
@@ -82,15 +82,51 @@ def _combining_mark_classes() -> tuple[str, str]:
             ranges[-1][1] = cp
         else:
             ranges.append([cp, cp])
-    # Zero-width (non-)joiners occur inside Indic and Persian words.
-    bmp, astral = [r"\u200c\u200d"], []
+    bmp, astral = [], []
     for lo, hi in ranges:
         part = rf"\U{lo:08x}-\U{hi:08x}" if lo != hi else rf"\U{lo:08x}"
         (bmp if hi < 0x10000 else astral).append(part)
     return "".join(bmp), "".join(astral)
 
 
-_MARKS_BMP, _MARKS_ASTRAL = _combining_mark_classes()
+# Format characters the tokenizer reads like combining marks rather than as invisible: the zero-
+# width (non-)joiners, which join emoji sequences and occur inside Indic and Persian words, and the
+# emoji tag characters that spell out a subdivision flag after its black flag.
+_JOINERS_AS_MARKS = frozenset([0x200C, 0x200D, *range(0xE0020, 0xE0080)])
+
+
+def _marks_and_format_characters() -> tuple[list[int], list[int]]:
+    """Code points of the combining marks and of the format characters (category Cf), ascending.
+
+    Marks are Unicode categories Mn, Mc, Me. Python's ``\\w`` leaves them out, which would cut
+    decomposed accents ("e" + U+0301) and Indic vowel signs out of their words, and the stdlib
+    ``re`` has no ``\\p{M}``, so the classes are derived once from ``unicodedata``. No marks or
+    format characters exist between U+20000 and U+E0000.
+    """
+    marks: list[int] = []
+    formats: list[int] = []
+    for block in (range(0x20000), range(0xE0000, 0xE0200)):
+        for cp in block:
+            category = unicodedata.category(chr(cp))
+            if category in ("Mn", "Mc", "Me"):
+                marks.append(cp)
+            elif category == "Cf":
+                formats.append(cp)
+    return marks, formats
+
+
+_MARK_CODEPOINTS, _FORMAT_CODEPOINTS = _marks_and_format_characters()
+# The two planes of marks are kept apart because ``re`` checks the BMP part of a class with one
+# table look-up but the astral ranges (about 200 of them) one by one (see `_mark`).
+_MARKS_BMP, _MARKS_ASTRAL = _class_body(
+    sorted({*_MARK_CODEPOINTS, *_JOINERS_AS_MARKS.intersection(_FORMAT_CODEPOINTS)})
+)
+# Invisible format characters: soft hyphen, zero-width space, word joiner, direction marks and
+# embeddings, BOM... (rules in the module docstring).
+_INVISIBLE = "".join(_class_body(sorted(set(_FORMAT_CODEPOINTS) - _JOINERS_AS_MARKS)))
+_INVISIBLE_RE = re.compile(f"[{_INVISIBLE}]++")
+# For str.translate: every format character, those read as marks included, maps to nothing.
+_FORMAT_DELETIONS = dict.fromkeys(_FORMAT_CODEPOINTS)
 
 
 def _mark(extra_astral: str = "") -> str:
@@ -133,9 +169,9 @@ _ABBREVIATIONS = frozenset(
     )
     for word in group.split()
 )
-# Whitespace, control characters and invisible format characters (soft hyphen, zero-width space,
-# direction marks, BOM): never part of a token, skipped like spaces.
-_SKIP = r"\s\x00-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u2060-\u206f\ufeff"
+# Skipped between tokens: whitespace, control characters, and the format characters read as marks
+# where there is nothing for them to join. Invisible format characters never reach the regex.
+_SKIP = r"\s\x00-\x1f\x7f-\x9f" + "".join(_class_body(sorted(_JOINERS_AS_MARKS)))
 # A combining mark or an emoji skin-tone modifier: stays with the symbol before it.
 _EMOJI_MODIFIER = _mark(r"\U0001F3FB-\U0001F3FF")
 # One alternation, tried at each token start after skipping whitespace. Possessive quantifiers
@@ -196,9 +232,20 @@ def _split_clitic(text: str, start: int) -> list[Token]:
 def tokenize(text: str) -> list[Token]:
     """Split ``text`` into CoNLL-2003-style tokens with character offsets.
 
-    Whitespace, control characters and invisible format characters (zero-width space, BOM) are
-    never part of a token. Runs in a single regex pass, linear in ``len(text)``.
+    Returns the tokens in document order; ``text[t.start:t.end] == t.text`` for each. Whitespace
+    and control characters are never part of a token; invisible format characters are part of one
+    only between two of its visible characters (rules in the module docstring). Linear in
+    ``len(text)``: one regex pass, plus one to find format characters in non-ASCII text.
     """
+    # str.isascii is a flag look-up, and a search for the class costs little next to the regex
+    # pass; only the rare text with format characters pays for removing and mapping them.
+    if text.isascii() or _INVISIBLE_RE.search(text) is None:
+        return _tokenize(text)
+    return _tokenize_without_invisibles(text)
+
+
+def _tokenize(text: str) -> list[Token]:
+    """`tokenize` for a text that holds no invisible format characters."""
     tokens: list[Token] = []
     append = tokens.append
     for match in _TOKEN_RE.finditer(text):
@@ -219,6 +266,56 @@ def tokenize(text: str) -> list[Token]:
         else:
             append(_new_tuple(Token, (value, start, end)))
     return tokens
+
+
+def _tokenize_without_invisibles(text: str) -> list[Token]:
+    """`tokenize` for a text with invisible format characters: tokenized as if they were absent.
+
+    The tokens of the visible text are mapped back: a token starts at its first visible character
+    and ends after its last, so format characters between those are inside it and those at its
+    edges are not.
+    """
+    pieces: list[str] = []
+    run_at: list[int] = []  # index into the visible text at which each run was removed
+    removed: list[int] = []  # characters removed up to and including each run
+    total = last = 0
+    for match in _INVISIBLE_RE.finditer(text):
+        start, end = match.span()
+        pieces.append(text[last:start])
+        run_at.append(start - total)
+        total += end - start
+        removed.append(total)
+        last = end
+    pieces.append(text[last:])
+    run_at.append(len(text))  # a sentinel: no run lies past the end
+    tokens = []
+    append = tokens.append
+    i = shift = 0  # runs passed so far (tokens come in order), and the characters they removed
+    for value, start, end in _tokenize("".join(pieces)):
+        while run_at[i] <= start:
+            shift = removed[i]
+            i += 1
+        start_shift = shift
+        # The runs before the token's last character are inside it; those after, outside.
+        while run_at[i] < end:
+            shift = removed[i]
+            i += 1
+        start, end = start + start_shift, end + shift
+        if shift != start_shift:
+            value = text[start:end]
+        append(_new_tuple(Token, (value, start, end)))
+    return tokens
+
+
+def visible_form(word: str) -> str:
+    """``word`` without its format characters (category Cf: soft hyphens, zero-width spaces and
+    joiners, direction marks, ...), as it is looked up in the vocabularies; a word made only of
+    format characters is returned unchanged. Cheap for an ASCII word, which has none.
+    """
+    if word.isascii():
+        return word
+    visible = word.translate(_FORMAT_DELETIONS)
+    return visible or word
 
 
 def _is_closer(token: Token, previous: Token) -> bool:

@@ -11,6 +11,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from ner_stream.text import visible_form
+
 PAD = "<PAD>"
 UNK = "<UNK>"
 PAD_ID = 0
@@ -73,7 +75,12 @@ class Vocab:
 
 
 def word_key(token: str, lowercase: bool = True) -> str:
-    """The form under which a token is looked up in the word vocabulary."""
+    """The form under which a token is looked up in the word vocabulary.
+
+    Format characters (soft hyphens, zero-width spaces, ...) are left out: "Ange\\u00adla" is
+    looked up as "angela".
+    """
+    token = visible_form(token)
     return token.lower() if lowercase else token
 
 
@@ -127,6 +134,8 @@ class Vocabularies:
     def encode(self, tokens: Sequence[str], tags: Sequence[str] | None = None) -> EncodedSentence:
         """Tokens (and optionally their tags) as ids; unknown tags are an error.
 
+        Each token is read without its format characters (see `word_key`).
+
         The character id lists of equal tokens are one shared list: treat them as read-only.
         """
         cache = self._cache
@@ -148,6 +157,9 @@ class Vocabularies:
 
     def _encode_token(self, token: str) -> tuple[int, list[int], int]:
         chars = self.chars.stoi
+        # The word, its characters and its casing all without format characters, so that a word
+        # with a soft hyphen or a zero-width space in it reads as the plain word.
+        token = visible_form(token)
         return (
             self.words.stoi.get(word_key(token, self.lowercase), UNK_ID),
             [chars.get(c, UNK_ID) for c in token[:MAX_WORD_CHARS]],

@@ -21,6 +21,7 @@ from ner_stream.model import ModelConfig, NerModel
 from ner_stream.precision import PrecisionCheck, cast_network, cpu_has_native_bf16
 from ner_stream.spans import convert_tags
 from ner_stream.tagger import resolve_device
+from ner_stream.text import visible_form
 from ner_stream.vocab import UNK_ID, EncodedSentence, Vocab, Vocabularies, word_key
 from training.datasets import Sentence
 from training.embeddings import Embeddings
@@ -118,7 +119,7 @@ def build_vocabs(
 ) -> Vocabularies:
     """Words from the training data (and every pretrained word), characters and tags."""
     word_counts = Counter(word_key(t, lowercase) for s in train for t in s.tokens)
-    char_counts = Counter(c for s in train for t in s.tokens for c in t)
+    char_counts = Counter(c for s in train for t in s.tokens for c in visible_form(t))
     tag_counts = Counter(t for s in train for t in convert_tags(s.tags, "iob2", scheme))
     extra = embeddings.words if embeddings is not None and lowercase else ()
     words = Vocab.build(word_counts, min_count=min_count, extra=extra)

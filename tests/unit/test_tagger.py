@@ -58,6 +58,31 @@ def test_the_rigged_model_finds_its_words_at_the_right_offsets(rigged):
     ]
 
 
+def test_names_with_soft_hyphens_and_zero_width_spaces_are_found_whole(rigged):
+    # Format characters inside a name neither cut it apart nor hide it from the vocabulary; the
+    # entity's text and offsets include them.
+    text = "Pe\u00adter went to Pa\u200bris \u2060. Pe\u2060ter\u00ad went to \ufeffPa\u00adris."
+    [entities] = rigged.tag([text])
+    assert_offsets_valid(text, entities)
+    assert [(e.text, e.type, e.start) for e in entities] == [
+        ("Pe\u00adter", "PER", 0),
+        ("Pa\u200bris", "LOC", text.index("Pa\u200bris")),
+        ("Pe\u2060ter", "PER", text.index("Pe\u2060ter")),
+        ("Pa\u00adris", "LOC", text.index("Pa\u00adris")),
+    ]
+
+
+def test_a_name_with_soft_hyphens_is_prepared_like_the_plain_name(rigged):
+    plain = rigged.prepare("Chancellor Angela Merkel visited Berlin")
+    text = "Chancellor Ange\u00adla Mer\u00adkel visited Ber\u00adlin"
+    marked = rigged.prepare(text)
+    assert [[t.text for t in c] for c in marked.chunks] == [
+        ["Chancellor", "Ange\u00adla", "Mer\u00adkel", "visited", "Ber\u00adlin"]
+    ]
+    assert all(text[t.start : t.end] == t.text for c in marked.chunks for t in c)
+    assert marked.encoded == plain.encoded
+
+
 def test_empty_and_blank_texts_have_no_entities(rigged, rnd):
     for tagger in (rigged, rnd):
         assert tagger.tag(["", "   ", "\n\t"]) == [[], [], []]

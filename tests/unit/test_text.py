@@ -7,7 +7,14 @@ import unicodedata
 
 import pytest
 
-from ner_stream.text import Chunk, Token, chunk_document, split_sentences, tokenize
+from ner_stream.text import (
+    Chunk,
+    Token,
+    chunk_document,
+    split_sentences,
+    tokenize,
+    visible_form,
+)
 
 
 def _texts(text: str) -> list[str]:
@@ -91,9 +98,15 @@ def test_curly_apostrophes_behave_like_straight_ones() -> None:
         ("北京大学 in Tokyo", ["北", "京", "大", "学", "in", "Tokyo"]),
         ("서울 시청", ["서울", "시청"]),  # Korean separates words with spaces
         ("ok 👍🏽 👨\u200d👩\u200d👧 🇫🇷 ❤️", ["ok", "👍🏽", "👨\u200d👩\u200d👧", "🇫🇷", "❤️"]),
+        # Format characters inside a word keep it whole; at its edges they are skipped.
         (
             "zero\u200bwidth soft\u00adhyphen \ufeffbom\x00nul",
-            ["zero", "width", "soft", "hyphen", "bom", "nul"],
+            ["zero\u200bwidth", "soft\u00adhyphen", "bom", "nul"],
+        ),
+        # A subdivision flag: black flag, tag letters "gbsct", cancel tag.
+        (
+            "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f ok",
+            ["\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f", "ok"],
         ),
     ],
 )
@@ -101,6 +114,69 @@ def test_unicode(text: str, expected: list[str]) -> None:
     tokens = tokenize(text)
     _assert_offsets(text, tokens)
     assert [t.text for t in tokens] == expected
+
+
+# Format characters that are invisible to the tokenizer, and those it reads as combining marks.
+_INVISIBLES = ["\u00ad", "\u2060", "\u200b", "\ufeff", "\u200e", "\u202a", "\u2066", "\u180e"]
+_JOINERS = ["\u200c", "\u200d"]
+
+
+def test_soft_hyphens_keep_names_whole() -> None:
+    text = "Chancellor Ange\u00adla Mer\u00adkel visited Ber\u00adlin"
+    assert tokenize(text) == [
+        Token("Chancellor", 0, 10),
+        Token("Ange\u00adla", 11, 18),
+        Token("Mer\u00adkel", 19, 26),
+        Token("visited", 27, 34),
+        Token("Ber\u00adlin", 35, 42),
+    ]
+
+
+@pytest.mark.parametrize("fmt", _INVISIBLES + _JOINERS)
+def test_a_format_character_inside_a_word_stays_in_it(fmt: str) -> None:
+    text = f"in Ber{fmt}lin{fmt}er {fmt}{fmt} Stra{fmt}{fmt}sse."
+    tokens = tokenize(text)
+    _assert_offsets(text, tokens)
+    assert [t.text for t in tokens] == ["in", f"Ber{fmt}lin{fmt}er", f"Stra{fmt}{fmt}sse", "."]
+    assert [visible_form(t.text) for t in tokens] == ["in", "Berliner", "Strasse", "."]
+
+
+@pytest.mark.parametrize("fmt", _INVISIBLES)
+def test_a_format_character_alone_or_at_a_word_edge_makes_no_token(fmt: str) -> None:
+    assert tokenize(fmt) == []
+    assert tokenize(f" {fmt} {fmt}{fmt}\n") == []
+    text = f"{fmt}Paris{fmt} {fmt} ({fmt}Lyon{fmt}){fmt}.{fmt}"
+    tokens = tokenize(text)
+    _assert_offsets(text, tokens)
+    assert [t.text for t in tokens] == ["Paris", "(", "Lyon", ")", "."]
+    assert tokens[0] == Token("Paris", 1, 6)
+
+
+def test_invisible_format_characters_do_not_change_the_tokens() -> None:
+    # Sprinkled anywhere into texts, they leave the same tokens, each with its own format
+    # characters inside (never at an edge) and the offsets still exact.
+    rng = random.Random(11)
+    texts = ["He doesn't know. Mr. Smith paid $1,000 (Reuters) at 10 a.m.",
+             "1. Sampras (U.S.) -- see https://example.com/a?b=1. Then @bot #tag",
+             "Grüße aus Zürich, sagte Peter zu 王小明 in 東京. 👍🏽 ok"]  # fmt: skip
+    for _ in range(200):
+        plain = rng.choice(texts)
+        chars = list(plain)
+        for _ in range(rng.randrange(1, 6)):
+            chars.insert(rng.randrange(len(chars) + 1), rng.choice(_INVISIBLES))
+        text = "".join(chars)
+        tokens = tokenize(text)
+        _assert_offsets(text, tokens)
+        assert [visible_form(t.text) for t in tokens] == [t.text for t in tokenize(plain)]
+        assert not any({t.text[0], t.text[-1]} & set(_INVISIBLES) for t in tokens)
+
+
+def test_visible_form() -> None:
+    assert visible_form("Ange\u00adla") == "Angela"
+    assert visible_form("a\u200b\u200c\u200d\u2060\ufeff\u200e\u202ab") == "ab"
+    assert visible_form("Angela") == "Angela"
+    assert visible_form("Zürich") == "Zürich"
+    assert visible_form("\u00ad") == "\u00ad"  # nothing visible: left as it is
 
 
 def test_offsets_of_a_simple_text() -> None:
@@ -262,6 +338,8 @@ def test_one_megabyte_document(unit: str) -> None:
         "@" * 200_000,  # one token per character, one sentence
         "北京" * 100_000,
         "A. " * 70_000,
+        "a\u00ad" * 200_000,  # one word broken by format characters everywhere
+        "a \u200b" * 70_000,  # format characters between the words
     ],
 )
 def test_pathological_inputs_finish(text: str) -> None:

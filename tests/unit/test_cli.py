@@ -1,0 +1,141 @@
+"""`ner-stream tag` and `produce` on files and stdin: what a line is, what comes out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from ner_stream import kafka_io
+from ner_stream.checkpoint import save
+from ner_stream.cli import main
+from tests.fakes import FakeProducer, rigged_model
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> str:
+    """The rigged model ("Peter" -> PER, "Paris" -> LOC) as a model file."""
+    path = tmp_path_factory.mktemp("model") / "rigged.nerm"
+    loaded = rigged_model()
+    save(path, loaded.model, loaded.info)
+    return str(path)
+
+
+def tag(model_path: str, *args: str, input: bytes | None = None) -> list[dict]:
+    """Run `ner-stream tag` and return its output objects; fails the test on a non-zero exit."""
+    result = CliRunner().invoke(
+        main, ["tag", "--model", model_path, "--device", "cpu", *args], input=input
+    )
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def spans(out: dict) -> list[tuple[str, str, int, int]]:
+    return [(e["text"], e["type"], e["start"], e["end"]) for e in out["entities"]]
+
+
+# A lone "\r" inside a line, then a line ended by "\r\n", then one by "\n", then one by nothing.
+LINES = b"Peter went\rto Paris\r\nParis\nto Peter\n\rPeter"
+
+
+@pytest.mark.parametrize("fmt", ["text", "auto"])
+def test_only_newlines_end_a_text_line_in_a_file_and_on_stdin(model_path, tmp_path, fmt):
+    path = tmp_path / "in.txt"
+    path.write_bytes(LINES)
+    for outs in (
+        tag(model_path, "--format", fmt, str(path)),
+        tag(model_path, "--format", fmt, input=LINES),
+    ):
+        assert [o["id"] for o in outs] == ["1", "2", "3", "4"]
+        assert [spans(o) for o in outs] == [
+            [("Peter", "PER", 0, 5), ("Paris", "LOC", 14, 19)],
+            [("Paris", "LOC", 0, 5)],
+            [("Peter", "PER", 3, 8)],
+            [("Peter", "PER", 1, 6)],  # the lone "\r" stays at the start of the document
+        ]
+
+
+def test_a_jsonl_file_may_end_its_lines_with_crlf_and_start_with_a_bom(model_path, tmp_path):
+    path = tmp_path / "in.jsonl"
+    # A lone "\r" between JSON tokens is whitespace, not the end of a line.
+    path.write_bytes(b'\xef\xbb\xbf{"id": "a", "text": "Peter\\r"}\r\n{"text":\r"\\rParis"}\r\n')
+    outs = tag(model_path, "--format", "jsonl", str(path))
+    assert [(o["id"], spans(o)) for o in outs] == [
+        ("a", [("Peter", "PER", 0, 5)]),
+        ("2", [("Paris", "LOC", 1, 6)]),
+    ]
+
+
+def test_produce_keeps_a_lone_carriage_return_in_the_document(monkeypatch, tmp_path):
+    producers: list[FakeProducer] = []  # one per run: produce closes its producer
+
+    def make_producer(cfg):
+        producers.append(FakeProducer())
+        return producers[-1]
+
+    monkeypatch.setattr(kafka_io, "make_producer", make_producer)
+    path = tmp_path / "in.txt"
+    path.write_bytes(b"Peter went\rto Paris\r\nParis\n")
+    for args, stdin in (([str(path)], None), ([], path.read_bytes())):
+        result = CliRunner().invoke(main, ["produce", "--format", "text", *args], input=stdin)
+        assert result.exit_code == 0, result.output
+        producer = producers[-1]
+        assert [s.json() for s in producer.sent] == [
+            {"id": "1", "text": "Peter went\rto Paris"},
+            {"id": "2", "text": "Paris"},
+        ]
+        assert [s.key for s in producer.sent] == [b"1", b"2"]
+
+
+def test_a_line_that_is_not_utf8_is_named_without_a_traceback(model_path, tmp_path):
+    path = tmp_path / "in.txt"
+    path.write_bytes(b"Peter\nPar\xffis\n")
+    result = CliRunner().invoke(main, ["tag", "--model", model_path, str(path)])
+    assert result.exit_code == 1
+    assert f"{path}:2: not valid UTF-8" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_pass_through_fields_are_nested_under_meta_and_never_shadow_the_output(model_path):
+    lines = [
+        {"id": "g1", "text": "Peter went to Paris.", "entities": [{"text": "x"}], "lang": "en"},
+        {"text": "Paris", "id": ""},
+        {"id": 7, "text": "", "meta": {"a": 1}},
+        {"id": None, "text": "to Peter"},
+    ]
+    stdin = "\n".join(json.dumps(line) for line in lines).encode()
+    for fmt in ("jsonl", "auto"):
+        outs = tag(model_path, "--format", fmt, input=stdin)
+        assert [sorted(o) for o in outs] == [
+            ["entities", "id", "meta"], ["entities", "id"], ["entities", "id", "meta"],
+            ["entities", "id"],
+        ]  # fmt: skip
+        assert [o["id"] for o in outs] == ["g1", "2", "7", "4"]
+        assert spans(outs[0]) == [("Peter", "PER", 0, 5), ("Paris", "LOC", 14, 19)]
+        assert outs[0]["meta"] == {"entities": [{"text": "x"}], "lang": "en"}
+        assert outs[2]["meta"] == {"meta": {"a": 1}}
+        assert spans(outs[3]) == [("Peter", "PER", 3, 8)]
+
+
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        ('{"text": "Peter", "score": NaN}', "not valid JSON (invalid JSON constant NaN)"),
+        ('{"text": "Peter", "score": -Infinity}', "not valid JSON (invalid JSON constant"),
+        ('{"text": "Pa\\ud800ris"}', "not valid JSON (string with an unpaired surrogate"),
+        ('{"text": "Peter", "tags": ["\\udfff"]}', "not valid JSON (string with an unpaired"),
+        ('{"text": "Peter"', "not valid JSON (Expecting"),
+        ('{"id": true, "text": "Peter"}', "id is a JSON boolean"),
+        ('{"id": "a", "text": 5}', "expected an object with a text"),
+    ],
+)
+def test_a_json_line_that_run_would_refuse_stops_tag_with_the_line_named(
+    model_path, tmp_path, line, why
+):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"text": "Peter \\ud83d\\ude00"}\n' + line + "\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["tag", "--model", model_path, "--device", "cpu", str(path)])
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit)  # a clean exit, not a traceback
+    assert f"{path}:2: {why}" in result.stderr
