@@ -45,6 +45,16 @@ def _valid(rng: random.Random) -> HostileRecord:
     return HostileRecord("valid", _json(_doc(rng)), OUTPUT, key=b"k%d" % rng.randrange(1000))
 
 
+def _output_too_large(rng: random.Random, max_doc: int, out_limit: int) -> HostileRecord:
+    """A valid document whose output is over `out_limit`: a pass-through field does it when
+    the input may be that large (whatever the model finds), else many entities."""
+    if max_doc > out_limit + 1_000:
+        value = _json({"text": SENTENCE, "blob": "b" * (out_limit + 100)})
+    else:
+        value = _json({"text": (SENTENCE + " ") * max(1, min(out_limit // 50, max_doc // 30))})
+    return HostileRecord("output_too_large", value, "output_too_large")
+
+
 # Each maker takes (rng, max_doc_bytes, output_limit) and returns one record of its kind.
 Maker = Callable[[random.Random, int, int], HostileRecord]
 
@@ -111,11 +121,7 @@ def _makers() -> dict[str, Maker]:
         "too_large": lambda rng, max_doc, _o: HostileRecord(
             "too_large", b"Peter " * (max_doc // 6 + 10), "too_large"
         ),
-        "output_too_large": lambda rng, max_doc, out_limit: HostileRecord(
-            "output_too_large",
-            _json({"text": (SENTENCE + " ") * max(1, min(out_limit // 50, max_doc // 30))}),
-            "output_too_large",
-        ),
+        "output_too_large": _output_too_large,
     }
 
 
