@@ -83,16 +83,19 @@ def kafka_admin(kafka_bootstrap: str) -> Iterator[KafkaAdminClient]:
 
 @pytest.fixture(scope="session")
 def topic_factory(kafka_admin: KafkaAdminClient) -> Iterator[Callable[..., str]]:
-    """Factory ``make(partitions=1, prefix="test") -> name`` creating uniquely named topics.
+    """Factory ``make(partitions=1, prefix="test", configs=None) -> name`` creating uniquely named
+    topics (``configs``: topic configs such as ``{"max.message.bytes": "5242880"}``).
 
     Session-scoped so that module-scoped fixtures can use it too; every topic it created is deleted
     when the session ends.
     """
     created: list[str] = []
 
-    def make(partitions: int = 1, prefix: str = "test") -> str:
+    def make(
+        partitions: int = 1, prefix: str = "test", configs: dict[str, str] | None = None
+    ) -> str:
         name = kafka_util.unique_name(prefix)
-        kafka_util.create_topic(kafka_admin, name, partitions)
+        kafka_util.create_topic(kafka_admin, name, partitions, configs=configs)
         created.append(name)
         return name
 

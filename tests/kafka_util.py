@@ -5,18 +5,23 @@ around kafka-python that work the same on its 2.x and 3.x releases."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 import uuid
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KAFKA_SH = REPO_ROOT / "deploy" / "kafka" / "kafka.sh"
+# The broker's jars as kafka.sh resolves them (Kafka's own command-line tools are among them).
+KAFKA_LIB_DIR = REPO_ROOT / "deploy" / "kafka" / ".cache" / "lib"
 
 # kafka.sh waits up to KAFKA_START_TIMEOUT (60 s) for the broker itself; the first run also
 # downloads the jars with Maven, so the wrapper allows for that on top.
@@ -96,14 +101,28 @@ def unique_name(prefix: str) -> str:
 
 
 def create_topic(
-    admin: KafkaAdminClient, name: str, partitions: int, timeout_s: float = 30.0
+    admin: KafkaAdminClient,
+    name: str,
+    partitions: int,
+    timeout_s: float = 30.0,
+    configs: Mapping[str, str] | None = None,
 ) -> None:
     """Create a topic with one replica and wait until every partition has a leader.
 
-    CreateTopics returns once the controller has accepted the topic; clients that look it up right
-    away may still see no leader, so this polls the metadata until all partitions are led.
+    ``configs`` are topic configs such as ``{"max.message.bytes": "5242880"}``. CreateTopics
+    returns once the controller has accepted the topic; clients that look it up right away may
+    still see no leader, so this polls the metadata until all partitions are led.
     """
-    admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+    admin.create_topics(
+        [
+            NewTopic(
+                name,
+                num_partitions=partitions,
+                replication_factor=1,
+                topic_configs=dict(configs or {}),
+            )
+        ]
+    )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if _leaders_ready(admin, name, partitions):
@@ -165,3 +184,76 @@ def produce_keyed(
     finally:
         producer.close(timeout=10)
     return ProducedRecords(pairs=frozenset(pairs), per_partition=dict(partitions))
+
+
+# ------------------------------------------------------------------------------ Kafka's own tools
+
+
+def kafka_tools_missing() -> str | None:
+    """Why Kafka's Java command-line tools cannot run here, or None when they can."""
+    if shutil.which("java") is None:
+        return "java is not on PATH (Kafka's own tools need Java 17+)"
+    if not any(KAFKA_LIB_DIR.glob("kafka-tools-*.jar")):
+        return (
+            f"no Kafka jars in {KAFKA_LIB_DIR.relative_to(REPO_ROOT)}: "
+            f"run `{KAFKA_SH.relative_to(REPO_ROOT)} up` once to resolve them"
+        )
+    return None
+
+
+def console_produce(
+    bootstrap: str,
+    topic: str,
+    lines: Sequence[str],
+    *,
+    compression: str | None = None,
+    reader_properties: Mapping[str, str] | None = None,
+    command_properties: Mapping[str, str] | None = None,
+    timeout_s: float = 120.0,
+) -> None:
+    """Write records with the broker's own Java producer, ``kafka-console-producer``.
+
+    Each of ``lines`` is one record, parsed by Kafka's ``LineMessageReader`` as
+    ``reader_properties`` say (``parse.key``, ``parse.headers``, ``null.marker``, the
+    separators...); ``compression`` is its ``--compression-codec`` (gzip, snappy, lz4, zstd);
+    ``command_properties`` are producer configs. It writes what kafka-python cannot (a null key
+    with a null value, a null header value) and batches compressed by another client. Records are
+    sent one at a time and acknowledged by all replicas before this returns; a failed send raises.
+    Skips the calling test when java or the jar cache is missing.
+    """
+    missing = kafka_tools_missing()
+    if missing:
+        pytest.skip(missing)
+    for line in lines:
+        assert "\n" not in line and "\r" not in line, f"one record per line: {line!r}"
+    cmd = [
+        "java",
+        # A short-lived client: C1 only and a small heap start the JVM fastest on a busy machine.
+        "-XX:TieredStopAtLevel=1",
+        "-XX:+UseSerialGC",
+        "-Xmx256m",
+        "-cp",
+        f"{KAFKA_LIB_DIR}/*",
+        "org.apache.kafka.tools.ConsoleProducer",
+        "--bootstrap-server",
+        bootstrap,
+        "--topic",
+        topic,
+        "--sync",  # each send waits for its ack, and a failed one exits non-zero
+        "--request-required-acks",
+        "all",
+    ]
+    if compression:
+        cmd += ["--compression-codec", compression]
+    for key, value in (reader_properties or {}).items():
+        cmd += ["--reader-property", f"{key}={value}"]
+    for key, value in (command_properties or {}).items():
+        cmd += ["--command-property", f"{key}={value}"]
+    stdin = "".join(line + "\n" for line in lines)
+    result = subprocess.run(
+        cmd, input=stdin, capture_output=True, text=True, timeout=timeout_s, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"kafka-console-producer exited {result.returncode}:\n{result.stdout}{result.stderr}"
+        )
