@@ -379,3 +379,12 @@ def test_a_limit_below_the_headers_alone_is_an_error() -> None:
     rejection = Rejection(RejectReason.INVALID_UTF8, "x" * 400, SOURCE)
     with pytest.raises(ValueError, match="limit"):
         dead_letter(rejection, b"\xff", None, [], limit=200)
+
+
+def test_the_readme_lists_every_dead_letter_reason() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("| reason | the record |") :]
+    missing = [str(r) for r in RejectReason if f"| `{r}` |" not in table]
+    assert not missing, f"README's dead-letter reasons lack {missing}"
