@@ -60,6 +60,7 @@ class RejectReason(StrEnum):
     TOO_LARGE = "too_large"
     ID_NOT_STRING = "id_not_string"
     PROCESSING_ERROR = "processing_error"
+    MODEL_CRASH = "model_crash"  # killed the model process twice, the second time alone
 
 
 @dataclass(frozen=True)
