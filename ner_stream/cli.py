@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -111,7 +111,7 @@ def _run_worker(cfg: WorkerConfig) -> int:
             return _fail(str(e), 2)
     tune_interpreter()
     try:
-        return _serve(cfg, tagger)
+        return _serve(cfg, tagger, model_process.restart if model_process is not None else None)
     finally:
         if model_process is not None:
             model_process.close()
@@ -128,8 +128,11 @@ def _start_model_process(cfg: WorkerConfig, tagger: Tagger) -> ModelProcess:
     return proc
 
 
-def _serve(cfg: WorkerConfig, tagger: Tagger) -> int:
-    """The metrics server, the Kafka clients and the worker loop, until a signal stops them."""
+def _serve(cfg: WorkerConfig, tagger: Tagger, restart_model: Callable[[], None] | None) -> int:
+    """The metrics server, the Kafka clients and the worker loop, until a signal stops them.
+
+    `restart_model` replaces a model process that died (None: the model runs in this process).
+    """
     # Imports here keep `ner-stream tag` and `--help` free of the Kafka client's start-up cost.
     from ner_stream.kafka_io import (
         StartupError,
@@ -171,7 +174,9 @@ def _serve(cfg: WorkerConfig, tagger: Tagger) -> int:
     signal.signal(signal.SIGINT, on_signal)
     log.info("largest output %d bytes, largest dead letter %d bytes", limits.output,
              limits.dead_letter)  # fmt: skip
-    worker = Worker(cfg, tagger, consumer, producer, metrics, health, limits=limits)
+    worker = Worker(
+        cfg, tagger, consumer, producer, metrics, health, limits=limits, restart_model=restart_model
+    )
     try:
         return worker.run(stop)
     finally:

@@ -71,6 +71,7 @@ class RejectReason(StrEnum):
     ID_NOT_STRING = "id_not_string"
     PROCESSING_ERROR = "processing_error"
     OUTPUT_TOO_LARGE = "output_too_large"
+    MODEL_CRASH = "model_crash"  # killed the model process twice, the second time alone
 
 
 @dataclass(frozen=True)

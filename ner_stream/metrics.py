@@ -59,6 +59,9 @@ class Metrics:
             f"{p}_rebalances", "Partition revocations and assignments.", ["kind"], registry=r
         )
         self.commits = Counter(f"{p}_commits", "Offset commits, by result.", ["result"], registry=r)
+        self.model_restarts = Counter(
+            f"{p}_model_restarts", "Model processes started again after one died.", registry=r
+        )
         self.batch_docs = Histogram(
             f"{p}_batch_documents", "Documents per micro-batch.", buckets=_DOCS, registry=r
         )

@@ -11,12 +11,23 @@ The parent still tokenizes, encodes, pads and decodes spans; only padded arrays 
 for a full micro-batch) and the tags and confidences of the real rows cross the pipe. In the
 child, passes flow through two stages on two threads, the network (torch, `--torch-threads`
 threads) and then the CRF (numpy), so that one pass is decoded while the next one's network runs.
+
+A child that dies (killed for memory, a native crash) loses the passes it had: their replies raise
+`ModelProcessError`, and `ModelProcess.restart` starts a fresh child in its place. How often that
+may happen is `RestartWindow`'s decision; what becomes of the lost documents is the worker's.
+
+Testing hook: when the environment variable named by `CRASH_WORD_ENV` is set in the child's
+environment, the child kills itself (SIGKILL, as the kernel's OOM killer would) on any pass that
+contains that word, looked up as the model's vocabulary looks words up. It lets the tests make a
+marked document kill the model; unset, nothing changes. A word the vocabulary does not know is
+refused at start, so that a misspelt hook cannot pass a test by never firing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import os
 import queue
@@ -35,20 +46,61 @@ import torch
 
 from ner_stream.model import Batch
 from ner_stream.tagger import Forwarded, Tagger, TaggerOptions
+from ner_stream.vocab import word_key
+
+# Testing hook (see the module docstring): read by the child only.
+CRASH_WORD_ENV = "NER_STREAM_TEST_CRASH_WORD"
+
+# A worker gives up when the model process dies more often than this: a model that dies on
+# (nearly) every pass would otherwise be restarted forever, one document at a time.
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
 
 
 class ModelProcessError(RuntimeError):
-    """The model process cannot serve (it failed to start or has stopped): fatal to the worker.
+    """The model process cannot serve: it failed to start, or it died.
 
-    Unlike an error in one batch, this says nothing about the documents: they must not be
-    dead-lettered for it.
+    Unlike an error in one batch, a death says nothing yet about the documents of the passes it
+    took: the worker restarts the model and tries them again (see `ner_stream.worker`).
     """
+
+
+class RestartWindow:
+    """Whether the model process may be started again: at most `limit` restarts in `window_s`.
+
+    Pure: the caller passes the time (seconds of a monotonic clock) of each restart it wants.
+    """
+
+    def __init__(self, limit: int = MAX_RESTARTS, window_s: float = RESTART_WINDOW_S) -> None:
+        if limit < 0 or window_s <= 0:
+            raise ValueError("need limit >= 0 and window_s > 0")
+        self.limit = limit
+        self.window_s = window_s
+        self._times: deque[float] = deque()  # restarts in the window, oldest first
+
+    def allow(self, now: float) -> bool:
+        """Record a restart at `now` and return True, or return False: one too many.
+
+        A restart is one too many when `limit` restarts already happened in the `window_s`
+        seconds up to `now`; a refused restart is not recorded.
+        """
+        while self._times and self._times[0] <= now - self.window_s:
+            self._times.popleft()
+        if len(self._times) >= self.limit:
+            return False
+        self._times.append(now)
+        return True
+
+    def recent(self, now: float) -> int:
+        """Restarts recorded in the `window_s` seconds up to `now`."""
+        return sum(1 for t in self._times if t > now - self.window_s)
 
 
 class ModelProcess:
     """A child process holding the model; calling it runs `Tagger.run_batches` there.
 
-    A `BatchRunner` for `Tagger.use_runner`; `close` stops the child.
+    A `BatchRunner` for `Tagger.use_runner`; `restart` replaces a child that died, `close` stops
+    the child.
     """
 
     def __init__(
@@ -58,19 +110,38 @@ class ModelProcess:
         threads: int,
         start_timeout_s: float = 120.0,
     ) -> None:
+        self._spec = {"model": str(model_path), "options": asdict(options), "threads": threads}
+        self._start_timeout_s = start_timeout_s
+        self._lock = threading.Lock()
+        self._waiting: deque[Reply] = deque()
+        self._digest: str | None = None  # of the model file the first child loaded
+        self._start()
+
+    def _start(self) -> None:
+        """Start a child and wait until it has loaded the model; ModelProcessError if it cannot."""
+        try:
+            with open(self._spec["model"], "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError as e:
+            raise ModelProcessError(f"the model process could not load the model: {e}") from None
+        if self._digest is not None and digest != self._digest:
+            # The parent encodes with the vocabularies of the model it loaded at start: a child
+            # with another model would tag garbage.
+            raise ModelProcessError(
+                f"the model file {self._spec['model']} changed since the worker started; "
+                "a restarted worker serves the new one"
+            )
         # A fresh interpreter (`python -m`), not a fork: a fork of a process that already runs
         # torch and Kafka client threads could inherit locks those threads hold, and
         # multiprocessing's "spawn" would import the caller's main module again.
         ours, theirs = socket.socketpair()
-        spec = {"model": str(model_path), "options": asdict(options), "threads": threads}
+        spec, start_timeout_s = self._spec, self._start_timeout_s
         with theirs:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", __name__, str(theirs.fileno()), json.dumps(spec)],
                 pass_fds=[theirs.fileno()],
             )
         self._conn = Connection(ours.detach())
-        self._lock = threading.Lock()
-        self._waiting: deque[Reply] = deque()
         if not self._conn.poll(start_timeout_s):
             self.close()
             raise ModelProcessError(f"the model process did not start in {start_timeout_s:.0f} s")
@@ -82,6 +153,7 @@ class ModelProcess:
         if reply[0] != "ready":
             self.close()
             raise ModelProcessError(f"the model process could not load the model: {reply[1]}")
+        self._digest = digest
 
     @property
     def pid(self) -> int:
@@ -106,7 +178,10 @@ class ModelProcess:
         return reply
 
     def _receive(self, block: bool) -> bool:
-        """Take the next answer off the pipe for the oldest waiting reply; False if none came."""
+        """Take the next answer off the pipe for the oldest waiting reply; False if none came.
+
+        When the child is gone, every waiting reply is answered as lost (see `Reply.get`).
+        """
         with self._lock:
             if not self._waiting:
                 return False
@@ -115,9 +190,28 @@ class ModelProcess:
                     return False
                 message = self._conn.recv()
             except (EOFError, OSError):
-                raise ModelProcessError(self._stopped_message()) from None
+                self._lose_waiting(self._stopped_message())
+                return True
             self._waiting.popleft().message = message
             return True
+
+    def _lose_waiting(self, why: str) -> None:
+        """Answer every waiting reply as lost (the lock held): its child will never answer."""
+        while self._waiting:
+            self._waiting.popleft().message = ("lost", why)
+
+    def restart(self) -> None:
+        """Replace the child (one that died) with a fresh one, with the same model and options.
+
+        Replies still waiting for the old child raise `ModelProcessError`. Raises
+        `ModelProcessError` itself if the new child cannot start (the model file became
+        unreadable, say) or the model file is no longer the one the first child loaded: this
+        object is then closed.
+        """
+        with self._lock:
+            self._lose_waiting("the model process was restarted before it answered")
+        self.close()
+        self._start()
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop the child: asked first, terminated if it does not exit in `timeout_s`."""
@@ -156,9 +250,15 @@ class Reply:
         return True
 
     def get(self) -> Forwarded:
-        """The tags and confidences; raises if the child could not run the pass."""
+        """The tags and confidences; raises if the child could not run the pass.
+
+        `ModelProcessError` when the child died before it answered; RuntimeError when it
+        answered that this pass failed.
+        """
         while self.message is None:
             self._process._receive(block=True)
+        if self.message[0] == "lost":
+            raise ModelProcessError(self.message[1])
         if self.message[0] != "ok":
             raise RuntimeError(f"the model process failed on a batch: {self.message[1]}")
         _, tags, scores, seconds = self.message
@@ -173,6 +273,7 @@ def serve(conn: Connection, model_path: str, options: TaggerOptions, threads: in
     torch.set_num_threads(threads)
     try:
         tagger = Tagger.from_file(model_path, options)
+        crash_id = _crash_word_id(tagger)
     except Exception as e:  # reported to the parent, which fails with the message
         conn.send(("error", str(e)))
         return
@@ -198,6 +299,9 @@ def serve(conn: Connection, model_path: str, options: TaggerOptions, threads: in
             if message is None:  # asked to stop, or the parent is gone
                 return
             arrays, rows = message
+            # fields[0] of each batch: its word ids.
+            if crash_id is not None and any((fields[0] == crash_id).any() for fields in arrays):
+                os.kill(os.getpid(), signal.SIGKILL)  # the testing hook: die as an OOM kill does
             t0 = time.perf_counter()
             try:
                 batches = [Batch(*(torch.from_numpy(a) for a in fields)) for fields in arrays]
@@ -207,6 +311,18 @@ def serve(conn: Connection, model_path: str, options: TaggerOptions, threads: in
     finally:
         decoded.put(None)
         decoder.join()  # the answers to passes already run still go out
+
+
+def _crash_word_id(tagger: Tagger) -> int | None:
+    """The word id of the testing hook's word (see the module docstring), None when unset."""
+    word = os.environ.get(CRASH_WORD_ENV)
+    if not word:
+        return None
+    vocabs = tagger.vocabs
+    key = word_key(word, vocabs.lowercase)
+    if key not in vocabs.words:
+        raise ValueError(f"{CRASH_WORD_ENV}={word!r} is not in the model's vocabulary")
+    return vocabs.words.stoi[key]
 
 
 def _decode_and_reply(conn: Connection, tagger: Tagger, decoded: queue.SimpleQueue) -> None:

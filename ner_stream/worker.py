@@ -11,6 +11,12 @@ Two threads share the work:
   thread submits a batch, keeps at most one more queued behind it, and decodes spans and
   produces the outputs of each batch while the model runs the next.
 
+When the model process dies (killed for memory, a native crash), the tagging thread starts a
+fresh one and runs the documents of the passes it lost one at a time; a document that kills the
+model again on its own goes to the dead-letter topic (`model_crash`) and the stream goes on. Deaths
+more frequent than `RestartWindow` allows, or a model process that cannot start again, stop the
+worker (exit code 1) without committing the documents it had.
+
 The producer's acknowledgements arrive on its I/O thread and are handed back to the consumer
 thread through a queue: only that thread touches the offset tracker, so commits never pass a
 record whose output (or dead letter) is not acknowledged.
@@ -49,9 +55,9 @@ from ner_stream.messages import (
     processing_error,
 )
 from ner_stream.metrics import Health, Metrics
-from ner_stream.model_process import ModelProcessError
+from ner_stream.model_process import ModelProcessError, RestartWindow
 from ner_stream.offsets import OffsetTracker
-from ner_stream.tagger import PendingTags, PreparedDoc, Tagger
+from ner_stream.tagger import BatchStats, PendingTags, PreparedDoc, Tagger
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +151,9 @@ MODEL_POLL_S = 0.002  # how often the tagging thread looks for a finished forwar
 # A dead letter the broker refused as too large (a topic limit the worker could not read at
 # start) is sent once more, cut to this size; refused again, the worker stops.
 TIGHT_DEAD_LETTER_BYTES = 8_192
+# Tagged alone after a document killed the model alone: a model that dies on this too dies on
+# anything, and the document is not to blame.
+PROBE_TEXT = "probe"
 
 
 class Worker(ConsumerRebalanceListener):
@@ -152,6 +161,10 @@ class Worker(ConsumerRebalanceListener):
 
     It is its own rebalance listener: kafka-python's `subscribe` accepts only instances of
     `ConsumerRebalanceListener` (a TypeError otherwise).
+
+    `restart_model` starts a fresh model process in place of one that died (raising
+    `ModelProcessError` if it cannot); without it a dead model process stops the worker.
+    `restarts` decides how often that may happen (default: `RestartWindow()`).
     """
 
     def __init__(
@@ -164,6 +177,8 @@ class Worker(ConsumerRebalanceListener):
         health: Health | None = None,
         clock: Callable[[], float] = time.monotonic,
         limits: SizeLimits | None = None,
+        restart_model: Callable[[], None] | None = None,
+        restarts: RestartWindow | None = None,
     ) -> None:
         self.cfg = cfg
         self.limits = limits or SizeLimits.of_producer(cfg)
@@ -186,6 +201,12 @@ class Worker(ConsumerRebalanceListener):
         self._tagging = threading.Thread(target=self._tagging_loop, name="tagging", daemon=True)
         # Submitted to the model, oldest first; only the tagging thread touches it.
         self._in_model: deque[tuple[list[Piece], PendingTags]] = deque()
+        # Answered (or lost with a dead model), taken off `_in_model`, not yet finished: kept
+        # here rather than in a local list so that a model death can account for them.
+        self._done: deque[tuple[list[Piece], PendingTags]] = deque()
+        self._restart_model = restart_model
+        self._restarts = restarts or RestartWindow()
+        self._probe_doc: PreparedDoc | None = None
         self.health.model_loaded = True
         self.metrics.model.info(
             {
@@ -563,8 +584,7 @@ class Worker(ConsumerRebalanceListener):
                 if long_lane:
                     pieces.append(long_lane.popleft())
                 self._run_batch(pieces)
-            for done in finished:
-                self._finish(*done)
+            self._finish_done()
             if stopping and not len(batcher) and not long_lane:
                 self._drain_model()
                 return
@@ -591,33 +611,53 @@ class Worker(ConsumerRebalanceListener):
         return pieces
 
     def _run_batch(self, pieces: list[Piece]) -> None:
-        pieces = [p for p in pieces if p.job.partition.active]
+        # A document already dead-lettered (one of its other pieces failed) needs no more passes.
+        pieces = [p for p in pieces if p.job.partition.active and p.job.pieces_left > 0]
         if not pieces:
             return
         self.metrics.stage["batch_wait"].observe(
             max(0.0, self.clock() - min(p.job.queued_at for p in pieces))
         )
         items = [(p.job.prepared, c) for p in pieces for c in p.chunks]
-        try:
-            pending = self.tagger.submit(items)
-        except ModelProcessError:
-            raise  # not the documents' fault: the worker stops without committing them
-        except Exception:
-            self._run_one_by_one(pieces)
-            return
+        while True:
+            try:
+                pending = self.tagger.submit(items)
+                break
+            except ModelProcessError as e:
+                # The model died before this pass reached it: recover, then send it to the new
+                # one (`_model_died` raises when the model cannot be restarted).
+                self._model_died(e, [])
+            except Exception:
+                self._run_one_by_one(pieces)
+                return
         self._in_model.append((pieces, pending))
         # At most one batch waits behind the one the model is running.
         while len(self._in_model) > 2:
+            self._finish_done()  # older than any pass still in the model
             self._finish(*self._in_model.popleft())
 
-    def _take_finished(self) -> list[tuple[list[Piece], PendingTags]]:
-        """The passes, oldest first, whose results have come (taken off the in-model queue)."""
-        done = []
-        while self._in_model and self._in_model[0][1].ready():
-            done.append(self._in_model.popleft())
-        return done
+    def _take_finished(self) -> bool:
+        """Move the passes whose results have come to `_done`, oldest first; True if any."""
+        moved = False
+        while self._in_model:
+            pieces, pending = self._in_model[0]
+            try:
+                if not pending.ready():
+                    break
+            except ModelProcessError as e:
+                self._in_model.popleft()
+                self._model_died(e, pieces)
+                return True
+            self._done.append(self._in_model.popleft())
+            moved = True
+        return moved
+
+    def _finish_done(self) -> None:
+        while self._done:
+            self._finish(*self._done.popleft())
 
     def _drain_model(self) -> None:
+        self._finish_done()
         while self._in_model:
             self._finish(*self._in_model.popleft())
 
@@ -625,11 +665,16 @@ class Worker(ConsumerRebalanceListener):
         """Spans and outputs of a submitted pass (waits for its result)."""
         try:
             per_chunk, stats = pending.result()
-        except ModelProcessError:
-            raise
+        except ModelProcessError as e:
+            self._model_died(e, pieces)
+            return
         except Exception:
             self._run_one_by_one(pieces)
             return
+        self._apply(pieces, per_chunk, stats)
+
+    def _apply(self, pieces: list[Piece], per_chunk: list[list[Entity]], stats: BatchStats) -> None:
+        """The entities of a pass (one list per chunk of `pieces`, in order) to their jobs."""
         self.metrics.observe_batch(len(pieces), stats.real_tokens, stats.batches)
         self.metrics.stage["inference"].observe(stats.inference_s)
         self.metrics.stage["spans"].observe(stats.spans_s)
@@ -639,29 +684,115 @@ class Worker(ConsumerRebalanceListener):
                 p.job.entities[c] = next(results)
             self._piece_done(p)
 
-    def _run_one_by_one(self, pieces: list[Piece]) -> None:
-        """After a batch failed (called while its exception is handled): each piece alone."""
-        log.exception("a batch of %d documents failed; retrying them one by one", len(pieces))
-        for p in pieces:
+    def _model_died(self, error: ModelProcessError, lost: list[Piece]) -> None:
+        """Restart the model process, then run the pieces it took with it one at a time.
+
+        `lost`: pieces of the pass that found the model dead (empty when it was found dead at
+        a submit). Every other pass sent to it is settled first: one answered before the death
+        is finished as usual, the others are lost too. Raises `ModelProcessError` when the model
+        cannot be restarted (see `_restart`): the worker then stops, committing none of them.
+        """
+        suspects = list(lost)
+        others = [*self._done, *self._in_model]
+        self._done.clear()
+        self._in_model.clear()
+        for pieces, pending in others:
+            try:
+                per_chunk, stats = pending.result()  # no waiting: answered, or lost already
+            except Exception:
+                suspects.extend(pieces)
+            else:
+                self._apply(pieces, per_chunk, stats)
+        log.error("the model process died with %d documents in flight: %s",
+                  len({id(p.job) for p in suspects}), error)  # fmt: skip
+        self._restart(error)
+        self._run_one_by_one(suspects, after_crash=True)
+
+    def _restart(self, error: ModelProcessError) -> None:
+        """Start a fresh model process in place of the dead one.
+
+        Raises `ModelProcessError` (fatal to the worker) when there is no way to restart it, when
+        it died more often than `self._restarts` allows, or when the new one cannot start.
+        """
+        if self._restart_model is None:
+            raise error
+        window = self._restarts
+        if not window.allow(self.clock()):
+            raise ModelProcessError(
+                f"the model process died more than {window.limit} times in {window.window_s:g} s"
+                f" (last: {error}); stopping"
+            ) from error
+        self.health.model_loaded = False
+        try:
+            self._restart_model()
+        except ModelProcessError as e:
+            log.error("the model process could not be started again: %s", e)
+            raise
+        self.health.model_loaded = True
+        self.metrics.model_restarts.inc()
+        log.warning("model process restarted (%d of at most %d restarts in %g s)",
+                    window.recent(self.clock()), window.limit, window.window_s)  # fmt: skip
+
+    def _run_one_by_one(self, pieces: list[Piece], after_crash: bool = False) -> None:
+        """Each piece in a forward pass of its own, after its batch failed or the model died.
+
+        A piece whose lone pass fails is dead-lettered (`processing_error`). When the model dies
+        during a lone pass: after a batch failure, the piece and those after it go to
+        `_model_died` like any pass lost with the model; after a death (`after_crash`, nothing
+        else is in the model then), the piece has killed the model twice, the second time alone,
+        and is dead-lettered (`model_crash`) once the model is restarted and survives a probe.
+        """
+        if after_crash:
+            log.warning("running %d documents one at a time after the model process died",
+                        len({id(p.job) for p in pieces}))  # fmt: skip
+        else:  # called while the batch's exception is handled
+            log.exception("a batch of %d documents failed; retrying them one by one", len(pieces))
+        for i, p in enumerate(pieces):
+            if not p.job.partition.active or p.job.pieces_left <= 0:
+                continue  # revoked (its next owner reads it again), or dead-lettered already
             try:
                 per_chunk, _ = self.tagger.tag_chunks([(p.job.prepared, c) for c in p.chunks])
-            except ModelProcessError:
-                raise
+            except ModelProcessError as e:
+                if not after_crash:
+                    self._model_died(e, pieces[i:])
+                    return
+                self._restart(e)
+                self._probe()
+                detail = f"it killed the model process twice, alone the second time: {e}"
+                self._reject(p, Rejection(RejectReason.MODEL_CRASH, detail, p.job.doc.source))
+                continue
             except Exception as e:
                 log.exception("document %s failed", p.job.doc.id)
-                p.job.pieces_left = -1  # never produce an output for it
-                self._dead_letter(
-                    processing_error(p.job.doc.source, e),
-                    p.job.value,
-                    p.job.key,
-                    p.job.headers,
-                    p.job.timestamp_ms,
-                    p.job.partition,
-                )
+                self._reject(p, processing_error(p.job.doc.source, e))
                 continue
             for c, ents in zip(p.chunks, per_chunk, strict=True):
                 p.job.entities[c] = ents
             self._piece_done(p)
+
+    def _probe(self) -> None:
+        """Run a one-word pass in the restarted model; ModelProcessError if that kills it too.
+
+        After a document killed the model alone: if a tiny pass kills it as well, the model dies
+        on any input, and dead-lettering the document (and the next, and the next) would be
+        wrong.
+        """
+        if self._probe_doc is None:
+            self._probe_doc = self.tagger.prepare(PROBE_TEXT)
+        try:
+            self.tagger.tag_chunks([(self._probe_doc, 0)])
+        except ModelProcessError as e:
+            raise ModelProcessError(
+                f"the model process dies on any input (a one-word probe killed it too): {e}"
+            ) from e
+        except Exception:  # the model answered: it is alive, which is all the probe asks
+            log.debug("the probe pass failed", exc_info=True)
+
+    def _reject(self, piece: Piece, rejection: Rejection) -> None:
+        """Dead-letter the document of `piece`; none of its pieces produces an output after."""
+        job = piece.job
+        job.pieces_left = -1
+        self._dead_letter(rejection, job.value, job.key, job.headers, job.timestamp_ms,
+                          job.partition)  # fmt: skip
 
     def _piece_done(self, piece: Piece) -> None:
         job = piece.job

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from ner_stream.model_process import CRASH_WORD_ENV
 from tests import kafka_util
 from tests.integration import worker_util as wu
 
@@ -63,15 +64,18 @@ def make_topics(topic_factory) -> Callable[..., Topics]:
 def start_worker(
     kafka_bootstrap, tiny_model, tmp_path
 ) -> Iterator[Callable[..., wu.WorkerProcess]]:
-    """``start(name, topics, **flags)``: start `ner-stream run` with test-friendly settings.
+    """``start(name, topics, env=None, **flags)``: start `ner-stream run` with test-friendly
+    settings.
 
     Flags are given as keyword arguments (``max_doc_bytes=2048``); ``None`` drops a default flag
-    and ``True`` passes a bare switch. Every worker started here is SIGKILLed (by pid) at teardown
-    if it still runs.
+    and ``True`` passes a bare switch; `env` adds environment variables. Every worker started here
+    is SIGKILLed (by pid) at teardown if it still runs.
     """
     started: list[wu.WorkerProcess] = []
 
-    def start(name: str, topics: Topics | None = None, **flags) -> wu.WorkerProcess:
+    def start(
+        name: str, topics: Topics | None = None, env: dict[str, str] | None = None, **flags
+    ) -> wu.WorkerProcess:
         settings: dict = {
             "bootstrap_servers": kafka_bootstrap,
             "model": str(tiny_model),
@@ -100,7 +104,8 @@ def start_worker(
             args.append("--" + key.replace("_", "-"))
             if value is not True:
                 args.append(str(value))
-        worker = wu.WorkerProcess(name, args, tmp_path / f"worker-{name}.log").start()
+        log_path = tmp_path / f"worker-{name}.log"
+        worker = wu.WorkerProcess(name, args, log_path, env=dict(env or {})).start()
         started.append(worker)
         return worker
 
@@ -408,6 +413,51 @@ def test_bad_inputs_go_to_the_dead_letter_topic_with_reason_and_source(
         assert headers["ner_stream.source.partition"] == str(p.partition).encode()
         assert headers["ner_stream.source.offset"] == str(p.offset).encode()
         assert headers["ner_stream.detail"], "a dead letter says what was wrong"
+
+
+def test_a_document_that_kills_the_model_process_is_dead_lettered_and_the_stream_goes_on(
+    kafka_bootstrap, make_topics, start_worker
+):
+    topics = make_topics(partitions=1)
+    ids = _ids(40)
+    killer = "doc-17"
+    records = []
+    for doc_id in ids:
+        # "berlin", a word of the model's vocabulary, only in the document that kills the model.
+        text = "Peter went to Berlin ." if doc_id == killer else f"Ada ({doc_id}) in Zürich ."
+        records.append((doc_id.encode(), json.dumps({"id": doc_id, "text": text}).encode(), []))
+    produced = {p.key: p for p in wu.produce_records(kafka_bootstrap, topics.input, records)}
+    worker = start_worker("k", topics, env={CRASH_WORD_ENV: "berlin"})
+    with (
+        wu.TopicReader(kafka_bootstrap, topics.output, json_ids=True) as out_reader,
+        wu.TopicReader(kafka_bootstrap, topics.dlq) as dlq_reader,
+    ):
+
+        def poll() -> None:
+            out_reader.poll(100)
+            dlq_reader.poll(100)
+
+        wu.wait_for(
+            lambda: len(out_reader.ids) >= len(ids) - 1 and dlq_reader.records,
+            OUTPUT_TIMEOUT_S,
+            "the outputs and the dead letter",
+            [worker],
+            tick=poll,
+        )
+        _stop(worker)  # still running, and it stops cleanly
+        outputs = wu.outputs_by_id(out_reader.read_to_end())
+        dead = dlq_reader.read_to_end()
+
+    assert set(outputs) == set(ids) - {killer}
+    assert _duplicates(outputs) == 0
+    (letter,) = dead
+    assert letter.key == killer.encode()
+    headers = dict(letter.headers)
+    assert headers["ner_stream.reason"] == b"model_crash"
+    assert headers["ner_stream.source.offset"] == str(produced[killer.encode()].offset).encode()
+    committed = wu.committed_offsets(kafka_bootstrap, topics.group, topics.input, 1)
+    assert committed == wu.end_offsets(kafka_bootstrap, topics.input, 1)
+    assert worker.log().count("model process restarted") == 2, worker.tail()
 
 
 # ---------------------------------------------------------------------------------------- (e)

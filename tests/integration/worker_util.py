@@ -337,6 +337,7 @@ class WorkerProcess:
     name: str
     args: list[str]
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)  # set on top of the cleaned environment
     proc: subprocess.Popen = field(init=False)
     started_at: float = field(init=False, default=0.0)
 
@@ -346,6 +347,7 @@ class WorkerProcess:
         # The worker is one of several processes on a small machine: keep torch to one thread.
         env.setdefault("OMP_NUM_THREADS", "1")
         env.setdefault("MKL_NUM_THREADS", "1")
+        env.update(self.env)
         self._log = self.log_path.open("wb")
         self.started_at = time.monotonic()
         self.proc = subprocess.Popen(

@@ -178,7 +178,8 @@ def test_rejection_detail_gives_position_not_content() -> None:
 
 
 def test_every_reason_is_reachable() -> None:
-    # PROCESSING_ERROR comes from the worker, through processing_error(), not from decode().
+    # PROCESSING_ERROR comes from the worker, through processing_error(), not from decode();
+    # MODEL_CRASH from the worker too (tests/unit/test_worker.py reaches it).
     rejection = processing_error(SOURCE, RuntimeError("tagger exploded"))
     assert rejection == Rejection(
         RejectReason.PROCESSING_ERROR, "RuntimeError: tagger exploded", SOURCE
@@ -193,6 +194,7 @@ def test_every_reason_is_reachable() -> None:
         "id_not_string",
         "processing_error",
         "output_too_large",
+        "model_crash",
     }
 
 

@@ -1,4 +1,5 @@
-"""The model in a child process: same entities as in-process, passes in flight, failures."""
+"""The model in a child process: same entities as in-process, passes in flight, failures,
+restarts, the restart window and the crash hook for tests."""
 
 from __future__ import annotations
 
@@ -12,10 +13,17 @@ import pytest
 
 from ner_stream.batching import pad_batch
 from ner_stream.checkpoint import save
-from ner_stream.model_process import ModelProcess, ModelProcessError
+from ner_stream.model_process import (
+    CRASH_WORD_ENV,
+    MAX_RESTARTS,
+    RESTART_WINDOW_S,
+    ModelProcess,
+    ModelProcessError,
+    RestartWindow,
+)
 from ner_stream.precision import PrecisionCheck, with_check
 from ner_stream.tagger import Tagger, TaggerOptions
-from tests.fakes import random_model
+from tests.fakes import random_model, wait_for
 
 TEXTS = [
     "Peter went to Paris and the Peter went .",
@@ -152,3 +160,79 @@ def test_a_failing_pass_among_passes_in_flight_fails_alone_and_in_its_place(mode
             outcomes.append("failed")
     want = (expected[0].tolist(), expected[1].tolist())
     assert outcomes == [want, "failed", want, want]
+
+
+def test_a_dead_child_is_replaced_by_restart_and_its_lost_passes_fail(
+    model_file, tmp_path, monkeypatch
+):
+    path = tmp_path / "model.nerm"
+    path.write_bytes(model_file.read_bytes())
+    monkeypatch.setenv(CRASH_WORD_ENV, "AND")  # looked up as the vocabulary does: lowercased
+    proc = ModelProcess(path, OPTIONS, threads=1)
+    try:
+        tagger = Tagger.from_file(path, OPTIONS)
+        expected = tagger.tag(["Peter went to Paris ."])
+        tagger.use_runner(proc)
+        assert tagger.tag(["Peter went to Paris ."]) == expected  # the hook's word absent
+        # Killed while idle: the next pass finds it gone.
+        old_pid = proc.pid
+        os.kill(old_pid, signal.SIGKILL)
+        proc._process.wait(10)
+        with pytest.raises(ModelProcessError, match="stopped"):
+            tagger.tag(["Peter went to Paris ."])
+        proc.restart()
+        assert proc.pid != old_pid
+        assert tagger.tag(["Peter went to Paris ."]) == expected
+        # Killed by the hook with a pass in flight: the pass is settled as lost, and stays lost
+        # after the restart, whose own passes are not mixed up with it.
+        marked = pad_batch([tagger.vocabs.encode(["Peter", "and"])], pad_to=8)
+        lost = proc([marked], [1])
+        wait_for(lost.ready, what="the lost pass to settle")
+        with pytest.raises(ModelProcessError, match=r"stopped \(exit code -9\)"):
+            lost.get()
+        proc.restart()
+        assert tagger.tag(["Peter went to Paris ."]) == expected
+        with pytest.raises(ModelProcessError):
+            lost.get()
+        # A child that cannot start again is an error too: the model file is gone, or it is not
+        # the model that the parent's tagger encodes for any more.
+        os.kill(proc.pid, signal.SIGKILL)
+        path.unlink()
+        with pytest.raises(ModelProcessError, match="could not load the model"):
+            proc.restart()
+        path.write_bytes(b"not this model any more")
+        with pytest.raises(ModelProcessError, match="changed since the worker started"):
+            proc.restart()
+    finally:
+        proc.close()
+
+
+def test_the_crash_hook_refuses_a_word_the_model_does_not_know(model_file, monkeypatch):
+    monkeypatch.setenv(CRASH_WORD_ENV, "zebra")
+    with pytest.raises(ModelProcessError, match=f"{CRASH_WORD_ENV}='zebra' is not in the"):
+        ModelProcess(model_file, OPTIONS, threads=1)
+
+
+def test_the_restart_window_step_by_step():
+    window = RestartWindow(limit=2, window_s=10.0)
+    assert window.allow(100.0)
+    assert window.allow(105.0)
+    assert not window.allow(109.9)  # a third within 10 s of the other two
+    assert window.recent(109.9) == 2  # a refused restart is not counted
+    assert window.allow(110.0)  # the one at 100 s has left the window
+    assert not window.allow(114.9)  # 105 and 110 are in it
+    assert window.recent(114.9) == 2
+    assert window.allow(120.0)  # both left: 105 <= 110 and 110 <= 120 - 10
+    assert window.recent(120.0) == 1
+    assert window.recent(130.0) == 0
+
+
+def test_the_default_restart_window_and_its_limits():
+    window = RestartWindow()
+    assert (window.limit, window.window_s) == (MAX_RESTARTS, RESTART_WINDOW_S) == (5, 60.0)
+    assert all(window.allow(0.0) for _ in range(5))
+    assert not window.allow(59.0)
+    assert window.allow(60.0)
+    assert not RestartWindow(limit=0).allow(0.0)  # no restart at all
+    with pytest.raises(ValueError):
+        RestartWindow(window_s=0)

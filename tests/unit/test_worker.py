@@ -9,19 +9,24 @@ a location, everything else is outside any entity.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 
+from ner_stream.checkpoint import save
 from ner_stream.config import WorkerConfig
-from ner_stream.model_process import ModelProcessError
-from ner_stream.tagger import Tagger
+from ner_stream.model_process import CRASH_WORD_ENV, ModelProcess, ModelProcessError, RestartWindow
+from ner_stream.tagger import Tagger, TaggerOptions
 from ner_stream.worker import Worker
-from tests.fakes import FakeConsumer, FakeProducer, make_tagger, wait_for
+from tests.fakes import FakeConsumer, FakeProducer, make_tagger, rigged_model, wait_for
 
 IN, OUT, DLQ = "documents", "entities", "documents.dlq"
 
@@ -447,29 +452,254 @@ def test_a_long_document_is_tagged_whole_and_the_small_ones_behind_it_too():
     assert consumer.committed_offset(0) == 11
 
 
-def test_a_lost_model_process_stops_the_worker_without_dead_letters():
+class DyingRunner:
+    """A stand-in for a model process that dies after its first pass, again after each restart.
+
+    Its passes after the first are lost as with a dead child: `ready()`, then `get()` raises.
+    """
+
+    def __init__(self, tagger: Tagger) -> None:
+        self.tagger = tagger
+        self.passes = 0
+        self.restarts = 0
+
+    def __call__(self, batches, rows):
+        self.passes += 1
+        if self.passes == 1:
+            return self.tagger._run_here(batches, rows)
+
+        class Lost:
+            def ready(self) -> bool:
+                return True
+
+            def get(self):
+                raise ModelProcessError("the model process stopped (exit code -9)")
+
+        return Lost()
+
+    def restart(self) -> None:
+        self.restarts += 1
+
+
+@pytest.mark.parametrize("restartable", [False, True], ids=["no-restart", "restarted"])
+def test_a_model_process_that_dies_on_any_input_stops_the_worker_without_dead_letters(
+    restartable,
+):
     tagger = make_tagger("rigged", max_chunk_tokens=32, max_batch_tokens=256)
-    passes = 0
-
-    def runner(batches, rows):
-        nonlocal passes
-        passes += 1
-        if passes > 1:
-            raise ModelProcessError("the model process stopped (exit code -9)")
-        return tagger._run_here(batches, rows)
-
+    runner = DyingRunner(tagger)
     tagger.use_runner(runner)
     consumer, producer = FakeConsumer(partitions=1), FakeProducer()
     for i in range(20):
         consumer.append(0, doc(f"d{i}", "Peter went to Paris ."))
-    running = start(tagger, consumer, producer, max_batch_docs=4)
+    worker = Worker(replace(CFG, max_batch_docs=4), tagger, consumer, producer,
+                    restart_model=runner.restart if restartable else None)  # fmt: skip
+    running = Running(worker)
     running.thread.join(10)
     assert not running.thread.is_alive(), "the worker should stop by itself"
     assert running.stop() == 1
-    assert producer.delivered(DLQ) == []  # not the documents' fault
+    # Restarted, the model died again on the first document alone and then on a one-word probe:
+    # the model is at fault, not the documents, so none is dead-lettered.
+    assert producer.delivered(DLQ) == []
+    assert runner.restarts == (2 if restartable else 0)
+    restarts = worker.metrics.registry.get_sample_value("ner_stream_model_restarts_total")
+    assert restarts == runner.restarts
+    if restartable:
+        assert "dies on any input" in str(worker.fatal)
     tagged = len(producer.delivered(OUT))
     assert 1 <= tagged < 20
     assert all(om.offset <= tagged for c in consumer.commits for om in c.values())
+
+
+def test_a_model_process_that_cannot_start_again_stops_the_worker(caplog):
+    tagger = make_tagger("rigged", max_chunk_tokens=32, max_batch_tokens=256)
+    runner = DyingRunner(tagger)
+    tagger.use_runner(runner)
+
+    def restart() -> None:
+        raise ModelProcessError("the model process could not load the model: broken file")
+
+    consumer, producer = FakeConsumer(partitions=1), FakeProducer()
+    for i in range(8):
+        consumer.append(0, doc(f"d{i}", "Peter ."))
+    worker = Worker(replace(CFG, max_batch_docs=4), tagger, consumer, producer,
+                    restart_model=restart)  # fmt: skip
+    running = Running(worker)
+    running.thread.join(10)
+    assert not running.thread.is_alive(), "the worker should stop by itself"
+    assert running.stop() == 1
+    assert "the model process could not be started again: the model process could not load" in (
+        caplog.text
+    )
+    assert producer.delivered(DLQ) == []
+    assert worker.metrics.registry.get_sample_value("ner_stream_model_restarts_total") == 0
+    assert all(om.offset <= 4 for c in consumer.commits for om in c.values())
+
+
+class KillableRunner:
+    """A stand-in for a model process whose passes wait in it until `kill`, which loses them all
+    (as a dead child does); after `restart` each pass is answered at once."""
+
+    def __init__(self, tagger: Tagger) -> None:
+        self.tagger = tagger
+        self.held: list[int] = []  # rows of each pass sent before the kill
+        self.after: list[int] = []  # rows of each pass sent after the restart
+        self.killed = threading.Event()
+        self.restarts = 0
+
+    def __call__(self, batches, rows):
+        if self.restarts:
+            self.after.append(sum(rows))
+            return self.tagger._run_here(batches, rows)
+        self.held.append(sum(rows))
+        killed = self.killed
+
+        class Held:
+            def ready(self) -> bool:
+                return killed.is_set()
+
+            def get(self):
+                killed.wait(10)
+                raise ModelProcessError("the model process stopped (exit code -9)")
+
+        return Held()
+
+    def restart(self) -> None:
+        self.restarts += 1
+
+
+def test_every_pass_in_the_model_when_it_dies_is_retried_one_document_at_a_time():
+    tagger = make_tagger("rigged", max_chunk_tokens=32, max_batch_tokens=256)
+    runner = KillableRunner(tagger)
+    tagger.use_runner(runner)
+    consumer, producer = FakeConsumer(partitions=1), FakeProducer()
+    for i in range(8):
+        consumer.append(0, doc(f"d{i}", "Peter went to Paris ."))
+    worker = Worker(replace(CFG, max_batch_docs=4), tagger, consumer, producer,
+                    restart_model=runner.restart)  # fmt: skip
+    running = Running(worker)
+    wait_for(lambda: len(runner.held) == 2, what="two passes in the model")
+    lost = sum(runner.held)
+    assert producer.sent == []
+    runner.killed.set()
+    wait_for(lambda: output_ids(producer) == {f"d{i}" for i in range(8)}, what="all outputs")
+    wait_for(lambda: committed_all(consumer), what="commits of every offset")
+    assert running.stop() == 0
+    assert runner.restarts == 1
+    assert runner.after[:lost] == [1] * lost  # both passes' documents, each alone
+    assert len(producer.delivered(OUT)) == 8
+    assert producer.delivered(DLQ) == []
+
+
+# -------------------------------------------------------------- a real model process that dies
+
+PROCESS_OPTIONS = TaggerOptions(device="cpu", max_chunk_tokens=32, max_batch_tokens=256)
+MARKED = "Peter and Paris ."  # "and": the word that kills the model process (CRASH_WORD_ENV)
+
+
+@pytest.fixture(scope="module")
+def rigged_file(tmp_path_factory) -> Path:
+    loaded = rigged_model()
+    path = tmp_path_factory.mktemp("model") / "rigged.nerm"
+    save(path, loaded.model, loaded.info)
+    return path
+
+
+@pytest.fixture
+def model_process(rigged_file, monkeypatch) -> Iterator[ModelProcess]:
+    """A model process (as `ner-stream run` starts it) whose child dies on the word "and"."""
+    monkeypatch.setenv(CRASH_WORD_ENV, "and")
+    proc = ModelProcess(rigged_file, PROCESS_OPTIONS, threads=1)
+    yield proc
+    proc.close()
+
+
+def start_with(proc: ModelProcess, consumer, producer, restarts=None, **overrides) -> Running:
+    tagger = Tagger.from_file(proc._spec["model"], PROCESS_OPTIONS)
+    tagger.use_runner(proc)
+    cfg = replace(CFG, **overrides)
+    return Running(Worker(cfg, tagger, consumer, producer, restart_model=proc.restart,
+                          restarts=restarts))  # fmt: skip
+
+
+def offsets_of(sent) -> list[int]:
+    return [int(s.header("ner_stream.source.offset")) if s.topic == DLQ
+            else s.json()["source"]["offset"] for s in sent]  # fmt: skip
+
+
+def test_a_document_that_kills_the_model_process_is_dead_lettered_and_the_rest_go_on(
+    model_process,
+):
+    consumer, producer = FakeConsumer(partitions=1), FakeProducer()
+    for i in range(12):
+        consumer.append(0, doc(f"d{i}", MARKED if i == 5 else "Peter went to Paris ."))
+    running = start_with(model_process, consumer, producer, max_batch_docs=4)
+    wait_for(lambda: len(producer.delivered(OUT)) + len(producer.delivered(DLQ)) >= 12,
+             timeout=90, what="an output or a dead letter for each document")  # fmt: skip
+    wait_for(lambda: committed_all(consumer), timeout=10, what="commits of every offset")
+    assert running.thread.is_alive() and running.worker.fatal is None
+    assert running.stop() == 0
+
+    (dead,) = producer.delivered(DLQ)
+    assert dead.value == doc("d5", MARKED)
+    assert dead.header("ner_stream.reason") == b"model_crash"
+    assert dead.header("ner_stream.source.offset") == b"5"
+    assert b"exit code -9" in dead.header("ner_stream.detail")
+    assert sorted(offsets_of(producer.delivered(OUT))) == [i for i in range(12) if i != 5]
+    for out in outputs(producer):
+        assert [e["text"] for e in out["entities"]] == ["Peter", "Paris"]
+    assert consumer.committed_offset(0) == 12
+    value = running.worker.metrics.registry.get_sample_value
+    # Once with the document in a batch, once with it alone.
+    assert value("ner_stream_model_restarts_total") == 2
+    assert value("ner_stream_dead_letters_total", {"reason": "model_crash"}) == 1
+
+
+def test_a_model_process_killed_once_loses_nothing(model_process, monkeypatch):
+    monkeypatch.delenv(CRASH_WORD_ENV)  # the restarted child survives the marked document
+    consumer, producer = FakeConsumer(partitions=2), FakeProducer()
+    for i in range(12):
+        consumer.append(i % 2, doc(f"d{i}", MARKED if i == 4 else "Peter went to Paris ."))
+    running = start_with(model_process, consumer, producer, max_batch_docs=3)
+    wait_for(lambda: output_ids(producer) == {f"d{i}" for i in range(12)}, timeout=90,
+             what="all outputs")  # fmt: skip
+    # Then killed from outside while idle: the next batch finds it dead.
+    pid = model_process.pid
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: model_process.pid != pid or model_process._process.poll() is not None,
+             what="the child to die")  # fmt: skip
+    for i in range(12, 16):
+        consumer.append(i % 2, doc(f"d{i}", "Paris ."))
+    wait_for(lambda: output_ids(producer) == {f"d{i}" for i in range(16)}, timeout=90,
+             what="the outputs after the second death")  # fmt: skip
+    wait_for(lambda: committed_all(consumer), timeout=10, what="commits of every offset")
+    assert running.stop() == 0
+
+    assert producer.delivered(DLQ) == []
+    assert len(producer.delivered(OUT)) == 16  # each exactly once
+    marked = next(o for o in outputs(producer) if o["id"] == "d4")
+    assert [e["text"] for e in marked["entities"]] == ["Peter", "Paris"]
+    value = running.worker.metrics.registry.get_sample_value
+    assert value("ner_stream_model_restarts_total") == 2
+
+
+def test_model_process_deaths_beyond_the_restart_window_stop_the_worker(model_process):
+    consumer, producer = FakeConsumer(partitions=1), FakeProducer()
+    for i in range(10):
+        consumer.append(0, doc(f"d{i}", MARKED if i in (4, 7) else "Peter went to Paris ."))
+    # One restart allowed a minute: the marked document's second death is one too many.
+    window = RestartWindow(limit=1, window_s=60.0)
+    running = start_with(model_process, consumer, producer, restarts=window, max_batch_docs=3)
+    running.thread.join(90)
+    assert not running.thread.is_alive(), "the worker should stop by itself"
+    assert running.stop() == 1
+    assert "died more than 1 times in 60 s" in str(running.worker.fatal)
+    assert running.worker.metrics.registry.get_sample_value("ner_stream_model_restarts_total") == 1
+    produced = set(offsets_of(producer.delivered(OUT)) + offsets_of(producer.delivered(DLQ)))
+    assert 4 not in produced
+    # Nothing committed past a document without its output or dead letter.
+    first_missing = min(set(range(10)) - produced)
+    assert first_missing <= 4
+    assert all(om.offset <= first_missing for c in consumer.commits for om in c.values())
 
 
 class HeldRunner:
