@@ -20,7 +20,8 @@ import pytest
 
 from tests import hostile, kafka_util
 from tests.integration import worker_util as wu
-from tests.integration.test_worker import Topics, start_worker, tiny_model  # noqa: F401
+from tests.integration.test_worker import start_worker, tiny_model  # noqa: F401
+from tests.integration.worker_util import Topics
 
 pytestmark = pytest.mark.integration
 

@@ -23,6 +23,7 @@ from kafka import KafkaProducer
 from ner_stream.messages import record_size
 from tests import kafka_util
 from tests.integration import worker_util as wu
+from tests.integration.worker_util import Topics
 
 pytestmark = pytest.mark.integration
 
@@ -46,14 +47,6 @@ DEAD_LETTER_MAX_BYTES = 64 * 1024
 TOPIC_DEFAULT_MAX_BYTES = 1_048_588
 
 WORKER_DEFAULT_MAX_DOC_BYTES = 1_048_576
-
-
-@dataclass(frozen=True)
-class Topics:
-    input: str
-    output: str
-    dlq: str
-    group: str
 
 
 @dataclass

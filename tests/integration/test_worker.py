@@ -11,7 +11,6 @@ import json
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import pytest
 from ner_stream.model_process import CRASH_WORD_ENV
 from tests import kafka_util
 from tests.integration import worker_util as wu
+from tests.integration.worker_util import Topics
 
 pytestmark = pytest.mark.integration
 
@@ -32,14 +32,6 @@ OUTPUT_TIMEOUT_S = 60
 # group waits that long for the dead member before it gives its partitions to the restarted one.
 REJOIN_TIMEOUT_S = 75
 ENTITY_TYPES = {"PER", "LOC", "ORG", "MISC"}
-
-
-@dataclass(frozen=True)
-class Topics:
-    input: str
-    output: str
-    dlq: str
-    group: str
 
 
 @pytest.fixture(scope="session")

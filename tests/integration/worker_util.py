@@ -25,6 +25,17 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from tests import kafka_util
 
+
+@dataclass(frozen=True)
+class Topics:
+    """The topics and consumer group of one worker under test."""
+
+    input: str
+    output: str
+    dlq: str
+    group: str
+
+
 # ------------------------------------------------------------------------------------ model file
 
 TAGS = ["O"] + [f"{p}-{t}" for t in ("PER", "LOC", "ORG", "MISC") for p in "BIES"]
