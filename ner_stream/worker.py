@@ -125,7 +125,7 @@ class Letter:
     rejection: Rejection
     value: bytes | None
     key: bytes | None
-    headers: list[tuple[str, bytes | None]]
+    headers: list[tuple[str, bytes]]
     timestamp_ms: int
     part: Partition | None
     limit: int  # the size it was built to
@@ -262,7 +262,8 @@ class Worker(ConsumerRebalanceListener):
             return
         self.tracker.track(tp, record.offset)
         source = Source(record.topic, record.partition, record.offset)
-        headers = list(record.headers or [])
+        # Null header values become empty ones here, once, for the output and the dead letter.
+        headers = carried_headers(list(record.headers or []))
         t0 = time.perf_counter()
         decoded = decode(record.value, record.key, source, self.cfg.max_doc_bytes)
         self.metrics.stage["decode"].observe(time.perf_counter() - t0)
@@ -312,13 +313,17 @@ class Worker(ConsumerRebalanceListener):
         rejection: Rejection,
         value: bytes | None,
         key: bytes | None,
-        headers: list[tuple[str, bytes | None]],
+        headers: list[tuple[str, bytes]],
         timestamp_ms: int,
         part: Partition | None = None,
         limit: int | None = None,
     ) -> None:
         """Send the dead letter of a record (bounded to the topic's size limit, see
-        `messages.dead_letter`); a dead letter that cannot be sent stops the worker."""
+        `messages.dead_letter`); a dead letter that cannot be sent stops the worker.
+
+        `limit` is None for a record's first dead letter (counted, logged, sized to the topic);
+        a smaller size sends a refused one again, uncounted.
+        """
         src = rejection.source
         tp = (src.topic, src.partition)
         if limit is None:
@@ -817,7 +822,7 @@ class Worker(ConsumerRebalanceListener):
             self._dead_letter(processing_error(src, e), job.value, job.key, job.headers,
                               job.timestamp_ms, job.partition)  # fmt: skip
             return
-        record = OutRecord(value, job.key, carried_headers(job.headers))
+        record = OutRecord(value, job.key, job.headers)
         size, limit = record.size, self.limits.output
         if size > limit:
             detail = f"output is {size} bytes, limit {limit}"

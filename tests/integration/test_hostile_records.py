@@ -127,25 +127,8 @@ def _process(
     """Wait until every input offset has an output or a dead letter and the group has committed
     the end of the partition, failing at once (with the worker's log) if the worker exits."""
     (end,) = wu.end_offsets(bootstrap, topics.input, 1).values()
-    with (
-        wu.TopicReader(bootstrap, topics.output) as out_reader,
-        wu.TopicReader(bootstrap, topics.dlq) as dlq_reader,
-    ):
 
-        def poll() -> None:
-            out_reader.poll(100)
-            dlq_reader.poll(100)
-
-        wu.wait_for(
-            lambda: len(out_reader.records) + len(dlq_reader.records) >= end,
-            timeout_s,
-            lambda: (
-                f"an output or dead letter for each of {end} input records "
-                f"({len(out_reader.records)} outputs, {len(dlq_reader.records)} dead letters)"
-            ),
-            [worker],
-            tick=poll,
-        )
+    def committed() -> None:
         wu.wait_for(
             lambda: wu.committed_offsets(bootstrap, topics.group, topics.input, 1) == {0: end},
             COMMIT_TIMEOUT_S,
@@ -157,8 +140,19 @@ def _process(
             interval_s=0.3,
         )
         assert worker.alive(), f"the worker exited; log:\n{worker.tail()}"
-        outputs = out_reader.read_to_end()
-        dead = dlq_reader.read_to_end()
+
+    outputs, dead = wu.read_results(
+        bootstrap,
+        topics,
+        lambda out, dlq: len(out.records) + len(dlq.records) >= end,
+        timeout_s,
+        lambda out, dlq: (
+            f"an output or dead letter for each of {end} input records "
+            f"({len(out.records)} outputs, {len(dlq.records)} dead letters)"
+        ),
+        [worker],
+        then=committed,
+    )
 
     outcome = Outcome(end, {}, {})
     seen: dict[int, list[str]] = {}

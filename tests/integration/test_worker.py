@@ -357,25 +357,15 @@ def test_bad_inputs_go_to_the_dead_letter_topic_with_reason_and_source(
     by_key = {p.key: p for p in produced}
 
     worker = start_worker("d", topics, max_doc_bytes=MAX_DOC_BYTES)
-    with (
-        wu.TopicReader(kafka_bootstrap, topics.output, json_ids=True) as out_reader,
-        wu.TopicReader(kafka_bootstrap, topics.dlq) as dlq_reader,
-    ):
-
-        def poll() -> None:
-            out_reader.poll(100)
-            dlq_reader.poll(100)
-
-        wu.wait_for(
-            lambda: len(out_reader.ids) >= len(good_ids) and len(dlq_reader.records) >= len(bad),
-            OUTPUT_TIMEOUT_S,
-            "outputs and dead letters",
-            [worker],
-            tick=poll,
-        )
-        _stop(worker)
-        outputs = out_reader.read_to_end()
-        dead = dlq_reader.read_to_end()
+    outputs, dead = wu.read_results(
+        kafka_bootstrap,
+        topics,
+        lambda out, dlq: len(out.ids) >= len(good_ids) and len(dlq.records) >= len(bad),
+        OUTPUT_TIMEOUT_S,
+        "outputs and dead letters",
+        [worker],
+        then=lambda: _stop(worker),
+    )
 
     by_id = wu.outputs_by_id(outputs)
     assert set(by_id) == set(good_ids), "every valid document, and only those, has an output"
@@ -420,25 +410,16 @@ def test_a_document_that_kills_the_model_process_is_dead_lettered_and_the_stream
         records.append((doc_id.encode(), json.dumps({"id": doc_id, "text": text}).encode(), []))
     produced = {p.key: p for p in wu.produce_records(kafka_bootstrap, topics.input, records)}
     worker = start_worker("k", topics, env={CRASH_WORD_ENV: "berlin"})
-    with (
-        wu.TopicReader(kafka_bootstrap, topics.output, json_ids=True) as out_reader,
-        wu.TopicReader(kafka_bootstrap, topics.dlq) as dlq_reader,
-    ):
-
-        def poll() -> None:
-            out_reader.poll(100)
-            dlq_reader.poll(100)
-
-        wu.wait_for(
-            lambda: len(out_reader.ids) >= len(ids) - 1 and dlq_reader.records,
-            OUTPUT_TIMEOUT_S,
-            "the outputs and the dead letter",
-            [worker],
-            tick=poll,
-        )
-        _stop(worker)  # still running, and it stops cleanly
-        outputs = wu.outputs_by_id(out_reader.read_to_end())
-        dead = dlq_reader.read_to_end()
+    found, dead = wu.read_results(
+        kafka_bootstrap,
+        topics,
+        lambda out, dlq: len(out.ids) >= len(ids) - 1 and dlq.records,
+        OUTPUT_TIMEOUT_S,
+        "the outputs and the dead letter",
+        [worker],
+        then=lambda: _stop(worker),  # still running, and it stops cleanly
+    )
+    outputs = wu.outputs_by_id(found)
 
     assert set(outputs) == set(ids) - {killer}
     assert _duplicates(outputs) == 0

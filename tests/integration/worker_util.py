@@ -293,6 +293,33 @@ class TopicReader:
         self.close()
 
 
+def read_results(
+    bootstrap: str,
+    topics: Topics,
+    until: Callable[[TopicReader, TopicReader], object],
+    timeout_s: float,
+    what: str | Callable[[TopicReader, TopicReader], str],
+    workers: Sequence[WorkerProcess] = (),
+    then: Callable[[], object] | None = None,
+) -> tuple[list[Record], list[Record]]:
+    """Read the output and dead-letter topics until `until(outputs, dead_letters)` holds (see
+    `wait_for`), run `then` (stopping a worker, say), and return both topics read to the end."""
+    with (
+        TopicReader(bootstrap, topics.output, json_ids=True) as out_reader,
+        TopicReader(bootstrap, topics.dlq) as dlq_reader,
+    ):
+
+        def poll() -> None:
+            out_reader.poll(100)
+            dlq_reader.poll(100)
+
+        described = what if isinstance(what, str) else (lambda: what(out_reader, dlq_reader))
+        wait_for(lambda: until(out_reader, dlq_reader), timeout_s, described, workers, tick=poll)
+        if then is not None:
+            then()
+        return out_reader.read_to_end(), dlq_reader.read_to_end()
+
+
 def outputs_by_id(records: Iterable[Record]) -> dict[str, list[Record]]:
     out: dict[str, list[Record]] = {}
     for r in records:
