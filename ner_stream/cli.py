@@ -28,6 +28,7 @@ from ner_stream.logs import configure_logging
 from ner_stream.messages import document_id, output_object, parse_json, pass_through
 from ner_stream.model_process import ModelProcess, ModelProcessError
 from ner_stream.tagger import Tagger, TaggerOptions
+from ner_stream.text import LINE_BREAK_MODES
 
 log = logging.getLogger("ner_stream")
 
@@ -189,6 +190,7 @@ def _tagger_options(cfg: WorkerConfig) -> TaggerOptions:
         device=cfg.device,
         max_chunk_tokens=cfg.max_chunk_tokens,
         max_batch_tokens=cfg.max_batch_tokens,
+        line_breaks=cfg.line_breaks,
         precision=cfg.precision,
         max_f1_change=cfg.max_f1_change,
     )
@@ -270,15 +272,21 @@ FORMAT = click.Choice(["auto", "jsonl", "text"])
 @click.option("--max-f1-change", type=click.FloatRange(0), default=WorkerConfig.max_f1_change,
               show_default=True, envvar="NER_STREAM_MAX_F1_CHANGE",
               help="As for `run`.")  # fmt: skip
+@click.option("--line-breaks", type=click.Choice(LINE_BREAK_MODES),
+              default=WorkerConfig.line_breaks, show_default=True, envvar="NER_STREAM_LINE_BREAKS",
+              help="As for `run`: a JSON text's single line break ends a sentence unless it "
+                   "wraps prose (auto), always (sentence) or never (space).")  # fmt: skip
 @click.option("--batch-docs", type=click.IntRange(1), default=64, show_default=True)
 @click.argument("inputs", nargs=-1, type=click.File("rb"))
-def tag(model, device, precision, max_f1_change, fmt, batch_docs, inputs) -> None:
+def tag(model, device, precision, max_f1_change, line_breaks, fmt, batch_docs, inputs) -> None:
     """Tag text or JSONL from files or stdin; print one JSON object per document. No Kafka.
 
     Each output is {"id", "entities", "meta"}: a JSON line's fields other than id and text are
     nested under "meta" (left out when there are none), as in the output of `run`.
     """
-    options = TaggerOptions(device=device, precision=precision, max_f1_change=max_f1_change)
+    options = TaggerOptions(
+        device=device, precision=precision, max_f1_change=max_f1_change, line_breaks=line_breaks
+    )
     try:
         tagger = Tagger.from_file(model, options)
     except (CheckpointError, ValueError) as e:

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ner_stream.text import LINE_BREAK_MODES
+
 ENV_PREFIX = "NER_STREAM_"
 
 
@@ -71,6 +73,11 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("max_doc_bytes", "Larger input values go to the dead-letter topic.", int),
     Setting("max_chunk_tokens", "Sentences longer than this are cut into windows.", int),
+    Setting(
+        "line_breaks",
+        "Does a single line break end a sentence: auto (yes, unless it wraps prose), "
+        "sentence (always) or space (never).",
+    ),
     Setting("queue_docs", "Documents buffered between consuming and tagging.", int),
     Setting("commit_interval_ms", "How often acknowledged offsets are committed.", int),
     Setting("session_timeout_ms", "How long the group waits for a silent worker.", int),
@@ -114,6 +121,7 @@ class WorkerConfig:
     fetch_max_wait_ms: int = 10
     max_doc_bytes: int = 1_048_576
     max_chunk_tokens: int = 128
+    line_breaks: str = "auto"
     queue_docs: int = 512
     commit_interval_ms: int = 1000
     session_timeout_ms: int = 45000
@@ -202,6 +210,8 @@ def validate(cfg: WorkerConfig) -> list[str]:
         problems.append("--max-wait-ms must not be negative")
     if not 0 <= cfg.fetch_max_wait_ms <= 10_000:
         problems.append("--fetch-max-wait-ms must be between 0 and 10000")
+    if cfg.line_breaks not in LINE_BREAK_MODES:
+        problems.append(f"--line-breaks must be one of {', '.join(LINE_BREAK_MODES)}")
     if cfg.max_chunk_tokens > cfg.max_batch_tokens:
         problems.append("--max-chunk-tokens must not exceed --max-batch-tokens")
     if cfg.shutdown_timeout_s <= 0 or cfg.connect_timeout_s <= 0:

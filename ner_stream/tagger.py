@@ -25,7 +25,7 @@ from ner_stream.messages import Entity
 from ner_stream.model import Batch
 from ner_stream.precision import DEFAULT_MAX_F1_CHANGE, Choice, cast_network, checks_of, choose
 from ner_stream.spans import OUTSIDE, spans_from_tags
-from ner_stream.text import Token, chunk_document
+from ner_stream.text import LINE_BREAK_MODES, Token, chunk_document
 from ner_stream.vocab import EncodedSentence
 
 DEFAULT_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128)
@@ -69,10 +69,15 @@ class TaggerOptions:
     buckets: tuple[int, ...] = DEFAULT_BUCKETS
     precision: str = "auto"  # see ner_stream.precision
     max_f1_change: float = DEFAULT_MAX_F1_CHANGE  # dev-F1 points a reduced precision may move
+    line_breaks: str = "auto"  # does a single line break end a sentence? see ner_stream.text
 
     def __post_init__(self) -> None:
         if self.max_chunk_tokens < 1 or self.max_batch_tokens < self.max_chunk_tokens:
             raise ValueError("need 1 <= max_chunk_tokens <= max_batch_tokens")
+        if self.line_breaks not in LINE_BREAK_MODES:
+            raise ValueError(
+                f"unknown line-break mode {self.line_breaks!r}: use {', '.join(LINE_BREAK_MODES)}"
+            )
 
 
 @dataclass
@@ -157,7 +162,7 @@ class Tagger:
 
     def prepare(self, text: str) -> PreparedDoc:
         """Tokenize, chunk and encode one document (CPU, no model involved)."""
-        chunks = chunk_document(text, self.options.max_chunk_tokens)
+        chunks = chunk_document(text, self.options.max_chunk_tokens, self.options.line_breaks)
         encoded = [self.vocabs.encode([t.text for t in c]) for c in chunks]
         return PreparedDoc(text=text, chunks=chunks, encoded=encoded)
 

@@ -23,6 +23,11 @@ words) and the emoji tag characters U+E0020 to U+E007F (subdivision flags). The 
 token up without any of its format characters (`visible_form`), so "Ange\\u00adla" encodes like
 "Angela".
 
+Line breaks are evidence of a document's structure (`sentence_line_breaks`): a blank line or a
+paragraph separator always ends a sentence, and with ``line_breaks="auto"`` (the default) so does a
+single line break unless it looks like the wrap of hard-wrapped prose. ``"sentence"`` makes every
+line break end a sentence, ``"space"`` reads a single one as a space.
+
 Offsets are Python ``str`` indices (code points) into the original document, and
 ``document[token.start:token.end] == token.text`` always holds. Tokenising is a single pass of one
 compiled regular expression (plus, for a text with format characters, one to remove them and one
@@ -31,12 +36,25 @@ over the tokens to map them back), so it runs in time linear in the document siz
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import re
 import unicodedata
 from dataclasses import dataclass
 from typing import NamedTuple
 
-__all__ = ["Chunk", "Token", "chunk_document", "split_sentences", "tokenize", "visible_form"]
+__all__ = [
+    "LINE_BREAK_MODES",
+    "Chunk",
+    "Token",
+    "chunk_document",
+    "sentence_line_breaks",
+    "split_sentences",
+    "tokenize",
+    "visible_form",
+]
+
+LINE_BREAK_MODES = ("auto", "sentence", "space")
 
 
 class Token(NamedTuple):
@@ -318,6 +336,126 @@ def visible_form(word: str) -> str:
     return visible or word
 
 
+# A line break: what str.splitlines splits on ("\r\n" counting as one), except the paragraph
+# separator U+2029, which is a blank line of its own.
+_LINE_BREAK_RE = re.compile(r"\r\n|[\n\r\x0b\x0c\x1c-\x1e\x85\u2028]")
+# A list item, a quoted or Markdown line at the start of a line: "- ", "* ", "• ", "1. ", "2) ",
+# "a) ", "(a) ", "iv. ", "> " (a quoted e-mail), "# " (a heading), "|" (a table row). A capital
+# and a period is left out: at the start of a wrapped line it is more often an initial ("J. Roe").
+_ITEM_RE = re.compile(
+    r"(?:[-*+•·‣◦▪–—>#]|\d{1,3}[.)]|[a-z][.)]|[ivx]{1,4}[.)]|\((?:\d{1,3}|[A-Za-z]|[ivxIVX]{1,4})\))"
+    r"(?:\s|\Z)|\|"
+)
+_TERMINALS_AND_COLONS = _TERMINALS | {":", ";"}
+# The first characters of `_ITEM_RE` other than digits and letters.
+_ITEM_FIRST = frozenset("-*+•·‣◦▪–—>#|(")
+_ASCII_BREAKS = ("\n", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e")
+# The first word of each line of a text whose lines are stripped.
+_FIRST_WORD_RE = re.compile(r"^[^ \n]*", re.MULTILINE)
+# Line breaks other than "\n".
+_OTHER_BREAK_RE = re.compile(r"[\r\x0b\x0c\x1c-\x1e\x85\u2028]")
+# Columns of a table or a results list: a tab, or a run of three spaces or more inside a line.
+_COLUMNS_RE = re.compile(r"\S(?:\t| {3,})\S")
+# Hard-wrapped prose is wrapped at a width of at least this many characters (e-mail clients use
+# 72 to 78, plain-text bulletins 60 to 80); shorter lines are a list, a table, an address, verse.
+MIN_WRAP_WIDTH = 40
+
+
+def sentence_line_breaks(text: str, mode: str = "auto") -> list[int]:
+    """Offsets (ascending) of the line breaks of ``text`` that end a sentence under ``mode``.
+
+    ``"space"``: none (a single line break reads as a space); ``"sentence"``: every one;
+    ``"auto"``: every one except the wraps of hard-wrapped prose. A document is hard-wrapped when
+    its longest line (lines without a space left out: a long URL cannot be wrapped) has at least
+    `MIN_WRAP_WIDTH` characters and at most of its line breaks the next line's first word would
+    not have fitted on the line before within that width, which is where a greedy wrap puts its
+    breaks. There, such a break is a wrap. Anywhere, a break before a line that starts lower-case
+    is a wrap unless the line before ends with terminal punctuation, a colon or a semicolon. A
+    break before a list item or next to a table row (`_ITEM_RE`, `_COLUMNS_RE`) is never a wrap.
+    Terminal punctuation inside a wrapped sentence still ends it as anywhere else. This is plain
+    text reflow (what RFC 3676 marks with trailing spaces, inferred from line lengths).
+
+    Line breaks are those of `str.splitlines` but U+2029 (a paragraph separator, which always
+    ends a sentence); ``"\r\n"`` is one break, at the offset of its ``"\r"``. Raises
+    ``ValueError`` for an unknown mode.
+    """
+    if mode not in LINE_BREAK_MODES:
+        raise ValueError(f"unknown line-break mode {mode!r}: use {', '.join(LINE_BREAK_MODES)}")
+    if mode == "space" or not _has_line_break(text):
+        return []
+    # Lines and the offset of the break after each. The usual text breaks with "\n" alone, and
+    # str.split is much cheaper than a regex pass. The per-line work below is done in
+    # comprehensions: on a hard-wrapped document it runs for every line.
+    if _OTHER_BREAK_RE.search(text) is None:
+        raw = text.split("\n")
+        offsets = list(itertools.accumulate(map(_plus_one, map(len, raw[:-1])), initial=-1))
+        del offsets[0]
+    else:
+        matches = list(_LINE_BREAK_RE.finditer(text))
+        offsets = [m.start() for m in matches]
+        starts = [0, *(m.end() for m in matches)]
+        raw = [text[a:b] for a, b in zip(starts, [*offsets, len(text)], strict=True)]
+    if mode == "sentence":
+        return offsets
+    # Indentation is left out of a line's length: an indented wrapped block is wrapped too.
+    lines = list(map(str.strip, raw))
+    lengths = list(map(len, lines))
+    width = max(lengths)
+    if width >= MIN_WRAP_WIDTH and " " not in lines[lengths.index(width)]:
+        width = max((len(line) for line in lines if " " in line), default=0)
+    full: list[bool] = []
+    if width >= MIN_WRAP_WIDTH:
+        # Would the next line's first word not have fitted on the line before (within the
+        # width)? Pairs with a blank line count for neither side.
+        firsts = list(map(len, _FIRST_WORD_RE.findall("\n".join(lines[1:]))))
+        full = [
+            before + first >= width and before > 0 and first > 0
+            for before, first in zip(lengths[:-1], firsts, strict=True)
+        ]
+        pairs = sum(
+            1 for before, after in zip(lengths, lengths[1:], strict=False) if before and after
+        )
+        if 2 * sum(full) <= pairs:  # not a hard-wrapped document
+            full = []
+    candidates = [
+        i
+        for i, (before, after) in enumerate(zip(lines, lines[1:], strict=False))
+        if before and after[:1].islower() and before[-1] not in _TERMINALS_AND_COLONS
+    ]
+    if full:
+        candidates = sorted({*candidates, *itertools.compress(itertools.count(), full)})
+    if not candidates:
+        return offsets
+    columns = "\t" in text or "   " in text
+    wraps = set()
+    for i in candidates:
+        before, after = lines[i], lines[i + 1]
+        first = after[0]
+        if (
+            first in _ITEM_FIRST or first.isdigit() or first in "ivx" or after[1:2] in ".)"
+        ) and _ITEM_RE.match(after):
+            continue
+        if columns and (_COLUMNS_RE.search(before) or _COLUMNS_RE.search(after)):
+            continue
+        wraps.add(i)
+    return [offset for i, offset in enumerate(offsets) if i not in wraps]
+
+
+def _plus_one(n: int) -> int:
+    return n + 1
+
+
+def _has_line_break(text: str) -> bool:
+    """Whether ``text`` holds a line break (`_LINE_BREAK_RE`).
+
+    One substring test per kind of break: each is a memchr-like scan, many times faster than
+    the regex engine trying a character class at every position, and most texts have none.
+    """
+    return any(ch in text for ch in _ASCII_BREAKS) or (
+        not text.isascii() and ("\x85" in text or "\u2028" in text)
+    )
+
+
 def _is_closer(token: Token, previous: Token) -> bool:
     # A straight quote right after a word closes a quotation; after a space it opens one.
     if token.text in _AMBIGUOUS_QUOTES:
@@ -330,14 +468,18 @@ def _has_blank_line(text: str, start: int, end: int) -> bool:
     return text.count("\n", start, end) >= 2 or text.find("\u2029", start, end) != -1
 
 
-def split_sentences(tokens: list[Token], text: str) -> list[list[Token]]:
+def split_sentences(tokens: list[Token], text: str, line_breaks: str = "auto") -> list[list[Token]]:
     """Group ``tokens`` (from ``tokenize(text)``) into sentences.
 
     A sentence ends after a run of ``.``, ``!``, ``?`` or ellipsis tokens, together with any
     closing quotes and brackets that follow, unless the next token starts with a lower-case letter
     ("... and then... he left"). Abbreviations and initials ("U.S.", "Mr.", "J.") are single tokens
-    that keep their period, so they never end a sentence. A blank line always ends one.
+    that keep their period, so they never end a sentence. A blank line always ends one, and so
+    does a single line break that `sentence_line_breaks` picks under the ``line_breaks`` mode
+    (``"auto"``, ``"sentence"`` or ``"space"``). Raises ``ValueError`` for an unknown mode.
     """
+    breaks = sentence_line_breaks(text, line_breaks)
+    hard = set(breaks)  # offsets of the line breaks that end a sentence
     sentences: list[list[Token]] = []
     current: list[Token] = []
     previous: Token | None = None
@@ -350,9 +492,11 @@ def split_sentences(tokens: list[Token], text: str) -> list[list[Token]]:
         if previous is None:
             after_terminal = terminal
         # Most gaps are empty or one space: looked at here, without a call (this runs per token).
-        elif (gap == 1 and text[previous_end] == "\u2029") or (
-            gap > 1 and _has_blank_line(text, previous_end, start)
-        ):
+        elif (
+            gap == 1
+            and (ch := text[previous_end]) != " "
+            and (ch == "\u2029" or previous_end in hard)
+        ) or (gap > 1 and _ends_sentence(text, previous_end, start, breaks)):
             sentences.append(current)
             current = []
             after_terminal = terminal
@@ -370,6 +514,18 @@ def split_sentences(tokens: list[Token], text: str) -> list[list[Token]]:
     if current:
         sentences.append(current)
     return sentences
+
+
+def _ends_sentence(text: str, start: int, end: int, breaks: list[int]) -> bool:
+    """Whether the gap ``text[start:end]`` between two tokens (two characters or more) ends a
+    sentence: a blank line, a paragraph separator, or one of the line breaks ``breaks``.
+    """
+    if _has_blank_line(text, start, end):
+        return True
+    if not breaks:
+        return False
+    at = bisect.bisect_left(breaks, start)
+    return at < len(breaks) and breaks[at] < end
 
 
 # Punctuation after which a window may be cut when a sentence is too long: cutting there is
@@ -396,16 +552,20 @@ def _windows(sentence: list[Token], max_tokens: int) -> list[list[Token]]:
     return windows
 
 
-def chunk_document(text: str, max_tokens: int = 128) -> list[list[Token]]:
+def chunk_document(
+    text: str, max_tokens: int = 128, line_breaks: str = "auto"
+) -> list[list[Token]]:
     """Tokenise ``text`` and cut it into tagger-sized chunks, in document order.
 
-    Each sentence is a chunk; a sentence longer than ``max_tokens`` is cut into consecutive
-    windows of at most ``max_tokens`` tokens (preferring a cut after a comma or similar). Token
-    offsets stay relative to the whole ``text``. Returns ``[]`` for a text without tokens.
+    Each sentence (`split_sentences` with ``line_breaks``) is a chunk; a sentence longer than
+    ``max_tokens`` is cut into consecutive windows of at most ``max_tokens`` tokens (preferring a
+    cut after a comma or similar). Token offsets stay relative to the whole ``text``. Returns
+    ``[]`` for a text without tokens. Raises ``ValueError`` when ``max_tokens`` is below 1 or
+    ``line_breaks`` is unknown.
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
     chunks: list[list[Token]] = []
-    for sentence in split_sentences(tokenize(text), text):
+    for sentence in split_sentences(tokenize(text), text, line_breaks):
         chunks.extend(_windows(sentence, max_tokens))
     return chunks

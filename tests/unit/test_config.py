@@ -50,6 +50,7 @@ def test_settings_and_config_fields_agree():
         ({"precision": "fp8"}, "--precision"),
         ({"max_f1_change": -0.1}, "--max-f1-change"),
         ({"max_chunk_tokens": 512, "max_batch_tokens": 256}, "--max-chunk-tokens"),
+        ({"line_breaks": "never"}, "--line-breaks"),
         ({"shutdown_timeout_s": 0}, "--shutdown-timeout-s"),
         ({"connect_timeout_s": -1.0}, "--connect-timeout-s"),
         ({"security_protocol": "TLS"}, "--security-protocol"),

@@ -347,3 +347,105 @@ def test_pathological_inputs_finish(text: str) -> None:
     assert chunks
     assert all(len(chunk) <= 128 for chunk in chunks)
     _assert_offsets(text, [token for chunk in chunks for token in chunk])
+
+
+def _sentence_texts(text: str, line_breaks: str = "auto") -> list[str]:
+    """Each sentence as the text it covers, for asserting where sentences end."""
+    sentences = split_sentences(tokenize(text), text, line_breaks)
+    for sentence in sentences:
+        _assert_offsets(text, sentence)
+    return [text[s[0].start : s[-1].end] for s in sentences]
+
+
+BYLINE_AND_DATELINE = "Jane Roe\nLONDON 1996-08-30\nShares of Example Group rose on Friday."
+HEADLINE_OVER_BODY = (
+    "EXAMPLE BANK PROFIT RISES\nFRANKFURT (Reuters) - Example Bank said on Tuesday its profit rose."
+)
+RESULTS_TABLE = (
+    "Results of the men's marathon on Sunday:\n1. Jane Roe (Kenya) 2:10.05\n"
+    "2. John Doe (Ethiopia) 2:10.47\n3. Max Mustermann (Germany) 2:11.02"
+)
+BULLETED_LIST = (
+    "Attendees:\n- Jane Roe, Example Group\n- John Doe, Acme Corp\n* Max Mustermann\n"
+    "• Erika Musterfrau"
+)
+# Wrapped at 66 columns by a mail client (textwrap.fill): "New\nYork" is cut by the wrap.
+WRAPPED_EMAIL = (
+    "Hello team,\n\nThe quarterly review with our colleagues from the regional New\n"
+    "York office will take place in the main building in Jane Roe's\n"
+    "conference room on Thursday, and the minutes will be sent to\n"
+    "everyone who could not attend in person.\n\n"
+    "Best regards,\nJohn"
+)
+
+
+def test_each_line_of_a_byline_dateline_and_body_is_a_sentence():
+    assert _sentence_texts(BYLINE_AND_DATELINE) == BYLINE_AND_DATELINE.split("\n")
+    assert _sentence_texts(HEADLINE_OVER_BODY) == HEADLINE_OVER_BODY.split("\n")
+
+
+def test_table_rows_and_list_items_are_sentences_of_their_own():
+    assert _sentence_texts(RESULTS_TABLE) == RESULTS_TABLE.split("\n")
+    assert _sentence_texts(BULLETED_LIST) == BULLETED_LIST.split("\n")
+
+
+def test_hard_wrapped_prose_reads_as_one_sentence_across_the_wraps():
+    sentences = _sentence_texts(WRAPPED_EMAIL)
+    assert sentences[0] == "Hello team,"
+    assert sentences[1].startswith("The quarterly review") and "New\nYork" in sentences[1]
+    assert sentences[1].endswith("in person.") and sentences[1].count("\n") == 3
+    # Short lines after the wrapped paragraph are not wraps: a closing and a signature.
+    assert sentences[2:] == ["Best regards,", "John"]
+
+
+def test_a_list_inside_wrapped_prose_keeps_its_items():
+    text = (
+        "We agreed on the following points during the call with the team in\n"
+        "Berlin and the colleagues who joined from the office in Madrid today:\n"
+        "- Jane Roe leads the project\n- John Doe reviews the budget"
+    )
+    items = ["- Jane Roe leads the project", "- John Doe reviews the budget"]
+    assert _sentence_texts(text)[1:] == items
+    assert "in\nBerlin" in _sentence_texts(text)[0]
+
+
+def test_a_line_starting_lower_case_continues_the_sentence_outside_wrapped_text():
+    assert _sentence_texts("We met Jane Roe\nand John Doe in Paris") == [
+        "We met Jane Roe\nand John Doe in Paris"
+    ]
+    # Unless the line before ends a clause.
+    assert _sentence_texts("Agenda:\nbudget") == ["Agenda:", "budget"]
+
+
+def test_line_break_modes_sentence_and_space():
+    assert _sentence_texts(WRAPPED_EMAIL, "sentence")[1:3] == [
+        "The quarterly review with our colleagues from the regional New",
+        "York office will take place in the main building in Jane Roe's",
+    ]
+    assert _sentence_texts(BYLINE_AND_DATELINE, "space") == [BYLINE_AND_DATELINE]
+    # A blank line ends a sentence in every mode.
+    assert _sentence_texts("Jane Roe\n\nLONDON", "space") == ["Jane Roe", "LONDON"]
+
+
+@pytest.mark.parametrize("newline", ["\r\n", "\r", "\u2028", "\x85"])
+def test_every_kind_of_line_break_counts(newline):
+    text = BYLINE_AND_DATELINE.replace("\n", newline)
+    assert _sentence_texts(text) == text.split(newline)
+
+
+def test_sentence_line_breaks_lists_offsets_and_refuses_an_unknown_mode():
+    from ner_stream.text import sentence_line_breaks
+
+    assert sentence_line_breaks("a\nb\r\nc", "sentence") == [1, 3]
+    assert sentence_line_breaks("a\nb", "space") == []
+    assert sentence_line_breaks("no breaks at all", "auto") == []
+    with pytest.raises(ValueError, match="unknown line-break mode 'never'"):
+        sentence_line_breaks("a\nb", "never")
+    with pytest.raises(ValueError, match="unknown line-break mode"):
+        chunk_document("a\nb", line_breaks="lines")
+
+
+def test_a_line_break_never_joins_two_chunks_of_lines_text():
+    # Each line ends without a period: as one sequence the tagger would read "Roe LONDON".
+    chunks = chunk_document(BYLINE_AND_DATELINE)
+    assert [[t.text for t in c] for c in chunks[:2]] == [["Jane", "Roe"], ["LONDON", "1996-08-30"]]
