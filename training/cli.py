@@ -14,13 +14,17 @@ import torch
 
 from ner_stream import __version__
 from ner_stream.checkpoint import CheckpointError, default_model_path, load, save
+from ner_stream.config import WorkerConfig
 from ner_stream.model import ARCHS, CHAR_ENCODERS
 from ner_stream.precision import PrecisionCheck, with_check
 from ner_stream.spans import SCHEMES
 from ner_stream.tagger import Tagger, TaggerOptions, resolve_device
-from training.datasets import FORMATS, DatasetError, load_corpus
+from ner_stream.text import LINE_BREAK_MODES
+from training.datasets import FORMATS, DatasetError, load_corpus, read_conll_documents
 from training.embeddings import load_embeddings
 from training.evaluate import format_report
+from training.raw_evaluation import format_raw_report, raw_evaluation
+from training.raw_text import LAYOUTS, paragraph_groups
 from training.trainer import (
     TrainConfig,
     evaluate_model,
@@ -42,6 +46,16 @@ def _read(path: Path, fmt: str):
         return load_corpus(path, fmt)
     except DatasetError as e:
         raise click.ClickException(str(e)) from None
+
+
+def _merge_groups(path: Path) -> list[list[int]]:
+    """`paragraph_groups` of every document of a CoNLL file, as indices into its sentences."""
+    groups: list[list[int]] = []
+    offset = 0
+    for document in read_conll_documents(path):
+        groups.extend([offset + i for i in group] for group in paragraph_groups(document))
+        offset += len(document)
+    return groups
 
 
 def _portable_command(args: list[str]) -> str:
@@ -168,6 +182,14 @@ def main() -> None:
     default=None,
     help="LSTM direction (default: bi for bilstm-crf, uni for lstm).",
 )
+@click.option(
+    "--paragraph-merge",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="conll only: chance per epoch that sentences the raw-text path reads as one sequence "
+    "(a headline and its dateline, table rows) are trained as one.",
+)
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads for torch.")
@@ -196,6 +218,7 @@ def train_cmd(
     tag_scheme,
     lowercase,
     bidirectional,
+    paragraph_merge,
     seed,
     device,
     threads,
@@ -213,8 +236,9 @@ def train_cmd(
         arch=arch, tag_scheme=tag_scheme, epochs=epochs, batch_size=batch_size, lr=lr,
         patience=patience, seed=seed, device=device, word_dim=word_dim,
         char_encoder=char_encoder, hidden=hidden, dropout=dropout, max_minutes=max_minutes,
-        lowercase=lowercase, bidirectional=bidirectional,
+        lowercase=lowercase, bidirectional=bidirectional, paragraph_merge=paragraph_merge,
     )  # fmt: skip
+    groups = _merge_groups(train_path) if fmt == "conll" and paragraph_merge > 0 else []
     result = train(
         train_sents,
         dev_sents,
@@ -225,6 +249,7 @@ def train_cmd(
         data_fingerprint=fingerprint([train_path, dev_path]),
         log=lambda line: click.echo(line, err=True),
         progress=_progress if sys.stderr.isatty() else None,
+        merge_groups=groups,
     )
     result.info.metrics["total_seconds"] = round(time.monotonic() - started, 1)
     result.info.extra["train_command"] = _portable_command(sys.argv[1:])
@@ -243,20 +268,55 @@ def train_cmd(
 
 @main.command("evaluate")
 @_scoring_options
+@click.option(
+    "--raw",
+    "layout",
+    type=click.Choice(LAYOUTS),
+    help="Score the raw-text path instead: each -DOCSTART- document written out in this layout "
+    "(lines: a sentence per line; paragraph: joined by spaces; wrapped: paragraph wrapped at 72 "
+    "columns), tagged as `ner-stream run` tags a message, scored on entity character spans.",
+)
+@click.option(
+    "--line-breaks",
+    type=click.Choice(LINE_BREAK_MODES),
+    default=WorkerConfig.line_breaks,
+    show_default=True,
+    help="With --raw: the worker's --line-breaks setting.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def evaluate_cmd(model_path, data, fmt, device, as_json) -> None:
-    """Entity P/R/F1 per type (conlleval rules) and masked token accuracy on labelled data."""
+def evaluate_cmd(model_path, data, fmt, device, layout, line_breaks, as_json) -> None:
+    """Entity P/R/F1 per type (conlleval rules) and masked token accuracy on labelled data.
+
+    With --raw LAYOUT the documents go through the worker's text path (tokenizer, sentence
+    splitting, chunking, tagger) as raw text, and the report adds the token-level F1 of the same
+    data, the kinds of error and the entities that cross a line break.
+    """
     loaded = _load_model(model_path)
-    sentences = _read(data, fmt)
     dev = _device(device)
-    model = loaded.model.to(dev)
-    report, accuracy = evaluate_model(
-        model, loaded.info.vocabs, sentences, loaded.info.config.tag_scheme, dev
-    )
+    if layout is None:
+        sentences = _read(data, fmt)
+        report, accuracy = evaluate_model(
+            loaded.model.to(dev), loaded.info.vocabs, sentences, loaded.info.config.tag_scheme, dev
+        )
+        if as_json:
+            click.echo(json.dumps({**report.to_dict(), "accuracy": accuracy}, indent=2))
+        else:
+            click.echo(format_report(report, accuracy))
+        return
+    if fmt != "conll":
+        raise click.BadParameter(
+            "--raw needs --format conll: only CoNLL files mark documents (-DOCSTART-)",
+            param_hint="--raw",
+        )
+    try:
+        documents = read_conll_documents(data)
+    except DatasetError as e:
+        raise click.ClickException(str(e)) from None
+    result = raw_evaluation(loaded, documents, layout, line_breaks, dev)
     if as_json:
-        click.echo(json.dumps({**report.to_dict(), "accuracy": accuracy}, indent=2))
+        click.echo(json.dumps(result.to_dict(), indent=2))
     else:
-        click.echo(format_report(report, accuracy))
+        click.echo(format_raw_report(result))
 
 
 def _check_precision(

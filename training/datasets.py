@@ -90,15 +90,26 @@ def read_conll(path: PathLike, scheme: str = "iob1") -> list[Sentence]:
     and returned as IOB2 (because conlleval's decoding reads IOB1 and IOB2 alike, an IOB2 file
     read with the default ``"iob1"`` comes out unchanged).
     """
+    return [sentence for document in read_conll_documents(path, scheme) for sentence in document]
+
+
+def read_conll_documents(path: PathLike, scheme: str = "iob1") -> list[list[Sentence]]:
+    """`read_conll`, with the sentences grouped into documents at each ``-DOCSTART-`` line.
+
+    Sentences before the first marker form a document of their own; a marker followed by no
+    sentence gives no document. Raises :class:`DatasetError` as `read_conll` does.
+    """
     scheme = validate_scheme(scheme)
-    sentences: list[Sentence] = []
+    documents: list[list[Sentence]] = [[]]
     pending = _Builder(scheme)
     width: int | None = None
     for line_no, line in _numbered_lines(path, "utf-8"):
         columns = line.split()
         if not columns or columns[0] == DOCSTART:
             # A document marker also ends a sentence that was not closed by a blank line.
-            pending.flush(sentences)
+            pending.flush(documents[-1])
+            if columns and documents[-1]:
+                documents.append([])
             continue
         if width is None:
             if len(columns) < 2:
@@ -108,8 +119,8 @@ def read_conll(path: PathLike, scheme: str = "iob1") -> list[Sentence]:
             raise DatasetError(path, line_no, f"expected {width} columns, found {len(columns)}")
         _check_tag(path, line_no, columns[-1], scheme)
         pending.add(columns[0], columns[-1])
-    pending.flush(sentences)
-    return sentences
+    pending.flush(documents[-1])
+    return [document for document in documents if document]
 
 
 def read_wnut(path: PathLike) -> list[Sentence]:

@@ -158,3 +158,79 @@ def format_report(report: EntityReport, accuracy: float | None = None) -> str:
     for name, scores in report.per_type.items():
         lines.append(_score_line(labels[name], scores, width))
     return "\n".join(lines)
+
+
+@dataclass
+class SpanErrors:
+    """How the predicted and gold entities of a raw-text evaluation differ.
+
+    Each prediction that is not exactly right is one of ``wrong_type`` (the span of a gold
+    entity, another type), ``wrong_boundary`` (overlaps a gold entity without its exact span,
+    whatever the type) or ``spurious`` (overlaps none); ``missed`` counts gold entities no
+    prediction overlaps. ``crossing_line_break`` counts predictions whose text holds a line break.
+    """
+
+    wrong_boundary: int = 0
+    wrong_type: int = 0
+    missed: int = 0
+    spurious: int = 0
+    crossing_line_break: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        """The fields as a plain dict."""
+        return asdict(self)
+
+
+_LINE_BREAKS = ("\n", "\r", "\u2028", "\u2029", "\x85", "\x0b", "\x0c")
+
+
+def span_scores(
+    gold: Sequence[Sequence[tuple[int, int, str]]],
+    pred: Sequence[Sequence[tuple[int, int, str]]],
+    texts: Sequence[str],
+) -> tuple[EntityReport, SpanErrors]:
+    """Exact-match scores of predicted against gold character spans, and the error kinds.
+
+    ``gold[d]`` and ``pred[d]`` are the ``(start, end, type)`` entities of document ``d``, whose
+    text is ``texts[d]`` (offsets are code points, ``end`` exclusive). A prediction is correct
+    when start, end and type all equal a gold entity's, as conlleval counts chunks. Raises
+    ``ValueError`` when the three sequences differ in length.
+    """
+    if not len(gold) == len(pred) == len(texts):
+        raise ValueError(f"{len(gold)} gold, {len(pred)} predicted documents, {len(texts)} texts")
+    gold_spans = {(d, *span) for d, spans in enumerate(gold) for span in spans}
+    pred_spans = {(d, *span) for d, spans in enumerate(pred) for span in spans}
+    correct = gold_spans & pred_spans
+    by_type = {
+        name: Counter(span[3] for span in spans)
+        for name, spans in (("gold", gold_spans), ("pred", pred_spans), ("correct", correct))
+    }
+    names = sorted(by_type["gold"].keys() | by_type["pred"].keys())
+    per_type = {
+        name: Scores.from_counts(by_type["gold"][name], by_type["pred"][name],
+                                 by_type["correct"][name])
+        for name in names
+    }  # fmt: skip
+    report = EntityReport(
+        micro=Scores.from_counts(len(gold_spans), len(pred_spans), len(correct)),
+        per_type=per_type,
+    )
+    errors = SpanErrors()
+    for d, (gold_doc, pred_doc, text) in enumerate(zip(gold, pred, texts, strict=True)):
+        gold_set = {(d, *span) for span in gold_doc}
+        overlapped: set[tuple[int, int]] = set()
+        for start, end, kind in pred_doc:
+            if any(ch in text[start:end] for ch in _LINE_BREAKS):
+                errors.crossing_line_break += 1
+            hits = [(s, e, t) for s, e, t in gold_doc if s < end and start < e]
+            overlapped.update((s, e) for s, e, _ in hits)
+            if (d, start, end, kind) in gold_set:
+                continue
+            if any(s == start and e == end for s, e, _ in hits):
+                errors.wrong_type += 1
+            elif hits:
+                errors.wrong_boundary += 1
+            else:
+                errors.spurious += 1
+        errors.missed += sum((s, e) not in overlapped for s, e, _ in gold_doc)
+    return report, errors

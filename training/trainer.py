@@ -54,6 +54,10 @@ class TrainConfig:
     bidirectional: bool | None = None  # None: the architecture's own (see ModelConfig)
     max_minutes: float | None = None
     word_dropout: float = 0.01  # replace known words by <UNK> so the model learns to use chars
+    # Chance, per epoch, that a group of sentences which the raw-text path reads as one sequence
+    # (`training.raw_text.paragraph_groups`) is trained as one sequence.
+    paragraph_merge: float = 0.0
+    merge_max_tokens: int = 128  # a merged sequence stays within the worker's chunk size
 
 
 @dataclass
@@ -153,6 +157,48 @@ def iterate_batches(
         rng.shuffle(batches)
     for idx in batches:
         yield [data[i] for i in idx]
+
+
+def merged_epoch(
+    data: Sequence[EncodedSentence],
+    groups: Sequence[Sequence[int]],
+    chance: float,
+    max_tokens: int,
+    rng: random.Random,
+) -> list[EncodedSentence]:
+    """One epoch's training sequences: ``data``, with each group of ``groups`` (indices into
+    ``data``, consecutive sentences of one document) joined into one sequence with probability
+    ``chance``. A joined group is cut, at its sentence boundaries, into runs of at most
+    ``max_tokens`` tokens, as the worker cuts a long sentence into windows.
+    """
+    if chance <= 0 or not groups:
+        return list(data)
+    joined: set[int] = set()
+    out: list[EncodedSentence] = []
+    for group in groups:
+        if rng.random() >= chance:
+            continue
+        joined.update(group)
+        run: list[EncodedSentence] = []
+        for index in group:
+            if run and sum(map(len, run)) + len(data[index]) > max_tokens:
+                out.append(_join(run))
+                run = []
+            run.append(data[index])
+        out.append(_join(run))
+    out.extend(sentence for i, sentence in enumerate(data) if i not in joined)
+    return out
+
+
+def _join(sentences: Sequence[EncodedSentence]) -> EncodedSentence:
+    if len(sentences) == 1:
+        return sentences[0]
+    return EncodedSentence(
+        words=[w for s in sentences for w in s.words],
+        chars=[c for s in sentences for c in s.chars],
+        cases=[c for s in sentences for c in s.cases],
+        tags=[t for s in sentences for t in (s.tags or [])],
+    )
 
 
 def init_embeddings(model: NerModel, vocabs: Vocabularies, embeddings: Embeddings) -> int:
@@ -288,8 +334,14 @@ def train(
     data_fingerprint: str = "",
     log: ProgressFn = print,
     progress: Callable[[Iterator, int, str, Callable[[], str]], Iterator] | None = None,
+    merge_groups: Sequence[Sequence[int]] = (),
 ) -> TrainResult:
-    """Train a tagger and return the best epoch's model by dev entity F1."""
+    """Train a tagger and return the best epoch's model by dev entity F1.
+
+    ``merge_groups`` are runs of consecutive training sentences (indices into ``train_sents``)
+    that the raw-text path reads as one sequence; with ``cfg.paragraph_merge`` above 0 each is
+    joined into one training sequence with that chance per epoch (`merged_epoch`).
+    """
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -338,12 +390,15 @@ def train(
     history: list[EpochStats] = []
     best_f1, best_state, stale = -1.0, None, 0
     started = time.monotonic()
-    n_batches = math.ceil(len(train_data) / cfg.batch_size)
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         t0 = time.monotonic()
         total_loss, tokens = 0.0, 0
-        batches = iterate_batches(train_data, cfg.batch_size, rng)
+        epoch_data = merged_epoch(
+            train_data, merge_groups, cfg.paragraph_merge, cfg.merge_max_tokens, rng
+        )
+        n_batches = math.ceil(len(epoch_data) / cfg.batch_size)
+        batches = iterate_batches(epoch_data, cfg.batch_size, rng)
         running = RunningEpoch(started=t0, best_f1=best_f1)
         if progress is not None:
             batches = progress(batches, n_batches, f"epoch {epoch}", running.status)
@@ -367,7 +422,7 @@ def train(
         report, acc = evaluate_model(model, vocabs, dev_sents, cfg.tag_scheme, device)
         stats = EpochStats(
             epoch=epoch,
-            loss=total_loss / len(train_data),
+            loss=total_loss / len(epoch_data),
             tokens_per_s=tokens / max(train_s, 1e-9),
             dev_f1=report.micro.f1,
             dev_accuracy=acc,

@@ -28,10 +28,12 @@ def sentence(rng: random.Random) -> list[tuple[str, str]]:
     return [("In", "O"), (place, "I-LOC"), (",", "O"), (org, "I-ORG"), ("grew", "O"), (".", "O")]
 
 
-def write_corpus(path, n: int, seed: int) -> None:
+def write_corpus(path, n: int, seed: int, documents: int = 3) -> None:
     rng = random.Random(seed)
-    lines = ["-DOCSTART- -X- O O", ""]
-    for _ in range(n):
+    lines = []
+    for i in range(n):
+        if i % -(-n // documents) == 0:
+            lines += ["-DOCSTART- -X- O O", ""]
         lines += [f"{tok} NN O {tag}" for tok, tag in sentence(rng)] + [""]
     path.write_text("\n".join(lines), encoding="utf-8")
 
@@ -128,3 +130,44 @@ def test_check_precision_writes_the_measurement_the_worker_gates_on(trained, tmp
         copy, TaggerOptions(device="cpu", precision="bf16", max_f1_change=100.0)
     )
     assert tagger.precision.precision == "bf16"
+
+
+def test_evaluate_raw_scores_each_layout_against_the_token_level_figure(trained):
+    d, model, _ = trained
+    for layout in ("lines", "paragraph", "wrapped"):
+        args = ["evaluate", "--model", str(model), "--data", str(d / "dev.txt"), "--json"]
+        result = CliRunner().invoke(main, [*args, "--raw", layout])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.output)
+        assert report["layout"] == layout and report["line_breaks"] == "auto"
+        assert report["documents"] == 3
+        assert report["gold"] == report["token_level"]["gold"] > 0
+        assert report["f1"] >= 80.0
+        assert report["gap"] == pytest.approx(report["token_level"]["f1"] - report["f1"], abs=1e-3)
+        assert set(report["errors"]) == {
+            "wrong_boundary", "wrong_type", "missed", "spurious", "crossing_line_break",
+        }  # fmt: skip
+    table = CliRunner().invoke(main, [*args[:-1], "--raw", "lines", "--line-breaks", "space"])
+    assert table.exit_code == 0, table.output
+    assert "layout lines, --line-breaks space, 3 documents" in table.output
+    assert "predicted entities across a line break:" in table.output
+
+
+def test_evaluate_raw_needs_documents(trained):
+    d, model, _ = trained
+    args = ["evaluate", "--model", str(model), "--data", str(d / "dev.txt"), "--raw", "lines"]
+    result = CliRunner().invoke(main, [*args, "--format", "wnut"])
+    assert result.exit_code == 2
+    assert "--raw needs --format conll" in result.output
+
+
+def test_paragraph_merge_trains_and_is_recorded(tmp_path):
+    write_corpus(tmp_path / "train.txt", 60, 3, documents=6)
+    write_corpus(tmp_path / "dev.txt", 12, 4)
+    args = ["train", "--train", str(tmp_path / "train.txt"), "--dev", str(tmp_path / "dev.txt")]
+    args += ["--out", str(tmp_path / "m.nerm"), "--epochs", "2", "--hidden", "8"]
+    args += ["--device", "cpu", "--paragraph-merge", "0.5"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    config = load(tmp_path / "m.nerm").info.metrics["train_config"]
+    assert config["paragraph_merge"] == 0.5
