@@ -26,6 +26,7 @@ import argparse
 import os
 import statistics
 import sys
+import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -48,6 +49,7 @@ from ner_stream.config import WorkerConfig
 from ner_stream.model import Batch, ModelConfig
 from ner_stream.precision import cast_network, cpu_has_native_bf16
 from ner_stream.tagger import PreparedDoc, Tagger, TaggerOptions
+from ner_stream.text import LINE_BREAK_MODES
 from ner_stream.vocab import EncodedSentence
 
 DTYPES = ("fp32", "bf16")
@@ -330,6 +332,34 @@ def corpus_calls(tagger: Tagger, groups: list[list[PreparedDoc]], bucketed: bool
     return calls, shapes
 
 
+def text_path(tagger: Tagger, docs: list[dict], repeats: int) -> dict:
+    """Tokens/s of `Tagger.prepare` (tokenize, split sentences, chunk, encode) on one core, for
+    each `--line-breaks` mode, on the corpus as it is and hard-wrapped at 72 columns.
+    """
+    corpora = {
+        "corpus": [d["text"] for d in docs],
+        "wrapped at 72": [textwrap.fill(d["text"], 72) for d in docs],
+    }
+    options = tagger.options
+    runs = []
+    for name, texts in corpora.items():
+        for mode in LINE_BREAK_MODES:
+            tagger.options = replace(options, line_breaks=mode)
+            tokens = sum(tagger.prepare(t).num_tokens for t in texts)  # also the warm-up
+            samples = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for t in texts:
+                    tagger.prepare(t)
+                samples.append(time.perf_counter() - t0)
+            s = summarize(samples)
+            runs.append({"texts": name, "line_breaks": mode, "tokens": tokens, "seconds": s,
+                         "tokens_per_s": tokens / s["median"]})  # fmt: skip
+            log(f"text path, {name}, --line-breaks {mode}: {tokens / s['median']:>10.0f} tok/s")
+    tagger.options = options
+    return {"docs": len(docs), "runs": runs}
+
+
 # ------------------------------------------------------------------------------------ main
 
 
@@ -491,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             f"padding {pad:.1%}  eff {'n/a' if eff is None else f'{eff:.1%}'}"
         )
     result["corpus"] = corpus
+    result["text_path"] = text_path(tagger, docs, args.repeats)
 
     fp32 = [r for r in corpus["runs"] if r["dtype"] == "fp32"]
     on = next((r for r in fp32 if r["buckets"] and r["threads"] == threads), None)

@@ -432,6 +432,18 @@ def doc_blocks(meta: dict, model, e2e, spacy, summary) -> dict[str, str]:
                 crows,
             )  # fmt: skip
         )
+        if "text_path" in model:
+            trows = [
+                [r["texts"], f"`{r['line_breaks']}`", fmt(r["tokens_per_s"]),
+                 str(r["seconds"]["n"])]
+                for r in model["text_path"]["runs"]
+            ]  # fmt: skip
+            blocks["model"] += (
+                "\n\nText path (`Tagger.prepare`: tokenizing, sentence splitting with each "
+                "`--line-breaks` mode, chunking, encoding; one core), the same "
+                f"{model['text_path']['docs']} documents as they are and hard-wrapped at 72 "
+                "columns:\n\n" + table(["texts", "--line-breaks", "tokens/s", "repeats"], trows)
+            )
 
     if e2e:
         sat = e2e["saturation"]
