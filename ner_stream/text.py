@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import operator
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -349,11 +350,6 @@ _ITEM_RE = re.compile(
 _TERMINALS_AND_COLONS = _TERMINALS | {":", ";"}
 # The first characters of `_ITEM_RE` other than digits and letters.
 _ITEM_FIRST = frozenset("-*+•·‣◦▪–—>#|(")
-_ASCII_BREAKS = ("\n", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e")
-# The first word of each line of a text whose lines are stripped.
-_FIRST_WORD_RE = re.compile(r"^[^ \n]*", re.MULTILINE)
-# Line breaks other than "\n".
-_OTHER_BREAK_RE = re.compile(r"[\r\x0b\x0c\x1c-\x1e\x85\u2028]")
 # Columns of a table or a results list: a tab, or a run of three spaces or more inside a line.
 _COLUMNS_RE = re.compile(r"\S(?:\t| {3,})\S")
 # Hard-wrapped prose is wrapped at a width of at least this many characters (e-mail clients use
@@ -386,10 +382,12 @@ def sentence_line_breaks(text: str, mode: str = "auto") -> list[int]:
     # Lines and the offset of the break after each. The usual text breaks with "\n" alone, and
     # str.split is much cheaper than a regex pass. The per-line work below is done in
     # comprehensions: on a hard-wrapped document it runs for every line.
-    if _OTHER_BREAK_RE.search(text) is None:
+    if not _has_line_break(text, newline=False):
         raw = text.split("\n")
-        offsets = list(itertools.accumulate(map(_plus_one, map(len, raw[:-1])), initial=-1))
-        del offsets[0]
+        # The break after line i is at the lengths of lines 0..i plus the i breaks before it.
+        offsets = list(
+            map(operator.add, itertools.accumulate(map(len, raw[:-1])), itertools.count())
+        )
     else:
         matches = list(_LINE_BREAK_RE.finditer(text))
         offsets = [m.start() for m in matches]
@@ -407,10 +405,10 @@ def sentence_line_breaks(text: str, mode: str = "auto") -> list[int]:
     if width >= MIN_WRAP_WIDTH:
         # Would the next line's first word not have fitted on the line before (within the
         # width)? Pairs with a blank line count for neither side.
-        firsts = list(map(len, _FIRST_WORD_RE.findall("\n".join(lines[1:]))))
+        firsts = [line.find(" ") for line in lines[1:]]  # -1: the line is one word
         full = [
-            before + first >= width and before > 0 and first > 0
-            for before, first in zip(lengths[:-1], firsts, strict=True)
+            before > 0 and after > 0 and before + (first if first >= 0 else after) >= width
+            for before, after, first in zip(lengths, lengths[1:], firsts, strict=False)
         ]
         pairs = sum(
             1 for before, after in zip(lengths, lengths[1:], strict=False) if before and after
@@ -441,18 +439,22 @@ def sentence_line_breaks(text: str, mode: str = "auto") -> list[int]:
     return [offset for i, offset in enumerate(offsets) if i not in wraps]
 
 
-def _plus_one(n: int) -> int:
-    return n + 1
-
-
-def _has_line_break(text: str) -> bool:
-    """Whether ``text`` holds a line break (`_LINE_BREAK_RE`).
+def _has_line_break(text: str, newline: bool = True) -> bool:
+    """Whether ``text`` holds a line break (`_LINE_BREAK_RE`); with ``newline=False``, whether it
+    holds one other than ``"\\n"``.
 
     One substring test per kind of break: each is a memchr-like scan, many times faster than
     the regex engine trying a character class at every position, and most texts have none.
     """
-    return any(ch in text for ch in _ASCII_BREAKS) or (
-        not text.isascii() and ("\x85" in text or "\u2028" in text)
+    return (
+        (newline and "\n" in text)
+        or "\r" in text
+        or "\x0b" in text
+        or "\x0c" in text
+        or "\x1c" in text
+        or "\x1d" in text
+        or "\x1e" in text
+        or (not text.isascii() and ("\x85" in text or "\u2028" in text))
     )
 
 
