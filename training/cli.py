@@ -185,10 +185,10 @@ def main() -> None:
 @click.option(
     "--paragraph-merge",
     type=click.FloatRange(0, 1),
-    default=0.0,
+    default=TrainConfig.paragraph_merge,
     show_default=True,
     help="conll only: chance per epoch that sentences the raw-text path reads as one sequence "
-    "(a headline and its dateline, table rows) are trained as one.",
+    "(a headline and its dateline, table rows) are trained as one; 0 turns it off.",
 )
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")

@@ -56,7 +56,7 @@ class TrainConfig:
     word_dropout: float = 0.01  # replace known words by <UNK> so the model learns to use chars
     # Chance, per epoch, that a group of sentences which the raw-text path reads as one sequence
     # (`training.raw_text.paragraph_groups`) is trained as one sequence.
-    paragraph_merge: float = 0.0
+    paragraph_merge: float = 0.5
     merge_max_tokens: int = 128  # a merged sequence stays within the worker's chunk size
 
 
@@ -374,6 +374,11 @@ def train(
         log(f"pretrained vectors: {found} of {len(vocabs.words)} words")
     model.to(device)
     train_data = encode_corpus(train_sents, vocabs, cfg.tag_scheme)
+    if merge_groups and cfg.paragraph_merge > 0:
+        log(
+            f"paragraph merge: {len(merge_groups)} runs of {sum(map(len, merge_groups))} "
+            f"sentences, each joined with chance {cfg.paragraph_merge} per epoch"
+        )
     # The word table is most of the parameters but a batch touches few of its rows: sparse
     # gradients and SparseAdam update only those rows, a third of the step time on a CPU.
     model.word_embed.sparse = True

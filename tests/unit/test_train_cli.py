@@ -166,8 +166,14 @@ def test_paragraph_merge_trains_and_is_recorded(tmp_path):
     write_corpus(tmp_path / "dev.txt", 12, 4)
     args = ["train", "--train", str(tmp_path / "train.txt"), "--dev", str(tmp_path / "dev.txt")]
     args += ["--out", str(tmp_path / "m.nerm"), "--epochs", "2", "--hidden", "8"]
-    args += ["--device", "cpu", "--paragraph-merge", "0.5"]
+    args += ["--device", "cpu", "--paragraph-merge", "0.25"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     config = load(tmp_path / "m.nerm").info.metrics["train_config"]
-    assert config["paragraph_merge"] == 0.5
+    assert config["paragraph_merge"] == 0.25
+    # The corpus's sentences without a final period run into the next one in a paragraph.
+    assert "paragraph merge: " in result.output
+    assert "each joined with chance 0.25 per epoch" in result.output
+    off = CliRunner().invoke(main, [*args[:-1], "0", "--out", str(tmp_path / "off.nerm")])
+    assert off.exit_code == 0, off.output
+    assert "paragraph merge" not in off.output
