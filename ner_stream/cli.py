@@ -259,6 +259,14 @@ def _chunks(items: Iterator, size: int) -> Iterator[list]:
 
 
 FORMAT = click.Choice(["auto", "jsonl", "text"])
+# Line separators that JSON leaves unescaped but str.splitlines (and JavaScript before ES2019)
+# splits on: escaped, so that one output stays one line for every reader.
+_LINE_SEPARATORS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def json_line(obj: object) -> str:
+    """``obj`` as one line of JSON: UTF-8 text, with U+0085, U+2028 and U+2029 escaped."""
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False).translate(_LINE_SEPARATORS)
 
 
 @main.command()
@@ -273,7 +281,8 @@ FORMAT = click.Choice(["auto", "jsonl", "text"])
               show_default=True, envvar="NER_STREAM_MAX_F1_CHANGE",
               help="As for `run`.")  # fmt: skip
 @click.option("--line-breaks", type=click.Choice(LINE_BREAK_MODES),
-              default=WorkerConfig.line_breaks, show_default=True, envvar="NER_STREAM_LINE_BREAKS",
+              default=WorkerConfig.line_breaks, show_default=True,
+              envvar="NER_STREAM_LINE_BREAKS", show_envvar=True,
               help="As for `run`: a JSON text's single line break ends a sentence unless it "
                    "wraps prose (auto), always (sentence) or never (space).")  # fmt: skip
 @click.option("--batch-docs", type=click.IntRange(1), default=64, show_default=True)
@@ -299,7 +308,7 @@ def tag(model, device, precision, max_f1_change, line_breaks, fmt, batch_docs, i
         results = tagger.tag([text for _, text, _ in batch])
         for (doc_id, _, meta), entities in zip(batch, results, strict=True):
             out = output_object(doc_id, entities, meta)
-            click.echo(json.dumps(out, ensure_ascii=False, allow_nan=False))
+            click.echo(json_line(out))
 
 
 @main.command()

@@ -337,9 +337,9 @@ def visible_form(word: str) -> str:
     return visible or word
 
 
-# A line break: what str.splitlines splits on ("\r\n" counting as one), except the paragraph
-# separator U+2029, which is a blank line of its own.
-_LINE_BREAK_RE = re.compile(r"\r\n|[\n\r\x0b\x0c\x1c-\x1e\x85\u2028]")
+# A line break: what str.splitlines splits on, "\r\n" counting as one. The paragraph separator
+# U+2029 is one too, and always ends a sentence (a blank line of its own).
+_LINE_BREAK_RE = re.compile(r"\r\n|[\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
 # A list item, a quoted or Markdown line at the start of a line: "- ", "* ", "• ", "1. ", "2) ",
 # "a) ", "(a) ", "iv. ", "> " (a quoted e-mail), "# " (a heading), "|" (a table row). A capital
 # and a period is left out: at the start of a wrapped line it is more often an initial ("J. Roe").
@@ -361,18 +361,20 @@ def sentence_line_breaks(text: str, mode: str = "auto") -> list[int]:
     """Offsets (ascending) of the line breaks of ``text`` that end a sentence under ``mode``.
 
     ``"space"``: none (a single line break reads as a space); ``"sentence"``: every one;
-    ``"auto"``: every one except the wraps of hard-wrapped prose. A document is hard-wrapped when
-    its longest line (lines without a space left out: a long URL cannot be wrapped) has at least
-    `MIN_WRAP_WIDTH` characters and at most of its line breaks the next line's first word would
-    not have fitted on the line before within that width, which is where a greedy wrap puts its
-    breaks. There, such a break is a wrap. Anywhere, a break before a line that starts lower-case
-    is a wrap unless the line before ends with terminal punctuation, a colon or a semicolon. A
-    break before a list item or next to a table row (`_ITEM_RE`, `_COLUMNS_RE`) is never a wrap.
-    Terminal punctuation inside a wrapped sentence still ends it as anywhere else. This is plain
-    text reflow (what RFC 3676 marks with trailing spaces, inferred from line lengths).
+    ``"auto"``: every one except a wrap. A break is a wrap when neither line around it is a list
+    item or a table row (`_ITEM_RE`, a tab or three spaces between words), the line before does
+    not end with terminal punctuation, a colon or a semicolon, and either the next line starts
+    with a lower-case letter, or the line before is a *full line of prose*: at least
+    `MIN_WRAP_WIDTH` characters, prose (it ends with a lower-case word or a comma, or a third of
+    its words start lower-case, unlike a Title Case headline), and the next line's first word would
+    not have fitted on it within the document's width. That width is the longest line that could
+    have been wrapped (one not ending a paragraph, not ending a sentence, holding a space), so a
+    long URL or an unwrapped paragraph does not stretch it. This is plain-text reflow (what RFC
+    3676 marks with trailing spaces), inferred from the text. Terminal punctuation inside a
+    wrapped sentence still ends it as anywhere else.
 
-    Line breaks are those of `str.splitlines` but U+2029 (a paragraph separator, which always
-    ends a sentence); ``"\r\n"`` is one break, at the offset of its ``"\r"``. Raises
+    Line breaks are those of `str.splitlines`, ``"\r\n"`` one break at the offset of its
+    ``"\r"``; a paragraph separator (U+2029) is listed too (it always ends a sentence). Raises
     ``ValueError`` for an unknown mode.
     """
     if mode not in LINE_BREAK_MODES:
@@ -381,7 +383,7 @@ def sentence_line_breaks(text: str, mode: str = "auto") -> list[int]:
         return []
     # Lines and the offset of the break after each. The usual text breaks with "\n" alone, and
     # str.split is much cheaper than a regex pass. The per-line work below is done in
-    # comprehensions: on a hard-wrapped document it runs for every line.
+    # comprehensions: in a hard-wrapped document it runs for every line.
     if not _has_line_break(text, newline=False):
         raw = text.split("\n")
         # The break after line i is at the lengths of lines 0..i plus the i breaks before it.
@@ -397,38 +399,38 @@ def sentence_line_breaks(text: str, mode: str = "auto") -> list[int]:
         return offsets
     # Indentation is left out of a line's length: an indented wrapped block is wrapped too.
     lines = list(map(str.strip, raw))
-    lengths = list(map(len, lines))
-    width = max(lengths)
-    if width >= MIN_WRAP_WIDTH and " " not in lines[lengths.index(width)]:
-        width = max((len(line) for line in lines if " " in line), default=0)
-    full: list[bool] = []
-    if width >= MIN_WRAP_WIDTH:
-        # Would the next line's first word not have fitted on the line before (within the
-        # width)? Pairs with a blank line count for neither side.
-        firsts = [line.find(" ") for line in lines[1:]]  # -1: the line is one word
-        full = [
-            before > 0 and after > 0 and before + (first if first >= 0 else after) >= width
-            for before, after, first in zip(lengths, lengths[1:], firsts, strict=False)
-        ]
-        pairs = sum(
-            1 for before, after in zip(lengths, lengths[1:], strict=False) if before and after
-        )
-        if 2 * sum(full) <= pairs:  # not a hard-wrapped document
-            full = []
-    candidates = [
+    # Breaks that may be wraps: text on both sides, and no sentence or clause ended before.
+    open_breaks = [
         i
         for i, (before, after) in enumerate(zip(lines, lines[1:], strict=False))
-        if before and after[:1].islower() and before[-1] not in _TERMINALS_AND_COLONS
+        if before and after and before[-1] not in _TERMINALS_AND_COLONS
     ]
-    if full:
-        candidates = sorted({*candidates, *itertools.compress(itertools.count(), full)})
-    if not candidates:
+    if not open_breaks:
         return offsets
+    width = max((len(lines[i]) for i in open_breaks if " " in lines[i]), default=0)
+    # Full lines: long enough, and the next line's first word would not have fitted on them.
+    full = set()
+    if width >= MIN_WRAP_WIDTH:
+        for i in open_breaks:
+            before, after = lines[i], lines[i + 1]
+            if len(before) >= MIN_WRAP_WIDTH:
+                space = after.find(" ")
+                if len(before) + (space if space >= 0 else len(after)) >= width:
+                    full.add(i)
+    # A hard-wrapped document: most long lines are full, and some full line reads on into the
+    # next (a lower-case word on either side of the break, or a comma), which a list of
+    # headlines of like length never does.
+    long_lines = sum(1 for i in open_breaks if len(lines[i]) >= MIN_WRAP_WIDTH)
+    wrapped = 2 * len(full) > long_lines and any(
+        lines[i + 1][0].islower() or lines[i][-1] == "," or _last_word_lower(lines[i]) for i in full
+    )
     columns = "\t" in text or "   " in text
     wraps = set()
-    for i in candidates:
+    for i in open_breaks:
         before, after = lines[i], lines[i + 1]
         first = after[0]
+        if not (first.islower() or (i in full and (wrapped or _is_prose(before)))):
+            continue
         if (
             first in _ITEM_FIRST or first.isdigit() or first in "ivx" or after[1:2] in ".)"
         ) and _ITEM_RE.match(after):
@@ -436,7 +438,26 @@ def sentence_line_breaks(text: str, mode: str = "auto") -> list[int]:
         if columns and (_COLUMNS_RE.search(before) or _COLUMNS_RE.search(after)):
             continue
         wraps.add(i)
+    if not wraps:
+        return offsets
     return [offset for i, offset in enumerate(offsets) if i not in wraps]
+
+
+def _last_word_lower(line: str) -> bool:
+    """Whether the last word of ``line`` (with text) starts lower-case."""
+    return line[line.rfind(" ") + 1].islower()
+
+
+def _is_prose(line: str) -> bool:
+    """Whether a line (with text) reads as running prose rather than a title or a name list: it
+    ends with a lower-case word or a comma, or a third of its words or more start lower-case
+    (sentence case; a Title Case headline has none but its short function words).
+    """
+    if line[-1] == ",":
+        return True
+    words = line.split()
+    lower = sum(1 for word in words if word[0].islower())
+    return words[-1][0].islower() or 3 * lower >= len(words)
 
 
 def _has_line_break(text: str, newline: bool = True) -> bool:
@@ -454,7 +475,7 @@ def _has_line_break(text: str, newline: bool = True) -> bool:
         or "\x1c" in text
         or "\x1d" in text
         or "\x1e" in text
-        or (not text.isascii() and ("\x85" in text or "\u2028" in text))
+        or (not text.isascii() and ("\x85" in text or "\u2028" in text or "\u2029" in text))
     )
 
 
@@ -466,8 +487,12 @@ def _is_closer(token: Token, previous: Token) -> bool:
 
 
 def _has_blank_line(text: str, start: int, end: int) -> bool:
-    """Whether a gap of two characters or more between two tokens ends a paragraph."""
-    return text.count("\n", start, end) >= 2 or text.find("\u2029", start, end) != -1
+    """Whether a gap of two characters or more between two tokens ends a paragraph: it holds two
+    line breaks of any kind (`_LINE_BREAK_RE`; "\\r\\n" is one) or a paragraph separator.
+    """
+    if text.count("\n", start, end) >= 2 or text.find("\u2029", start, end) != -1:
+        return True
+    return len(_LINE_BREAK_RE.findall(text, start, end)) >= 2
 
 
 def split_sentences(tokens: list[Token], text: str, line_breaks: str = "auto") -> list[list[Token]]:
@@ -478,10 +503,14 @@ def split_sentences(tokens: list[Token], text: str, line_breaks: str = "auto") -
     ("... and then... he left"). Abbreviations and initials ("U.S.", "Mr.", "J.") are single tokens
     that keep their period, so they never end a sentence. A blank line always ends one, and so
     does a single line break that `sentence_line_breaks` picks under the ``line_breaks`` mode
-    (``"auto"``, ``"sentence"`` or ``"space"``). Raises ``ValueError`` for an unknown mode.
+    (``"auto"``, ``"sentence"`` or ``"space"``), and, except in ``"space"`` mode, a table cell
+    boundary: a tab, or three spaces or more, between two tokens of one line. Raises
+    ``ValueError`` for an unknown mode.
     """
     breaks = sentence_line_breaks(text, line_breaks)
     hard = set(breaks)  # offsets of the line breaks that end a sentence
+    # Table cells: a tab, or three spaces or more, between two tokens of one line.
+    cells = line_breaks != "space" and ("\t" in text or "   " in text)
     sentences: list[list[Token]] = []
     current: list[Token] = []
     previous: Token | None = None
@@ -497,8 +526,8 @@ def split_sentences(tokens: list[Token], text: str, line_breaks: str = "auto") -
         elif (
             gap == 1
             and (ch := text[previous_end]) != " "
-            and (ch == "\u2029" or previous_end in hard)
-        ) or (gap > 1 and _ends_sentence(text, previous_end, start, breaks)):
+            and (ch == "\u2029" or previous_end in hard or (ch == "\t" and cells))
+        ) or (gap > 1 and _ends_sentence(text, previous_end, start, breaks, cells)):
             sentences.append(current)
             current = []
             after_terminal = terminal
@@ -518,16 +547,21 @@ def split_sentences(tokens: list[Token], text: str, line_breaks: str = "auto") -
     return sentences
 
 
-def _ends_sentence(text: str, start: int, end: int, breaks: list[int]) -> bool:
+def _ends_sentence(text: str, start: int, end: int, breaks: list[int], cells: bool) -> bool:
     """Whether the gap ``text[start:end]`` between two tokens (two characters or more) ends a
-    sentence: a blank line, a paragraph separator, or one of the line breaks ``breaks``.
+    sentence: a blank line, a paragraph separator, one of the line breaks ``breaks``, or, with
+    ``cells``, a table cell boundary (a tab, or three spaces or more, within one line).
     """
     if _has_blank_line(text, start, end):
         return True
-    if not breaks:
-        return False
-    at = bisect.bisect_left(breaks, start)
-    return at < len(breaks) and breaks[at] < end
+    if breaks:
+        at = bisect.bisect_left(breaks, start)
+        if at < len(breaks) and breaks[at] < end:
+            return True
+    if cells:
+        gap = text[start:end]
+        return ("\t" in gap or "   " in gap) and not _has_line_break(gap)
+    return False
 
 
 # Punctuation after which a window may be cut when a sentence is too long: cutting there is

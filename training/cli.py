@@ -279,9 +279,7 @@ def train_cmd(
 @click.option(
     "--line-breaks",
     type=click.Choice(LINE_BREAK_MODES),
-    default=WorkerConfig.line_breaks,
-    show_default=True,
-    help="With --raw: the worker's --line-breaks setting.",
+    help=f"With --raw: the worker's --line-breaks setting [default: {WorkerConfig.line_breaks}].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def evaluate_cmd(model_path, data, fmt, device, layout, line_breaks, as_json) -> None:
@@ -291,6 +289,8 @@ def evaluate_cmd(model_path, data, fmt, device, layout, line_breaks, as_json) ->
     splitting, chunking, tagger) as raw text, and the report adds the token-level F1 of the same
     data, the kinds of error and the entities that cross a line break.
     """
+    if layout is None and line_breaks is not None:
+        raise click.BadParameter("applies to --raw only", param_hint="--line-breaks")
     loaded = _load_model(model_path)
     dev = _device(device)
     if layout is None:
@@ -312,7 +312,7 @@ def evaluate_cmd(model_path, data, fmt, device, layout, line_breaks, as_json) ->
         documents = read_conll_documents(data)
     except DatasetError as e:
         raise click.ClickException(str(e)) from None
-    result = raw_evaluation(loaded, documents, layout, line_breaks, dev)
+    result = raw_evaluation(loaded, documents, layout, line_breaks or WorkerConfig.line_breaks, dev)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:

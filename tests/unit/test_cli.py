@@ -139,3 +139,35 @@ def test_a_json_line_that_run_would_refuse_stops_tag_with_the_line_named(
     assert result.exit_code == 1
     assert isinstance(result.exception, SystemExit)  # a clean exit, not a traceback
     assert f"{path}:2: {why}" in result.stderr
+
+
+def test_an_output_stays_one_line_whatever_line_separators_its_strings_hold(model_path):
+    line = json.dumps({"id": "a\u2028b", "text": "Peter\u2028went to\x85Paris", "note": "x\u2029y"})
+    [out] = tag(model_path, input=line.encode() + b"\n")  # tag() splits with str.splitlines
+    assert out["id"] == "a\u2028b" and out["meta"] == {"note": "x\u2029y"}
+    assert [(e["text"], e["type"]) for e in out["entities"]] == [("Peter", "PER"), ("Paris", "LOC")]
+
+
+@pytest.mark.parametrize(("args", "env", "mode"), [
+    ((), {}, "auto"),
+    (("--line-breaks", "space"), {}, "space"),
+    ((), {"NER_STREAM_LINE_BREAKS": "sentence"}, "sentence"),
+])  # fmt: skip
+def test_tag_passes_its_line_break_mode_to_the_tagger(model_path, monkeypatch, args, env, mode):
+    from ner_stream.tagger import Tagger
+
+    seen = []
+    real = Tagger.from_file.__func__
+
+    def spy(cls, path=None, options=None):
+        seen.append(options.line_breaks)
+        return real(cls, path, options)
+
+    monkeypatch.setattr(Tagger, "from_file", classmethod(spy))
+    result = CliRunner().invoke(
+        main, ["tag", "--model", model_path, *args], input=b"Peter\n", env=env
+    )
+    assert result.exit_code == 0, result.output
+    assert seen == [mode]
+    bad = CliRunner().invoke(main, ["tag", "--model", model_path, "--line-breaks", "never"])
+    assert bad.exit_code == 2 and "'never' is not one of" in bad.output

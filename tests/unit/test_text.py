@@ -449,3 +449,59 @@ def test_a_line_break_never_joins_two_chunks_of_lines_text():
     # Each line ends without a period: as one sequence the tagger would read "Roe LONDON".
     chunks = chunk_document(BYLINE_AND_DATELINE)
     assert [[t.text for t in c] for c in chunks[:2]] == [["Jane", "Roe"], ["LONDON", "1996-08-30"]]
+
+
+def test_a_list_of_title_case_headlines_keeps_each_headline_apart():
+    # Lines of like length near the longest look like a greedy wrap by their lengths alone; no
+    # line reads on into the next (lower-case word, comma), so they are not prose wraps.
+    headlines = [
+        "Merkel Meets Obama At The White House In Washington",
+        "Deutsche Bank Shares Fall After Profit Warning In Frankfurt",
+        "Goldman Sachs Hires Former European Central Bank Official",
+        "Manchester United Beat Real Madrid In Champions League Final",
+    ]
+    assert _sentence_texts("\n".join(headlines)) == headlines
+    two = ["Chancellor Angela Merkel Meets President Barack Obama At The White House", "Reuters"]
+    assert _sentence_texts("\n".join(two)) == two
+
+
+def test_a_wrap_in_prose_survives_a_signature_a_header_block_and_a_long_url_line():
+    body = (
+        "I spoke with the people at the International Monetary Fund office in New\n"
+        "York this morning about the loan and the terms they would accept for it."
+    )
+    signed = body + "\n\nBest,\nAlice\nAcme Corp\n"
+    assert _sentence_texts(signed) == [body, "Best,", "Alice", "Acme Corp"]
+    headers = "From: Alice\nTo: Bob\nSubject: IMF loan\n\n" + body
+    assert _sentence_texts(headers)[-1] == body
+    url = body.replace(" and the terms", ", see https://www.example.com/news/2024/08/imf.html and")
+    assert "New\nYork" in _sentence_texts(url)[0]
+
+
+def test_table_cells_are_sentences_of_their_own_except_in_space_mode():
+    tsv = "Company\tCity\nDeutsche Bank\tFrankfurt\nGoldman Sachs\tNew York"
+    assert _sentence_texts(tsv) == ["Company", "City", "Deutsche Bank", "Frankfurt",
+                                    "Goldman Sachs", "New York"]  # fmt: skip
+    aligned = "Deutsche Bank    Frankfurt\nGoldman Sachs    New York"
+    assert _sentence_texts(aligned, "sentence") == [
+        "Deutsche Bank", "Frankfurt", "Goldman Sachs", "New York"
+    ]  # fmt: skip
+    assert _sentence_texts("Deutsche Bank\tFrankfurt", "space") == ["Deutsche Bank\tFrankfurt"]
+
+
+@pytest.mark.parametrize("blank", ["\r\r", "\u2028\u2028", "\x85\x85", "\r \r", "\r\u200b\n"])
+def test_a_blank_line_of_any_kind_of_break_ends_a_sentence_in_every_mode(blank):
+    text = f"Talks with the European Central Bank{blank}Deutsche Bank shares rose"
+    for mode in ("auto", "sentence", "space"):
+        assert _sentence_texts(text, mode) == [
+            "Talks with the European Central Bank", "Deutsche Bank shares rose"
+        ]  # fmt: skip
+
+
+def test_paragraph_separators_do_not_stretch_the_wrap_width():
+    paragraph = (
+        "We will meet the colleagues from the regional office in the city of New\n"
+        "York next week to discuss the plan for the coming year with all of them."
+    )
+    text = "\u2029".join([paragraph, paragraph])
+    assert _sentence_texts(text) == [paragraph, paragraph]

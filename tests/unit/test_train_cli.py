@@ -177,3 +177,11 @@ def test_paragraph_merge_trains_and_is_recorded(tmp_path):
     off = CliRunner().invoke(main, [*args[:-1], "0", "--out", str(tmp_path / "off.nerm")])
     assert off.exit_code == 0, off.output
     assert "paragraph merge" not in off.output
+
+
+def test_line_breaks_without_raw_is_refused(trained):
+    d, model, _ = trained
+    args = ["evaluate", "--model", str(model), "--data", str(d / "dev.txt")]
+    result = CliRunner().invoke(main, [*args, "--line-breaks", "space"])
+    assert result.exit_code == 2
+    assert "applies to --raw only" in result.output
