@@ -43,7 +43,7 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.corpus import DEFAULT_SEED, documents
-from ner_stream.batching import BatchLimits, MicroBatcher, pad_batch
+from ner_stream.batching import BatchLimits, MicroBatcher, pad_batch, padded_rows
 from ner_stream.checkpoint import default_model_path
 from ner_stream.config import WorkerConfig
 from ner_stream.model import Batch, ModelConfig
@@ -325,7 +325,8 @@ def corpus_calls(tagger: Tagger, groups: list[list[PreparedDoc]], bucketed: bool
             # padded-token budget.
             passes = list(tagger._groups([len(s) for s in sents]))
             calls.append(([[sents[i] for i in g] for g, _ in passes], [pad for _, pad in passes]))
-            shapes += [(len(g), pad) for g, pad in passes]
+            budget = tagger.options.max_batch_tokens
+            shapes += [(padded_rows(len(g), pad, budget), pad) for g, pad in passes]
         else:
             calls.append(([sents], [len(sents[-1])]))
             shapes.append((len(sents), len(sents[-1])))

@@ -15,6 +15,22 @@ from ner_stream.vocab import PAD_ID, EncodedSentence
 
 T = TypeVar("T")
 
+# Rows of a forward pass are rounded up to a multiple of this with empty sentences: the LSTM
+# kernels are built and cached per shape, and a fresh shape costs about as much as running it,
+# so few distinct shapes pay for a few padded rows.
+ROW_MULTIPLE = 8
+
+
+def padded_rows(rows: int, length: int, budget: int, multiple: int = ROW_MULTIPLE) -> int:
+    """Rows of the tensor of a forward pass of ``rows`` sequences padded to ``length`` tokens.
+
+    ``rows`` rounded up to a multiple of ``multiple``, but never to more padded positions
+    (rows x length) than ``budget`` allows, and never below ``rows``: the caller keeps
+    ``rows * length <= budget``, so the pass then holds at most ``budget`` positions.
+    """
+    rounded = -(-rows // multiple) * multiple
+    return max(rows, min(rounded, budget // max(length, 1)))
+
 
 def bucket_length(n: int, buckets: Sequence[int]) -> int:
     """The smallest bucket length that holds `n` tokens (or `n` itself past the largest)."""
@@ -110,10 +126,6 @@ class MicroBatcher(Generic[T]):
     def __len__(self) -> int:
         return len(self._items)
 
-    @property
-    def tokens(self) -> int:
-        return self._tokens
-
     def fits(self, tokens: int) -> bool:
         """Whether an item of `tokens` can join without passing the token budget.
 
@@ -143,9 +155,6 @@ class MicroBatcher(Generic[T]):
         if not self._items:
             return None
         return max(0.0, self._opened_at + self.limits.max_wait_s - now)
-
-    def opened_at(self) -> float:
-        return self._opened_at
 
     def take(self) -> list[T]:
         """The batch's items; the batcher is empty afterwards."""

@@ -106,7 +106,7 @@ class Metrics:
         PlatformCollector(registry=r)
 
     def observe_batch(self, docs: int, real_tokens: int, shapes: list[tuple[int, int]]) -> None:
-        """Record one micro-batch and its forward passes ((sequences, padded length) each)."""
+        """Record one micro-batch and its forward passes ((rows, padded length) of each tensor)."""
         self.batch_docs.observe(docs)
         self.tokens.inc(real_tokens)
         padded = 0

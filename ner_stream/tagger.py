@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ner_stream import crf_host
-from ner_stream.batching import bucket_length, pad_batch
+from ner_stream.batching import ROW_MULTIPLE, bucket_length, pad_batch, padded_rows
 from ner_stream.checkpoint import LoadedModel, default_model_path, load
 from ner_stream.crf_host import CrfWeights
 from ner_stream.messages import Entity
@@ -29,7 +29,6 @@ from ner_stream.text import LINE_BREAK_MODES, Token, chunk_document
 from ner_stream.vocab import EncodedSentence
 
 DEFAULT_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128)
-ROW_MULTIPLE = 8
 _EMPTY = EncodedSentence(words=[], chars=[], cases=[])
 
 
@@ -97,7 +96,9 @@ class PreparedDoc:
 class BatchStats:
     """Shape of the forward passes of one `tag_prepared` call, for metrics."""
 
-    batches: list[tuple[int, int]] = field(default_factory=list)  # (sequences, padded length)
+    # The tensor of each pass: (rows, padded length); rows include the empty rows of padding.
+    batches: list[tuple[int, int]] = field(default_factory=list)
+    sequences: list[int] = field(default_factory=list)  # the real sequences of each pass
     real_tokens: int = 0
     inference_s: float = 0.0
     spans_s: float = 0.0
@@ -199,7 +200,11 @@ class Tagger:
         order = sorted(range(len(items)), key=lambda i: len(items[i][0].chunks[items[i][1]]))
         groups = list(self._groups([len(items[i][0].chunks[items[i][1]]) for i in order]))
         rows = [order[g] for group, _ in groups for g in group]
-        stats = BatchStats(batches=[(len(group), pad_to) for group, pad_to in groups])
+        budget = self.options.max_batch_tokens
+        stats = BatchStats(
+            batches=[(padded_rows(len(group), pad_to, budget), pad_to) for group, pad_to in groups],
+            sequences=[len(group) for group, _ in groups],
+        )
         forward = self._start_forward(
             [
                 [items[order[g]][0].encoded[items[order[g]][1]] for g in group]
@@ -312,11 +317,9 @@ class Tagger:
         if not groups:
             return Forwarded(np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0), dtype=np.float32))
         batches = []
+        budget = self.options.max_batch_tokens
         for sents, pad_to in zip(groups, pad_lengths, strict=True):
-            # Rows rounded up to a multiple of ROW_MULTIPLE with empty sentences: the LSTM
-            # kernels are built and cached per shape, and a fresh shape costs about as much as
-            # running it, so few distinct shapes pay for a few padded rows.
-            extra = -len(sents) % ROW_MULTIPLE
+            extra = padded_rows(len(sents), pad_to, budget) - len(sents)
             batches.append(pad_batch([*sents, *([_EMPTY] * extra)], pad_to, self._pin))
         return self._runner(batches, [len(sents) for sents in groups])
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -121,16 +123,39 @@ def test_tag_prepared_runs_bucketed_batches_within_the_token_budget():
     results, stats = tagger.tag_prepared(docs)
     assert len(results) == len(texts)
     assert stats.real_tokens == sum(lengths)
-    assert sum(n for n, _ in stats.batches) == len(texts)  # every sentence ran exactly once
-    for n, t in stats.batches:
+    assert sum(stats.sequences) == len(texts)  # every sentence ran exactly once
+    for (rows, t), n in zip(stats.batches, stats.sequences, strict=True):
         assert t in tagger.options.buckets  # padded to a bucket length
-        assert n * t <= 64
+        assert n <= rows and rows * t <= 64  # padded rows included, within the budget
     assert stats.padded_tokens == sum(n * t for n, t in stats.batches)
     assert stats.padded_tokens >= stats.real_tokens
     # Each sentence sits in the smallest bucket that holds it, so padding stays small.
     expected = sorted(bucket_length(n, tagger.options.buckets) for n in lengths)
-    got = sorted(t for n, t in stats.batches for _ in range(n))
+    got = sorted(t for (_, t), n in zip(stats.batches, stats.sequences, strict=True)
+                 for _ in range(n))  # fmt: skip
     assert got == expected
+
+
+@pytest.mark.parametrize("budget", [64, 256, 1000, 8192])
+def test_batch_stats_report_the_tensors_the_network_is_given(budget):
+    """The padding metrics are computed from `BatchStats.batches`: it must be the true shape of
+    every forward pass, the empty rows that round a pass up to a multiple of 8 included, and no
+    pass may hold more padded positions than the budget."""
+    tagger = make_tagger("random", max_chunk_tokens=48, max_batch_tokens=budget)
+    seen: list[tuple[int, int]] = []
+    run_here = tagger._run_here
+
+    def spy(batches, rows):
+        seen.extend(tuple(b.words.shape) for b in batches)
+        return run_here(batches, rows)
+
+    tagger.use_runner(spy)
+    rng = random.Random(budget)
+    texts = [" ".join(["went"] * rng.randint(1, 48)) for _ in range(150)]
+    _, stats = tagger.tag_prepared([tagger.prepare(t) for t in texts])
+    assert stats.batches == seen
+    assert all(rows * t <= budget for rows, t in seen)
+    assert stats.padded_tokens == sum(rows * t for rows, t in seen)
 
 
 def test_tag_chunks_mixes_chunks_of_several_documents_in_item_order(rigged):
