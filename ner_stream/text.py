@@ -41,12 +41,10 @@ import itertools
 import operator
 import re
 import unicodedata
-from dataclasses import dataclass
 from typing import NamedTuple
 
 __all__ = [
     "LINE_BREAK_MODES",
-    "Chunk",
     "Token",
     "chunk_document",
     "sentence_line_breaks",
@@ -73,23 +71,6 @@ class Token(NamedTuple):
 # Tokens are built with tuple.__new__ directly: the named tuple's own __new__ is a Python
 # function, and tokenizing builds one per token.
 _new_tuple = tuple.__new__
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """A run of tokens handed to the tagger as one sequence."""
-
-    tokens: list[Token]  # offsets still relative to the whole document
-
-    @property
-    def start(self) -> int:
-        """Offset of the first character covered by the chunk."""
-        return self.tokens[0].start if self.tokens else 0
-
-    @property
-    def end(self) -> int:
-        """Offset just past the last character covered by the chunk."""
-        return self.tokens[-1].end if self.tokens else 0
 
 
 def _class_body(codepoints: list[int]) -> tuple[str, str]:

@@ -8,7 +8,6 @@ import unicodedata
 import pytest
 
 from ner_stream.text import (
-    Chunk,
     Token,
     chunk_document,
     split_sentences,
@@ -292,13 +291,6 @@ def test_window_prefers_a_cut_after_a_comma() -> None:
     chunks = chunk_document(" ".join(words), max_tokens=8)
     assert [len(c) for c in chunks] == [7, 8, 5]
     assert chunks[0][-1].text == ","
-
-
-def test_chunk_dataclass_span() -> None:
-    text = "Alpha beta."
-    chunk = Chunk(tokens=chunk_document(text)[0])
-    assert (chunk.start, chunk.end) == (0, len(text))
-    assert (Chunk(tokens=[]).start, Chunk(tokens=[]).end) == (0, 0)
 
 
 def test_invalid_max_tokens() -> None:
