@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -199,3 +201,43 @@ def test_run_help_lists_the_environment_variables():
         assert s.option in result.output
         assert s.envvar in result.output
     assert "hunter2" not in result.output
+
+
+def _readme_flag_rows() -> list[tuple[list[str], list[str]]]:
+    """(flags, defaults) of each row of README's flag table of `run`."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    table = readme.split("| flag | default | meaning |", 1)[1].split("\n\n", 1)[0]
+    rows = []
+    for line in table.splitlines()[2:]:
+        flags_cell, default_cell = line.split(" | ")[:2]
+        flags = [
+            f for f in re.findall(r"`(--[a-z0-9-]+)`", flags_cell) if not f.startswith("--no-")
+        ]
+        defaults = [d.strip().strip("`") for d in re.split(r" / |, ", default_cell)]
+        rows.append((flags, defaults))
+    return rows
+
+
+def _shown(value) -> str | None:
+    """A default as README writes it (None: described in words)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def test_readme_flag_table_lists_every_setting_with_its_default():
+    rows = _readme_flag_rows()
+    listed = [flag for flags, _ in rows for flag in flags]
+    assert sorted(listed) == sorted(s.option for s in SETTINGS)
+    by_option = {s.option: s for s in SETTINGS}
+    for flags, defaults in rows:
+        if len(flags) != len(defaults):  # one default for a group of flags (security)
+            continue
+        for flag, shown in zip(flags, defaults, strict=True):
+            expected = _shown(by_option[flag].default)
+            if expected is not None:
+                assert shown == expected, flag
