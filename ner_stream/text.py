@@ -345,14 +345,16 @@ def sentence_line_breaks(text: str, mode: str = "auto") -> list[int]:
     ``"auto"``: every one except a wrap. A break is a wrap when neither line around it is a list
     item or a table row (`_ITEM_RE`, a tab or three spaces between words), the line before does
     not end with terminal punctuation, a colon or a semicolon, and either the next line starts
-    with a lower-case letter, or the line before is a *full line of prose*: at least
-    `MIN_WRAP_WIDTH` characters, prose (it ends with a lower-case word or a comma, or a third of
-    its words start lower-case, unlike a Title Case headline), and the next line's first word would
-    not have fitted on it within the document's width. That width is the longest line that could
-    have been wrapped (one not ending a paragraph, not ending a sentence, holding a space), so a
-    long URL or an unwrapped paragraph does not stretch it. This is plain-text reflow (what RFC
-    3676 marks with trailing spaces), inferred from the text. Terminal punctuation inside a
-    wrapped sentence still ends it as anywhere else.
+    with a lower-case letter, or the line before is a full line of a hard-wrapped paragraph.
+    Paragraphs (runs of lines between blank lines) are judged each on its own. A full line has at
+    least `MIN_WRAP_WIDTH` characters and the next line's first word would not have fitted on it
+    within the paragraph's width (its longest line that could have been wrapped: not ending a
+    sentence, holding a space, not a quoted "> " line). A paragraph is hard-wrapped when most of
+    its long lines are full and one of them reads on into the next (a lower-case word on either
+    side of the break, or a comma), or when two of its lines or more are full lines of prose
+    (`_is_prose`). One long line alone sets the width it fills, so a headline over a dateline is
+    two lines. This is plain-text reflow (what RFC 3676 marks with trailing spaces), inferred
+    from the text; terminal punctuation inside a wrapped sentence still ends it.
 
     Line breaks are those of `str.splitlines`, ``"\r\n"`` one break at the offset of its
     ``"\r"``; a paragraph separator (U+2029) is listed too (it always ends a sentence). Raises
@@ -388,29 +390,49 @@ def sentence_line_breaks(text: str, mode: str = "auto") -> list[int]:
     ]
     if not open_breaks:
         return offsets
-    width = max((len(lines[i]) for i in open_breaks if " " in lines[i]), default=0)
-    # Full lines: long enough, and the next line's first word would not have fitted on them.
-    full = set()
-    if width >= MIN_WRAP_WIDTH:
-        for i in open_breaks:
+    # Each paragraph (a run of lines between blank lines) is judged on its own: a header block,
+    # a signature or a quoted reply does not set the width of the body.
+    paragraph_of = list(itertools.accumulate(map(operator.not_, lines)))  # blank lines counted
+    paragraphs: dict[int, list[int]] = {}
+    for i in open_breaks:
+        paragraphs.setdefault(paragraph_of[i], []).append(i)
+    wrapped: set[int] = set()  # breaks after a full line of a hard-wrapped paragraph
+    for members in paragraphs.values():
+        # The wrap width: the longest line that could have been wrapped (a quoted line, whose
+        # "> " adds to it, left out).
+        width = max(
+            (len(lines[i]) for i in members if " " in lines[i] and lines[i][0] != ">"),
+            default=0,
+        )
+        if width < MIN_WRAP_WIDTH:
+            continue
+        # Full lines: long enough, and the next line's first word would not have fitted on them.
+        here = []
+        for i in members:
             before, after = lines[i], lines[i + 1]
             if len(before) >= MIN_WRAP_WIDTH:
                 space = after.find(" ")
                 if len(before) + (space if space >= 0 else len(after)) >= width:
-                    full.add(i)
-    # A hard-wrapped document: most long lines are full, and some full line reads on into the
-    # next (a lower-case word on either side of the break, or a comma), which a list of
-    # headlines of like length never does.
-    long_lines = sum(1 for i in open_breaks if len(lines[i]) >= MIN_WRAP_WIDTH)
-    wrapped = 2 * len(full) > long_lines and any(
-        lines[i + 1][0].islower() or lines[i][-1] == "," or _last_word_lower(lines[i]) for i in full
-    )
+                    here.append(i)
+        # Hard-wrapped: most long lines are full, and some full line reads on into the next (a
+        # lower-case word on either side of the break, or a comma), which a list of headlines of
+        # like length never does. Or at least two lines are full lines of prose: one alone (the
+        # first of two lines, a headline over a dateline) sets the width it fills.
+        long_lines = sum(1 for i in members if len(lines[i]) >= MIN_WRAP_WIDTH)
+        reads_on = any(
+            lines[i + 1][0].islower() or lines[i][-1] == "," or _last_word_lower(lines[i])
+            for i in here
+        )
+        if 2 * len(here) > long_lines and reads_on:
+            wrapped.update(here)
+        elif len(here) >= 2:
+            wrapped.update(i for i in here if _is_prose(lines[i]))
     columns = "\t" in text or "   " in text
     wraps = set()
     for i in open_breaks:
         before, after = lines[i], lines[i + 1]
         first = after[0]
-        if not (first.islower() or (i in full and (wrapped or _is_prose(before)))):
+        if not (first.islower() or i in wrapped):
             continue
         if (
             first in _ITEM_FIRST or first.isdigit() or first in "ivx" or after[1:2] in ".)"

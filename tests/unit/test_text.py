@@ -457,17 +457,48 @@ def test_a_list_of_title_case_headlines_keeps_each_headline_apart():
     assert _sentence_texts("\n".join(two)) == two
 
 
-def test_a_wrap_in_prose_survives_a_signature_a_header_block_and_a_long_url_line():
-    body = (
-        "I spoke with the people at the International Monetary Fund office in New\n"
-        "York this morning about the loan and the terms they would accept for it."
+# A paragraph wrapped at 72 columns (textwrap.fill), with a name cut by the first wrap.
+BODY = (
+    "I spoke with the people at the International Monetary Fund office in New\n"
+    "York this morning about the loan, and they told me that the terms would\n"
+    "be agreed with the finance ministry before the end of the month."
+)
+
+
+def test_a_wrap_in_prose_survives_a_signature_a_header_block_a_url_and_a_quote():
+    signed = (
+        BODY + "\n\nBest regards,\nAngela Merkel, Chancellor of the Federal Republic of Germany\n"
     )
-    signed = body + "\n\nBest,\nAlice\nAcme Corp\n"
-    assert _sentence_texts(signed) == [body, "Best,", "Alice", "Acme Corp"]
-    headers = "From: Alice\nTo: Bob\nSubject: IMF loan\n\n" + body
-    assert _sentence_texts(headers)[-1] == body
-    url = body.replace(" and the terms", ", see https://www.example.com/news/2024/08/imf.html and")
-    assert "New\nYork" in _sentence_texts(url)[0]
+    signed += "Bundeskanzleramt, Berlin\n"
+    assert _sentence_texts(signed) == [
+        BODY, "Best regards,", "Angela Merkel, Chancellor of the Federal Republic of Germany",
+        "Bundeskanzleramt, Berlin",
+    ]  # fmt: skip
+    subject = "Subject: Re: Expansion plans for the New York and San Francisco offices of Acme"
+    headers = f"From: Alice\nTo: Bob\n{subject}\nDate: Mon, 3 Mar 2025 10:02:11 +0100\n\n{BODY}"
+    assert _sentence_texts(headers)[-1] == BODY
+    assert _sentence_texts(headers)[2] == subject
+    url = BODY + "\nSee https://www.example.com/news/2024/08/imf-loan-talks-with-the-ministry.html"
+    assert _sentence_texts(url)[0] == BODY
+    quoted = (
+        BODY + "\n\n> We met the people from the International Monetary Fund office in\n> Berlin"
+    )
+    assert _sentence_texts(quoted)[0] == BODY
+
+
+def test_a_long_first_line_over_a_second_is_two_lines_not_a_wrap():
+    # Alone, a long line sets the width it fills: a sentence-case headline over a dateline, a
+    # byline, tweets or headlines one per line are not wraps. (A paragraph of exactly two lines
+    # whose wrap falls between two capitalised words is read the same way.)
+    for text in (
+        "Toyota to recall 1.2 million vehicles sold in the United States\n"
+        "TOKYO (Reuters) - Toyota Motor Corp said on Tuesday it would recall vehicles.",
+        "Merkel meets Macron for talks on the future of Europe in Berlin\n"
+        "London Stock Exchange halts trading after glitch\nFord to close plant in Belgium",
+        "Written by Michael Johnson for the Financial Times in Washington\n"
+        "London, March 3 - Shares of Deutsche Bank fell sharply on Monday.",
+    ):
+        assert _sentence_texts(text) == text.split("\n")
 
 
 def test_table_cells_are_sentences_of_their_own_except_in_space_mode():
