@@ -47,6 +47,7 @@ __all__ = [
     "LINE_BREAK_MODES",
     "Token",
     "chunk_document",
+    "has_line_break",
     "sentence_line_breaks",
     "split_sentences",
     "tokenize",
@@ -362,12 +363,12 @@ def sentence_line_breaks(text: str, mode: str = "auto") -> list[int]:
     """
     if mode not in LINE_BREAK_MODES:
         raise ValueError(f"unknown line-break mode {mode!r}: use {', '.join(LINE_BREAK_MODES)}")
-    if mode == "space" or not _has_line_break(text):
+    if mode == "space" or not has_line_break(text):
         return []
     # Lines and the offset of the break after each. The usual text breaks with "\n" alone, and
     # str.split is much cheaper than a regex pass. The per-line work below is done in
     # comprehensions: in a hard-wrapped document it runs for every line.
-    if not _has_line_break(text, newline=False):
+    if not has_line_break(text, newline=False):
         raw = text.split("\n")
         # The break after line i is at the lengths of lines 0..i plus the i breaks before it.
         offsets = list(
@@ -456,14 +457,13 @@ def _is_prose(line: str) -> bool:
     ends with a lower-case word or a comma, or a third of its words or more start lower-case
     (sentence case; a Title Case headline has none but its short function words).
     """
-    if line[-1] == ",":
+    if line[-1] == "," or _last_word_lower(line):
         return True
     words = line.split()
-    lower = sum(1 for word in words if word[0].islower())
-    return words[-1][0].islower() or 3 * lower >= len(words)
+    return 3 * sum(1 for word in words if word[0].islower()) >= len(words)
 
 
-def _has_line_break(text: str, newline: bool = True) -> bool:
+def has_line_break(text: str, newline: bool = True) -> bool:
     """Whether ``text`` holds a line break (`_LINE_BREAK_RE`); with ``newline=False``, whether it
     holds one other than ``"\\n"``.
 
@@ -563,7 +563,7 @@ def _ends_sentence(text: str, start: int, end: int, breaks: list[int], cells: bo
             return True
     if cells:
         gap = text[start:end]
-        return ("\t" in gap or "   " in gap) and not _has_line_break(gap)
+        return ("\t" in gap or "   " in gap) and not has_line_break(gap)
     return False
 
 

@@ -7,14 +7,18 @@ rules), so the figures equal those of ``conlleval`` on the same tags.
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from ner_stream.spans import Span, spans_from_tags, validate_scheme
+from ner_stream.text import has_line_break
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -56,6 +60,17 @@ class EntityReport:
         return result
 
 
+def _report(gold: set[T], pred: set[T], type_of: Callable[[T], str]) -> EntityReport:
+    """Micro and per-type scores of exact matches between two sets of typed entities."""
+    correct = gold & pred
+    counts = [Counter(map(type_of, spans)) for spans in (gold, pred, correct)]
+    per_type = {
+        name: Scores.from_counts(*(count[name] for count in counts))
+        for name in sorted(counts[0].keys() | counts[1].keys())
+    }
+    return EntityReport(Scores.from_counts(len(gold), len(pred), len(correct)), per_type)
+
+
 def _percent(numerator: int, denominator: int) -> float:
     return 100.0 * numerator / denominator if denominator else 0.0
 
@@ -89,18 +104,11 @@ def entity_scores(
     """
     scheme = validate_scheme(scheme)
     _check_aligned(gold, pred)
-    gold_spans = _typed_spans(gold, scheme)
-    pred_spans = _typed_spans(pred, scheme)
-    correct_spans = gold_spans & pred_spans
-    gold_by_type = Counter(span.type for _, span in gold_spans)
-    pred_by_type = Counter(span.type for _, span in pred_spans)
-    correct_by_type = Counter(span.type for _, span in correct_spans)
-    per_type = {
-        name: Scores.from_counts(gold_by_type[name], pred_by_type[name], correct_by_type[name])
-        for name in sorted(gold_by_type.keys() | pred_by_type.keys())
-    }
-    micro = Scores.from_counts(len(gold_spans), len(pred_spans), len(correct_spans))
-    return EntityReport(micro=micro, per_type=per_type)
+    return _report(_typed_spans(gold, scheme), _typed_spans(pred, scheme), _span_type)
+
+
+def _span_type(keyed: tuple[int, Span]) -> str:
+    return keyed[1].type
 
 
 def masked_token_accuracy(pred: Any, gold: Any, mask: Any) -> float:
@@ -181,9 +189,6 @@ class SpanErrors:
         return asdict(self)
 
 
-_LINE_BREAKS = ("\n", "\r", "\u2028", "\u2029", "\x85", "\x0b", "\x0c")
-
-
 def span_scores(
     gold: Sequence[Sequence[tuple[int, int, str]]],
     pred: Sequence[Sequence[tuple[int, int, str]]],
@@ -200,31 +205,16 @@ def span_scores(
         raise ValueError(f"{len(gold)} gold, {len(pred)} predicted documents, {len(texts)} texts")
     gold_spans = {(d, *span) for d, spans in enumerate(gold) for span in spans}
     pred_spans = {(d, *span) for d, spans in enumerate(pred) for span in spans}
-    correct = gold_spans & pred_spans
-    by_type = {
-        name: Counter(span[3] for span in spans)
-        for name, spans in (("gold", gold_spans), ("pred", pred_spans), ("correct", correct))
-    }
-    names = sorted(by_type["gold"].keys() | by_type["pred"].keys())
-    per_type = {
-        name: Scores.from_counts(by_type["gold"][name], by_type["pred"][name],
-                                 by_type["correct"][name])
-        for name in names
-    }  # fmt: skip
-    report = EntityReport(
-        micro=Scores.from_counts(len(gold_spans), len(pred_spans), len(correct)),
-        per_type=per_type,
-    )
+    report = _report(gold_spans, pred_spans, operator.itemgetter(3))
     errors = SpanErrors()
     for d, (gold_doc, pred_doc, text) in enumerate(zip(gold, pred, texts, strict=True)):
-        gold_set = {(d, *span) for span in gold_doc}
         overlapped: set[tuple[int, int]] = set()
         for start, end, kind in pred_doc:
-            if any(ch in text[start:end] for ch in _LINE_BREAKS):
+            if has_line_break(text[start:end]):
                 errors.crossing_line_break += 1
             hits = [(s, e, t) for s, e, t in gold_doc if s < end and start < e]
             overlapped.update((s, e) for s, e, _ in hits)
-            if (d, start, end, kind) in gold_set:
+            if (d, start, end, kind) in gold_spans:
                 continue
             if any(s == start and e == end for s, e, _ in hits):
                 errors.wrong_type += 1

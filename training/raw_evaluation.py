@@ -16,6 +16,7 @@ import torch
 from ner_stream.checkpoint import LoadedModel
 from ner_stream.config import WorkerConfig
 from ner_stream.tagger import Tagger, TaggerOptions
+from ner_stream.text import has_line_break
 from training.datasets import Sentence
 from training.evaluate import EntityReport, Scores, SpanErrors, format_report, span_scores
 from training.raw_text import render
@@ -90,7 +91,7 @@ def raw_evaluation(
             predicted.append([(e.start, e.end, e.type) for e in entities])
     gold = [[(g.start, g.end, g.type) for g in doc.entities] for doc in raw]
     report, errors = span_scores(gold, predicted, [doc.text for doc in raw])
-    across = sum("\n" in doc.text[g.start : g.end] for doc in raw for g in doc.entities)
+    across = sum(has_line_break(doc.text[g.start : g.end]) for doc in raw for g in doc.entities)
     return RawEvaluation(layout, line_breaks, len(raw), report, errors, token_report.micro, across)
 
 

@@ -180,11 +180,13 @@ def merged_epoch(
             continue
         joined.update(group)
         run: list[EncodedSentence] = []
+        tokens = 0
         for index in group:
-            if run and sum(map(len, run)) + len(data[index]) > max_tokens:
+            if run and tokens + len(data[index]) > max_tokens:
                 out.append(_join(run))
-                run = []
+                run, tokens = [], 0
             run.append(data[index])
+            tokens += len(data[index])
         out.append(_join(run))
     out.extend(sentence for i, sentence in enumerate(data) if i not in joined)
     return out

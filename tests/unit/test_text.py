@@ -528,3 +528,15 @@ def test_paragraph_separators_do_not_stretch_the_wrap_width():
     )
     text = "\u2029".join([paragraph, paragraph])
     assert _sentence_texts(text) == [paragraph, paragraph]
+
+
+@pytest.mark.parametrize(
+    "ch", ["\n", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+)
+def test_has_line_break_knows_every_kind_of_break(ch):
+    from ner_stream.text import has_line_break
+
+    assert has_line_break(f"New{ch}York")
+    assert has_line_break(f"é{ch}")
+    assert has_line_break(f"é{ch}", newline=False) == (ch != "\n")
+    assert not has_line_break("New York\t\u200b é")
