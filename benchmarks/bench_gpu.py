@@ -8,7 +8,7 @@ client, no broker):
 3. shapes: `NerModel.decode` on full batches of B sequences x T tokens, B = 256 ... 4096, in
    fp32, bf16 and fp16 (the network cast as the worker's `--precision` casts it, the CRF in
    fp32), timed with CUDA synchronisation, with and without the CRF;
-4. tagger: the corpus through `Tagger._forward` (host padding, copies, one forward pass per length
+4. tagger: the corpus through `Tagger.tag_prepared` (host padding, copies, one forward pass per length
    bucket, CRF decoding, results back as lists) at micro-batches of 128 ... 4096 documents;
 5. host stages on one CPU core of the same machine: JSON decode of the input records,
    tokenization + encoding (`Tagger.prepare`), span decoding and output JSON, in tokens/s. GPU
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = [d["text"] for d in documents(args.docs, DEFAULT_SEED)]
     torch.set_num_threads(1)
     cpu = Tagger.from_file(model_path, TaggerOptions(device="cpu"))
-    gpu = Tagger.from_file(model_path, TaggerOptions(device=device, max_batch_tokens=1 << 20))
+    gpu = Tagger.from_file(model_path, TaggerOptions(device=device, max_pass_tokens=1 << 20))
     result["agreement"] = agreement(cpu, gpu, texts[:300])
     log(f"agreement CPU vs GPU: {result['agreement']}")
 
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"host stages, one core: {host['tokens_per_s_one_core']:.0f} tokens/s")
 
     # Shapes: model.decode on device tensors.
-    words = [t.text for p in prepared for c in p.chunks for t in c]
+    words = [t.text for p in prepared for w in p.windows for t in w]
     models = {p: cast_network(copy.deepcopy(gpu.model), p) for p in PRECISIONS}
     shapes = []
     for t in ints(args.lengths):

@@ -43,7 +43,7 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.corpus import DEFAULT_SEED, documents
-from ner_stream.batching import BatchLimits, MicroBatcher, pad_batch, padded_rows
+from ner_stream.batching import BatchLimits, MicroBatcher, Pass, pad_batch, pad_pass, plan_passes
 from ner_stream.checkpoint import default_model_path
 from ner_stream.config import WorkerConfig
 from ner_stream.model import Batch, ModelConfig
@@ -185,9 +185,9 @@ def time_matmul(n: int, dtype: str, repeats: int, budget_s: float) -> dict:
     }
 
 
-# One unit of timed work: the sentence groups of one `Tagger._forward` call (one forward pass
-# per group, then one CRF decoding for all of them) and each group's padded length.
-Call = tuple[list[list[EncodedSentence]], list[int]]
+# One unit of timed work: the passes of one micro-batch, each with its sentences, padded and run
+# by the tagger's in-process runner (one forward pass per pass, then one CRF decoding for all).
+Call = list[tuple[list[EncodedSentence], Pass]]
 
 
 def tagger_at(model_path: Path, options: TaggerOptions, dtype: str) -> Tagger:
@@ -203,8 +203,9 @@ def tagger_at(model_path: Path, options: TaggerOptions, dtype: str) -> Tagger:
 
 
 def run_calls(tagger: Tagger, calls: list[Call]) -> None:
-    for groups, pads in calls:
-        tagger._forward(groups, pads)
+    for call in calls:
+        batches = [pad_pass(sents, plan) for sents, plan in call]
+        tagger.local(batches, [len(sents) for sents, _ in call])
 
 
 def time_calls(tagger: Tagger, calls: list[Call], repeats: int, budget_s: float) -> dict:
@@ -228,51 +229,30 @@ def run_batches(model, batches: list[Batch]) -> None:
 
 
 def check_dtypes(model, batch: Batch) -> dict:
-    """The dtypes seen at the LSTM output, the projection output and the CRF's inputs."""
+    """The dtypes seen at the LSTM output (the projection's input), the projection output, and
+    the tags and confidences the CRF returns; seen through forward hooks, nothing patched."""
     seen: dict[str, str] = {}
 
-    def hook(name):
-        def record(_mod, _inp, out):
-            t = out[0] if isinstance(out, tuple) else out
-            t = getattr(t, "data", t)  # a PackedSequence holds its tensor in .data
-            seen[name] = str(t.dtype).replace("torch.", "")
-
-        return record
+    def name_of(t) -> str:
+        return str(t.dtype).replace("torch.", "")
 
     handles = [
-        model.lstm.register_forward_hook(hook("lstm_output")),
-        model.proj.register_forward_hook(hook("projection_output")),
+        model.proj.register_forward_pre_hook(
+            lambda _mod, inp: seen.__setitem__("lstm_output", name_of(inp[0]))
+        ),
+        model.proj.register_forward_hook(
+            lambda _mod, _inp, out: seen.__setitem__("projection_output", name_of(out))
+        ),
     ]
-    # On a CPU the BiLSTM's directions are called as functions, not through the module's hook.
-    original_direction = model._lstm_direction
-
-    def direction(x, suffix):
-        out = original_direction(x, suffix)
-        seen["lstm_output"] = str(out.dtype).replace("torch.", "")
-        return out
-
-    model._lstm_direction = direction
-    crf = model.crf
-    if crf is not None:
-        for name in ("viterbi", "marginals"):
-            original = getattr(crf, name)
-
-            def wrapped(em, mask, _orig=original, _name=name):
-                out = _orig(em, mask)
-                seen[f"crf_{_name}_input"] = str(em.dtype).replace("torch.", "")
-                seen[f"crf_{_name}_output"] = str(out.dtype).replace("torch.", "")
-                return out
-
-            setattr(crf, name, wrapped)
     try:
-        run_batches(model, [batch])
+        with torch.inference_mode():
+            tags, scores = model.decode(batch, with_scores=True)
     finally:
         for h in handles:
             h.remove()
-        del model._lstm_direction
-        if crf is not None:
-            for name in ("viterbi", "marginals"):
-                crf.__dict__.pop(name, None)
+    seen["crf_tags"] = name_of(tags)
+    if scores is not None:
+        seen["crf_scores"] = name_of(scores)
     return seen
 
 
@@ -280,7 +260,7 @@ def check_dtypes(model, batch: Batch) -> dict:
 
 
 def token_stream(prepared: list[PreparedDoc]) -> list[str]:
-    return [t.text for doc in prepared for chunk in doc.chunks for t in chunk]
+    return [t.text for doc in prepared for window in doc.windows for t in window]
 
 
 def shape_sentences(
@@ -311,8 +291,7 @@ def micro_batches(prepared: list[PreparedDoc], max_docs: int, max_tokens: int):
 
 
 def corpus_calls(tagger: Tagger, groups: list[list[PreparedDoc]], bucketed: bool):
-    """One `Tagger._forward` call per micro-batch, with and without length buckets, and the
-    shapes of its forward passes."""
+    """The passes of each micro-batch, with and without length buckets, and their shapes."""
     calls: list[Call] = []
     shapes: list[tuple[int, int]] = []
     for docs in groups:
@@ -323,13 +302,14 @@ def corpus_calls(tagger: Tagger, groups: list[list[PreparedDoc]], bucketed: bool
         if bucketed:
             # Exactly the Tagger's grouping: sorted by length, one pass per bucket, under its
             # padded-token budget.
-            passes = list(tagger._groups([len(s) for s in sents]))
-            calls.append(([[sents[i] for i in g] for g, _ in passes], [pad for _, pad in passes]))
-            budget = tagger.options.max_batch_tokens
-            shapes += [(padded_rows(len(g), pad, budget), pad) for g, pad in passes]
+            options = tagger.options
+            passes = plan_passes([len(s) for s in sents], options.buckets, options.max_pass_tokens)
+            calls.append([([sents[i] for i in p.sequences], p) for p in passes])
+            shapes += [(p.rows, p.length) for p in passes]
         else:
-            calls.append(([sents], [len(sents[-1])]))
-            shapes.append((len(sents), len(sents[-1])))
+            whole = Pass(list(range(len(sents))), len(sents[-1]), len(sents))
+            calls.append([(sents, whole)])
+            shapes.append((whole.rows, whole.length))
     return calls, shapes
 
 
@@ -482,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     real_tokens = sum(d.num_tokens for d in prepared)
     corpus: dict = {
         "docs": len(prepared),
-        "sequences": sum(1 for d in prepared for c in d.chunks if c),
+        "sequences": sum(1 for d in prepared for w in d.windows if w),
         "real_tokens": real_tokens,
         "micro_batches": len(groups),
         "runs": [],

@@ -1,4 +1,11 @@
-"""Micro-batching of documents, and padding encoded sentences into bucket-length tensors."""
+"""Every shape decision of the tagging path: micro-batches of documents (`MicroBatcher`), the
+forward passes a micro-batch is run in (`plan_passes`: length buckets, rows per pass, the row
+multiple) and the padded tensors of each pass (`pad_pass`, `pad_batch`).
+
+Two budgets, each meaning one thing: a micro-batch holds at most `BatchLimits.max_tokens` real
+tokens; a forward pass holds at most `max_pass_tokens` padded positions (rows x length, the empty
+rows that round the row count included).
+"""
 
 from __future__ import annotations
 
@@ -30,6 +37,64 @@ def padded_rows(rows: int, length: int, budget: int, multiple: int = ROW_MULTIPL
     """
     rounded = -(-rows // multiple) * multiple
     return max(rows, min(rounded, budget // max(length, 1)))
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One forward pass: `sequences` (indices into the planned list) padded to `length` tokens in
+    a tensor of `rows` rows (the real sequences, then empty rows up to the row multiple)."""
+
+    sequences: list[int]
+    length: int
+    rows: int
+
+    @property
+    def positions(self) -> int:
+        """Padded positions of the pass's tensor (rows x length)."""
+        return self.rows * self.length
+
+
+def plan_passes(
+    lengths: Sequence[int],
+    buckets: Sequence[int],
+    max_pass_tokens: int,
+    multiple: int = ROW_MULTIPLE,
+) -> list[Pass]:
+    """The forward passes that run sequences of `lengths` tokens, shortest first.
+
+    Sequences of like length share a pass padded to their bucket (`bucket_length`); a pass never
+    holds more than `max_pass_tokens` padded positions, except a lone sequence longer than that,
+    which runs alone at its own length. A run of fewer than `multiple` sequences grows into the
+    next bucket rather than closing a pass of its own, which it would fill with empty rows anyway.
+    Sequences of no tokens are in no pass. Every other index appears in exactly one pass.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    passes: list[Pass] = []
+    group: list[int] = []
+    pad_to = 0
+
+    def close() -> None:
+        passes.append(
+            Pass(group, pad_to, padded_rows(len(group), pad_to, max_pass_tokens, multiple))
+        )
+
+    for i in order:
+        n = lengths[i]
+        if n == 0:
+            continue
+        # A bucket never pads a lone sequence past the pass budget.
+        length = min(bucket_length(n, buckets), max(n, max_pass_tokens))
+        small = len(group) < multiple
+        if group and (
+            (length != pad_to and not small) or (len(group) + 1) * length > max_pass_tokens
+        ):
+            close()
+            group = []
+        group.append(i)
+        pad_to = length  # sorted ascending: the group's longest so far
+    if group:
+        close()
+    return passes
 
 
 def bucket_length(n: int, buckets: Sequence[int]) -> int:
@@ -92,6 +157,16 @@ def pad_batch(
         mask=tensor(mask),
         tags=None if tags is None else tensor(tags),
     )
+
+
+_EMPTY = EncodedSentence(words=[], chars=[], cases=[])
+
+
+def pad_pass(sentences: Sequence[EncodedSentence], plan: Pass, pin_memory: bool = False) -> Batch:
+    """The tensors of one planned pass: `sentences` (those of `plan.sequences`, in order), then
+    empty rows, padded to `plan.length`: a Batch of `plan.rows` x `plan.length`."""
+    empty = [_EMPTY] * (plan.rows - len(sentences))
+    return pad_batch([*sentences, *empty], plan.length, pin_memory)
 
 
 def _positions_within(counts: np.ndarray) -> np.ndarray:

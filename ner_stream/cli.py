@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +120,9 @@ def _run_worker(cfg: WorkerConfig) -> int:
 def _start_model_process(cfg: WorkerConfig, tagger: Tagger) -> ModelProcess:
     """Move the model's forward pass into a child process; this one keeps a thread for padding."""
     # The precision already chosen, so that the child cannot decide otherwise.
-    options = replace(tagger.options, precision=tagger.precision.precision)
-    proc = ModelProcess(cfg.model or default_model_path(), options, cfg.model_threads())
+    proc = ModelProcess(
+        cfg.model or default_model_path(), tagger.precision.precision, cfg.model_threads()
+    )
     tagger.use_runner(proc)
     torch.set_num_threads(1)
     log.info("model process %d runs the model on %d threads", proc.pid, cfg.model_threads())
@@ -189,7 +189,7 @@ def _tagger_options(cfg: WorkerConfig) -> TaggerOptions:
     return TaggerOptions(
         device=cfg.device,
         max_chunk_tokens=cfg.max_chunk_tokens,
-        max_batch_tokens=cfg.max_batch_tokens,
+        max_pass_tokens=cfg.max_batch_tokens,
         line_breaks=cfg.line_breaks,
         precision=cfg.precision,
         max_f1_change=cfg.max_f1_change,

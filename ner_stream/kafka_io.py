@@ -1,17 +1,22 @@
-"""Building the Kafka clients, waiting for the broker, and checking or creating topics."""
+"""The Kafka shell: building the clients, waiting for the broker, checking or creating topics, and
+`InputConsumer`, the one place that knows how kafka-python's consumer behaves across versions."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka import errors as kafka_errors
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata
+from kafka.structs import TopicPartition as KafkaTP
 
 from ner_stream.config import WorkerConfig
 
@@ -185,3 +190,107 @@ def is_record_error(error: BaseException | None) -> bool:
 def is_size_error(error: BaseException | None) -> bool:
     """Whether a produce error says the record is too large for the producer or the topic."""
     return isinstance(error, _SIZE_ERRORS)
+
+
+class ConsumerLike(Protocol):
+    """Every call of kafka-python's KafkaConsumer that `InputConsumer` makes; the tests' in-memory
+    consumer implements the same."""
+
+    def subscribe(self, topics: list[str], listener: Any = None) -> None: ...
+    def topics(self) -> set[str]: ...
+    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict: ...
+    def pause(self, *partitions: Any) -> None: ...
+    def resume(self, *partitions: Any) -> None: ...
+    def assignment(self) -> set: ...
+    def seek(self, partition: Any, offset: int) -> None: ...
+    def position(self, partition: Any, timeout_ms: int | None = None) -> int | None: ...
+    def highwater(self, partition: Any) -> int | None: ...
+    def commit(self, offsets: dict | None = None) -> None: ...
+    def commit_async(self, offsets: dict | None = None, callback: Any = None) -> Any: ...
+    def close(self, autocommit: bool = True) -> None: ...
+
+
+class InputConsumer:
+    """The worker's consumer: partitions as ``(topic, partition)`` tuples, offsets as ints.
+
+    Wraps a KafkaConsumer (or the tests' stand-in). The owner thread is the one that calls
+    `subscribe`; kafka-python 3 may run the rebalance listener on its own I/O thread instead, and
+    `commit` deals with that.
+    """
+
+    def __init__(self, consumer: ConsumerLike) -> None:
+        self.client = consumer
+        self._owner: threading.Thread | None = None
+
+    def subscribe(self, topic: str, listener: Any) -> None:
+        """Join the group for `topic`; `listener` gets the revokes and assignments.
+
+        The topic's metadata is fetched before the first poll: a join that races it can leave
+        kafka-python's group leader without partitions.
+        """
+        self._owner = threading.current_thread()
+        self.client.subscribe([topic], listener=listener)
+        self.client.topics()
+
+    def poll(self, timeout_ms: int, max_records: int) -> Iterable[Any]:
+        """The records fetched, partition after partition."""
+        for records in self.client.poll(timeout_ms=timeout_ms, max_records=max_records).values():
+            yield from records
+
+    def assignment(self) -> list[KafkaTP]:
+        return list(self.client.assignment())
+
+    def pause(self, partitions: Iterable[Any] | None = None) -> int:
+        """Pause `partitions` (default: every assigned one); returns how many."""
+        tps = self.assignment() if partitions is None else list(partitions)
+        if tps:
+            self.client.pause(*tps)
+        return len(tps)
+
+    def resume(self) -> int:
+        """Resume every assigned partition; returns how many."""
+        tps = self.assignment()
+        if tps:
+            self.client.resume(*tps)
+        return len(tps)
+
+    def commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        """Commit `offsets` (the next offset to read, per partition); raises what the client
+        raises (a rebalance in progress, say)."""
+        request = {KafkaTP(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+        if self._owner is not None and threading.current_thread() is not self._owner:
+            # kafka-python 3 runs the rebalance listener on the consumer's own I/O thread, where a
+            # blocking commit is refused ("Cannot block on net.run() from the IO thread"): the
+            # commit is sent without waiting; it goes out ahead of the rejoin.
+            self.client.commit_async(request)
+        else:
+            self.client.commit(request)
+
+    def rewind(self, tp: tuple[str, int], offset: int) -> None:
+        """Seek a partition back to `offset`, so that the records from there are read again.
+
+        kafka-python 2.x restarts a reassigned partition from its committed offset, but 3.x keeps
+        the fetch position of a partition that the next assignment gives back to this consumer:
+        without this seek, work dropped on a revoke would be skipped for good. A partition no
+        longer assigned (membership lost) has nothing to rewind.
+        """
+        try:
+            self.client.seek(KafkaTP(*tp), offset)
+        except Exception as e:
+            log.debug("no rewind of %s/%d: %s", tp[0], tp[1], e)
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Records behind the end of each assigned partition whose position and end are known."""
+        lags = {}
+        for tp in self.assignment():
+            try:
+                end, pos = self.client.highwater(tp), self.client.position(tp, timeout_ms=100)
+            except Exception:  # position unknown yet: skip this round
+                continue
+            if end is not None and pos is not None:
+                lags[(tp.topic, tp.partition)] = max(0, end - pos)
+        return lags
+
+    def close(self) -> None:
+        """Leave the group without committing (commits are the worker's alone)."""
+        self.client.close(autocommit=False)

@@ -7,7 +7,8 @@ the two stages together use well under two cores. A child process has its own in
 model never waits for the parent's Python, and the parent's Python runs beside it on another
 core.
 
-The parent still tokenizes, encodes, pads and decodes spans; only padded arrays (about 1.5 MB
+The child holds a `LocalRunner` built from the model file; the parent still tokenizes, encodes,
+pads and turns tags into entities; only padded arrays (about 1.5 MB
 for a full micro-batch) and the tags and confidences of the real rows cross the pipe. In the
 child, passes flow through two stages on two threads, the network (torch, `--torch-threads`
 threads) and then the CRF (numpy), so that one pass is decoded while the next one's network runs.
@@ -38,15 +39,15 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import asdict
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
 
+from ner_stream.checkpoint import load
 from ner_stream.model import Batch
-from ner_stream.tagger import Forwarded, Tagger, TaggerOptions
-from ner_stream.vocab import word_key
+from ner_stream.runner import Forwarded, LocalRunner
+from ner_stream.vocab import Vocabularies, word_key
 
 # Testing hook (see the module docstring): read by the child only.
 CRASH_WORD_ENV = "NER_STREAM_TEST_CRASH_WORD"
@@ -97,20 +98,21 @@ class RestartWindow:
 
 
 class ModelProcess:
-    """A child process holding the model; calling it runs `Tagger.run_batches` there.
+    """A child process holding the model; calling it runs the passes there (a `Runner`, see
+    `ner_stream.runner`, for `Tagger.use_runner`).
 
-    A `BatchRunner` for `Tagger.use_runner`; `restart` replaces a child that died, `close` stops
-    the child.
+    The child runs the network on the CPU at `precision` (the one the parent's `Tagger` chose),
+    with `threads` torch threads. `restart` replaces a child that died, `close` stops the child.
     """
 
     def __init__(
         self,
         model_path: str | Path,
-        options: TaggerOptions,
+        precision: str,
         threads: int,
         start_timeout_s: float = 120.0,
     ) -> None:
-        self._spec = {"model": str(model_path), "options": asdict(options), "threads": threads}
+        self._spec = {"model": str(model_path), "precision": precision, "threads": threads}
         self._start_timeout_s = start_timeout_s
         self._lock = threading.Lock()
         self._waiting: deque[Reply] = deque()
@@ -160,7 +162,7 @@ class ModelProcess:
         return self._process.pid
 
     def __call__(self, batches: list[Batch], rows: list[int]) -> Reply:
-        """Send a forward pass (see `Tagger.run_batches`) to the child; its reply comes later.
+        """Send passes (see `Runner`) to the child; its reply comes later.
 
         Passes are answered in the order they were sent, so the caller can send the next one
         before collecting this one and the child never waits for the caller.
@@ -265,15 +267,16 @@ class Reply:
         return Forwarded(tags, scores, seconds)
 
 
-def serve(conn: Connection, model_path: str, options: TaggerOptions, threads: int) -> None:
-    """The child's loop: load the model, then answer batches until told to stop or orphaned."""
+def serve(conn: Connection, model_path: str, precision: str, threads: int) -> None:
+    """The child's loop: load the model, then answer passes until told to stop or orphaned."""
     # Ctrl-C reaches the whole process group; the parent decides when the model stops, after
     # the batches in flight are done.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     try:
-        tagger = Tagger.from_file(model_path, options)
-        crash_id = _crash_word_id(tagger)
+        loaded = load(model_path)
+        runner = LocalRunner(loaded.model, torch.device("cpu"), precision)
+        crash_id = _crash_word_id(loaded.info.vocabs)
     except Exception as e:  # reported to the parent, which fails with the message
         conn.send(("error", str(e)))
         return
@@ -290,7 +293,7 @@ def serve(conn: Connection, model_path: str, options: TaggerOptions, threads: in
     # must be handed over promptly.
     sys.setswitchinterval(0.0005)
     decoded: queue.SimpleQueue = queue.SimpleQueue()
-    decoder = threading.Thread(target=_decode_and_reply, args=(conn, tagger, decoded))
+    decoder = threading.Thread(target=_decode_and_reply, args=(conn, runner, decoded))
     decoder.start()
     conn.send(("ready", os.getpid()))
     try:
@@ -305,7 +308,7 @@ def serve(conn: Connection, model_path: str, options: TaggerOptions, threads: in
             t0 = time.perf_counter()
             try:
                 batches = [Batch(*(torch.from_numpy(a) for a in fields)) for fields in arrays]
-                decoded.put((tagger.run_network(batches, rows), time.perf_counter() - t0))
+                decoded.put((runner.run_network(batches, rows), time.perf_counter() - t0))
             except Exception as e:  # this pass's documents fail; the next pass may be fine
                 decoded.put(("error", f"{type(e).__name__}: {e}"))
     finally:
@@ -313,19 +316,18 @@ def serve(conn: Connection, model_path: str, options: TaggerOptions, threads: in
         decoder.join()  # the answers to passes already run still go out
 
 
-def _crash_word_id(tagger: Tagger) -> int | None:
+def _crash_word_id(vocabs: Vocabularies) -> int | None:
     """The word id of the testing hook's word (see the module docstring), None when unset."""
     word = os.environ.get(CRASH_WORD_ENV)
     if not word:
         return None
-    vocabs = tagger.vocabs
     key = word_key(word, vocabs.lowercase)
     if key not in vocabs.words:
         raise ValueError(f"{CRASH_WORD_ENV}={word!r} is not in the model's vocabulary")
     return vocabs.words.stoi[key]
 
 
-def _decode_and_reply(conn: Connection, tagger: Tagger, decoded: queue.SimpleQueue) -> None:
+def _decode_and_reply(conn: Connection, runner: LocalRunner, decoded: queue.SimpleQueue) -> None:
     """Decode each pass's emissions, in order, and send the answer."""
     while True:
         item = decoded.get()
@@ -337,7 +339,7 @@ def _decode_and_reply(conn: Connection, tagger: Tagger, decoded: queue.SimpleQue
             emissions, network_s = item
             t0 = time.perf_counter()
             try:
-                tags, scores = tagger.decode(emissions)
+                tags, scores = runner.decode(emissions)
                 reply = ("ok", tags, scores, network_s + time.perf_counter() - t0)
             except Exception as e:  # as in the network: this pass alone fails
                 reply = ("error", f"{type(e).__name__}: {e}")
@@ -361,9 +363,7 @@ def _read_requests(conn: Connection, requests: queue.SimpleQueue) -> None:
 def main(argv: list[str]) -> None:
     """Entry point of the child: `python -m ner_stream.model_process FD SPEC_JSON`."""
     fd, spec = int(argv[0]), json.loads(argv[1])
-    options = spec["options"]
-    options["buckets"] = tuple(options["buckets"])
-    serve(Connection(fd), spec["model"], TaggerOptions(**options), spec["threads"])
+    serve(Connection(fd), spec["model"], spec["precision"], spec["threads"])
 
 
 if __name__ == "__main__":

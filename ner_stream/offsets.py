@@ -105,10 +105,6 @@ class OffsetTracker:
     def __init__(self) -> None:
         self._partitions: dict[TopicPartition, PartitionOffsets] = {}
 
-    def assign(self, tp: TopicPartition, start: int) -> None:
-        """Start tracking ``tp`` from its committed position ``start``, replacing any old state."""
-        self._partitions[tp] = PartitionOffsets(start)
-
     def revoke(self, tp: TopicPartition) -> None:
         """Stop tracking ``tp``; later acknowledgements for it are ignored."""
         self._partitions.pop(tp, None)

@@ -1,25 +1,22 @@
-"""The Kafka loop: consume -> decode -> tokenize -> batch -> tag -> produce -> commit.
+"""The Kafka loop: consume -> decode -> prepare -> schedule -> tag -> deliver -> commit.
 
 Two threads share the work:
 
-- the consumer thread (the caller of `Worker.run`) owns the KafkaConsumer: it polls, decodes and
-  tokenizes each record, hands documents to the tagging stage through a bounded queue, sends dead
-  letters, applies acknowledgements to the offset tracker and commits. When the queue is full it
-  pauses its partitions and keeps polling, so the group never expels it (backpressure);
-- the tagging thread forms micro-batches, runs the model and sends the outputs. With a model
-  process (`ner_stream.model_process`, the default on the CPU) the forward pass runs there: the
-  thread submits a batch, keeps at most one more queued behind it, and decodes spans and
-  produces the outputs of each batch while the model runs the next.
+- the consumer thread (the caller of `Worker.run`) owns the consumer: it polls, decodes and
+  prepares each record (tokenize, split, windows, encode), hands documents to the tagging thread
+  through a bounded queue, sends the dead letters of records that cannot be tagged, applies
+  acknowledgements and commits (`ner_stream.delivery`). When the queue is full it pauses its
+  partitions and keeps polling, so the group never expels it (`scheduler.Backpressure`);
+- the tagging thread forms micro-batches and decides when each goes (`scheduler.Scheduler`),
+  submits them to the tagger's runner (`ner_stream.runner`; with a model process, the default on
+  the CPU, the passes run there while this thread turns the previous pass's tags into entities and
+  sends the outputs).
 
 When the model process dies (killed for memory, a native crash), the tagging thread starts a
 fresh one and runs the documents of the passes it lost one at a time; a document that kills the
 model again on its own goes to the dead-letter topic (`model_crash`) and the stream goes on. Deaths
 more frequent than `RestartWindow` allows, or a model process that cannot start again, stop the
 worker (exit code 1) without committing the documents it had.
-
-The producer's acknowledgements arrive on its I/O thread and are handed back to the consumer
-thread through a queue: only that thread touches the offset tracker, so commits never pass a
-record whose output (or dead letter) is not acknowledged.
 """
 
 from __future__ import annotations
@@ -31,126 +28,32 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from kafka import ConsumerRebalanceListener
-from kafka.structs import OffsetAndMetadata
-from kafka.structs import TopicPartition as KafkaTP
 
-from ner_stream.batching import BatchLimits, MicroBatcher
+from ner_stream.batching import BatchLimits
 from ner_stream.config import WorkerConfig
-from ner_stream.kafka_io import SizeLimits, is_record_error, is_size_error
+from ner_stream.delivery import Consumed, Delivery, Job, Partition, ProducerLike, TopicPartition
+from ner_stream.kafka_io import ConsumerLike, InputConsumer, SizeLimits
 from ner_stream.messages import (
-    Document,
     Entity,
-    OutRecord,
     Rejection,
     RejectReason,
     Source,
     carried_headers,
-    dead_letter,
     decode,
-    encode_output,
     processing_error,
 )
 from ner_stream.metrics import Health, Metrics
 from ner_stream.model_process import ModelProcessError, RestartWindow
-from ner_stream.offsets import OffsetTracker
+from ner_stream.scheduler import Backpressure, Piece, Scheduler, must_wait, pieces_of
 from ner_stream.tagger import BatchStats, PendingTags, PreparedDoc, Tagger
 
 log = logging.getLogger(__name__)
 
-TopicPartition = tuple[str, int]
-
-
-class ConsumerLike(Protocol):
-    """The part of kafka-python's KafkaConsumer the worker uses (an in-memory one in tests)."""
-
-    def subscribe(self, topics: list[str], listener: Any = None) -> None: ...
-    def topics(self) -> set[str]: ...
-    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict: ...
-    def pause(self, *partitions: Any) -> None: ...
-    def resume(self, *partitions: Any) -> None: ...
-    def assignment(self) -> set: ...
-    def commit(self, offsets: dict | None = None) -> None: ...
-    def close(self, autocommit: bool = True) -> None: ...
-
-
-class ProducerLike(Protocol):
-    """The part of kafka-python's KafkaProducer the worker uses."""
-
-    def send(self, topic: str, value: bytes, key: bytes | None = None, headers: Any = None): ...
-    def flush(self, timeout: float | None = None) -> None: ...
-    def close(self, timeout: float | None = None) -> None: ...
-
-
-@dataclass(eq=False)
-class Partition:
-    """One owned input partition. `active` turns false on revoke; late work for it is skipped."""
-
-    tp: TopicPartition
-    active: bool = True
-
-
-@dataclass(eq=False)
-class Job:
-    """One document on its way through the tagging stage."""
-
-    doc: Document
-    prepared: PreparedDoc
-    value: bytes | None  # the original record value, for a dead letter
-    key: bytes | None
-    headers: list[tuple[str, bytes]]
-    timestamp_ms: int
-    partition: Partition
-    queued_at: float = 0.0
-    entities: list[list[Entity]] = field(default_factory=list)  # per chunk, filled when tagged
-    pieces_left: int = 0
-
-
-@dataclass(eq=False)
-class Piece:
-    """A run of one job's chunks, small enough to share a forward pass with other documents."""
-
-    job: Job
-    chunks: list[int]
-    tokens: int
-
-
-@dataclass(frozen=True)
-class Letter:
-    """A dead letter on its way: what is needed to send it again, smaller, if it is refused."""
-
-    rejection: Rejection
-    value: bytes | None
-    key: bytes | None
-    headers: list[tuple[str, bytes]]
-    timestamp_ms: int
-    part: Partition | None
-    limit: int  # the size it was built to
-
-
-@dataclass(frozen=True)
-class Ack:
-    """A delivery report from the producer's I/O thread."""
-
-    tp: TopicPartition
-    offset: int
-    ok: bool
-    output: bool  # an output record (False: a dead letter)
-    timestamp_ms: int
-    error: BaseException | None = None
-    job: Job | None = None  # for an output that failed: sent on as a dead letter
-    part: Partition | None = None  # the assignment the record was consumed under
-    letter: Letter | None = None  # for a dead letter that failed: sent again, bounded harder
-
-
 _STOP = object()
-MODEL_POLL_S = 0.002  # how often the tagging thread looks for a finished forward pass
-# A dead letter the broker refused as too large (a topic limit the worker could not read at
-# start) is sent once more, cut to this size; refused again, the worker stops.
-TIGHT_DEAD_LETTER_BYTES = 8_192
+LAG_INTERVAL_S = 5.0  # how often the lag gauges are refreshed
 # Tagged alone after a document killed the model alone: a model that dies on this too dies on
 # anything, and the document is not to blame.
 PROBE_TEXT = "probe"
@@ -181,25 +84,25 @@ class Worker(ConsumerRebalanceListener):
         restarts: RestartWindow | None = None,
     ) -> None:
         self.cfg = cfg
-        self.limits = limits or SizeLimits.of_producer(cfg)
         self.tagger = tagger
-        self.consumer = consumer
+        self.consumer = InputConsumer(consumer)
         self.producer = producer
         self.metrics = metrics or Metrics()
         self.health = health or Health()
         self.clock = clock
-        self.tracker = OffsetTracker()
         self.partitions: dict[TopicPartition, Partition] = {}
+        self.delivery = Delivery(cfg, producer, self.consumer, self.metrics,
+                                 limits or SizeLimits.of_producer(cfg), self.partitions.get,
+                                 clock)  # fmt: skip
         self.work: queue.Queue = queue.Queue(maxsize=cfg.queue_docs)
         self.overflow: deque[Job] = deque()  # consumed but the queue was full, in order
-        self.acks: queue.SimpleQueue[Ack] = queue.SimpleQueue()
-        self.paused = False
-        self.fatal: BaseException | None = None
-        self._last_commit = clock()
-        self._consumer_thread: threading.Thread | None = None
-        self._last_lag = 0.0
+        self.backpressure = Backpressure(cfg.queue_docs)
+        self.scheduler = Scheduler(
+            BatchLimits(cfg.max_batch_docs, cfg.max_batch_tokens, cfg.max_wait_ms / 1000)
+        )
+        self._last_lag = clock() - LAG_INTERVAL_S
         self._tagging = threading.Thread(target=self._tagging_loop, name="tagging", daemon=True)
-        # Submitted to the model, oldest first; only the tagging thread touches it.
+        # Submitted to the runner, oldest first; only the tagging thread touches it.
         self._in_model: deque[tuple[list[Piece], PendingTags]] = deque()
         # Answered (or lost with a dead model), taken off `_in_model`, not yet finished: kept
         # here rather than in a local list so that a model death can account for them.
@@ -218,15 +121,20 @@ class Worker(ConsumerRebalanceListener):
             }
         )
 
+    @property
+    def fatal(self) -> BaseException | None:
+        """The error that stops the worker, from either thread or a delivery report."""
+        return self.delivery.fatal
+
+    @fatal.setter
+    def fatal(self, error: BaseException | None) -> None:
+        self.delivery.fatal = error
+
     # ---------------------------------------------------------------- consumer thread
 
     def run(self, stop: threading.Event) -> int:
         """Consume until `stop` is set or a fatal error; returns the process exit code."""
-        self._consumer_thread = threading.current_thread()
-        self.consumer.subscribe([self.cfg.input_topic], listener=self)
-        # Fetch metadata before the first poll: a join that races the topic's metadata can leave
-        # kafka-python's group leader without partitions.
-        self.consumer.topics()
+        self.consumer.subscribe(self.cfg.input_topic, listener=self)
         self._tagging.start()
         try:
             while not stop.is_set() and self.fatal is None and self._tagging.is_alive():
@@ -236,22 +144,21 @@ class Worker(ConsumerRebalanceListener):
         return code
 
     def _step(self) -> None:
-        self._apply_acks()
+        self.delivery.apply_acks()
         self._drain_overflow()
-        self._backpressure()
-        batches = self.consumer.poll(timeout_ms=100, max_records=self.cfg.max_batch_docs * 4)
-        for records in batches.values():
-            for record in records:
-                self._consume(record)
-        self._apply_acks()
+        self._apply_backpressure()
+        for record in self.consumer.poll(100, self.cfg.max_batch_docs * 4):
+            self._consume(record)
+        self.delivery.apply_acks()
         now = self.clock()
-        if (now - self._last_commit) * 1000 >= self.cfg.commit_interval_ms:
-            self._commit()
-        if now - self._last_lag >= 5.0:
-            self._update_lag()
+        if self.delivery.commit_due(now):
+            self.delivery.commit()
+        if now - self._last_lag >= LAG_INTERVAL_S:
+            for (topic, partition), lag in self.consumer.lag().items():
+                self.metrics.lag.labels(topic, str(partition)).set(lag)
             self._last_lag = now
         self.metrics.queue_depth.set(self.work.qsize() + len(self.overflow))
-        self.metrics.in_flight.set(self.tracker.in_flight())
+        self.metrics.in_flight.set(self.delivery.tracker.in_flight())
         self.health.progressed()
 
     def _consume(self, record: Any) -> None:
@@ -260,27 +167,26 @@ class Worker(ConsumerRebalanceListener):
         if part is None or not part.active:
             # A record fetched before a revoke: its new owner will read it again.
             return
-        self.tracker.track(tp, record.offset)
+        self.delivery.track(tp, record.offset)
         source = Source(record.topic, record.partition, record.offset)
         # Null header values become empty ones here, once, for the output and the dead letter.
-        headers = carried_headers(list(record.headers or []))
+        consumed = Consumed(record.value, record.key, carried_headers(list(record.headers or [])),
+                            record.timestamp, part)  # fmt: skip
         t0 = time.perf_counter()
         decoded = decode(record.value, record.key, source, self.cfg.max_doc_bytes)
         self.metrics.stage["decode"].observe(time.perf_counter() - t0)
         if isinstance(decoded, Rejection):
-            self._dead_letter(decoded, record.value, record.key, headers, record.timestamp, part)
+            self.delivery.dead_letter(decoded, consumed)
             return
         t1 = time.perf_counter()
         try:
             prepared = self.tagger.prepare(decoded.text)
         except Exception as e:  # one bad document must not stop the stream
             log.exception("tokenizing %s failed", decoded.id)
-            self._dead_letter(processing_error(source, e), record.value, record.key, headers,
-                              record.timestamp, part)  # fmt: skip
+            self.delivery.dead_letter(processing_error(source, e), consumed)
             return
         self.metrics.stage["tokenize"].observe(time.perf_counter() - t1)
-        job = Job(decoded, prepared, record.value, record.key, headers, record.timestamp, part,
-                  queued_at=self.clock())  # fmt: skip
+        job = Job(decoded, prepared, consumed, queued_at=self.clock())
         if self.overflow or not self._offer(job):
             self.overflow.append(job)
 
@@ -295,168 +201,15 @@ class Worker(ConsumerRebalanceListener):
         while self.overflow and self._offer(self.overflow[0]):
             self.overflow.popleft()
 
-    def _backpressure(self) -> None:
+    def _apply_backpressure(self) -> None:
         """Pause every owned partition while work is waiting for room; resume when drained."""
-        assigned = list(self.consumer.assignment())
-        if self.overflow and not self.paused:
-            self.consumer.pause(*assigned)
-            self.paused = True
-            log.debug("backpressure: paused %d partitions", len(assigned))
-        elif self.paused and not self.overflow and self.work.qsize() <= self.cfg.queue_docs // 2:
-            self.consumer.resume(*assigned)
-            self.paused = False
-            log.debug("backpressure: resumed %d partitions", len(assigned))
-        self.metrics.paused.set(len(assigned) if self.paused else 0)
-
-    def _dead_letter(
-        self,
-        rejection: Rejection,
-        value: bytes | None,
-        key: bytes | None,
-        headers: list[tuple[str, bytes]],
-        timestamp_ms: int,
-        part: Partition | None = None,
-        limit: int | None = None,
-    ) -> None:
-        """Send the dead letter of a record (bounded to the topic's size limit, see
-        `messages.dead_letter`); a dead letter that cannot be sent stops the worker.
-
-        `limit` is None for a record's first dead letter (counted, logged, sized to the topic);
-        a smaller size sends a refused one again, uncounted.
-        """
-        src = rejection.source
-        tp = (src.topic, src.partition)
-        if limit is None:
-            self.metrics.dead_letters.labels(str(rejection.reason)).inc()
-            log.warning(
-                "dead letter %s/%d/%d: %s (%s)",
-                src.topic, src.partition, src.offset, rejection.reason, rejection.detail[:200],
-            )  # fmt: skip
-            limit = self.limits.dead_letter
-        letter = Letter(rejection, value, key, headers, timestamp_ms, part, limit)
-        try:
-            record = dead_letter(rejection, value, key, headers, limit)
-            future = self._send(self.cfg.dlq_topic, record)
-        except Exception as e:
-            # Not acknowledged, so never committed: a restart reprocesses the record.
-            log.error("dead letter for %s/%d/%d failed: %s", *tp, src.offset, e)
-            self.fatal = e
-            return
-        self._on_delivery(future, tp, src.offset, timestamp_ms, output=False, job=None, part=part,
-                          letter=letter)  # fmt: skip
-
-    def _send(self, topic: str, record: OutRecord) -> Any:
-        """Hand a record to the producer; returns its future (raises what `send` raises)."""
-        return self.producer.send(topic, value=record.value, key=record.key, headers=record.headers)
-
-    def _on_delivery(
-        self,
-        future: Any,
-        tp: TopicPartition,
-        offset: int,
-        ts: int,
-        output: bool,
-        job: Job | None,
-        part: Partition | None = None,
-        letter: Letter | None = None,
-    ) -> None:
-        put = self.acks.put
-        future.add_callback(lambda _md: put(Ack(tp, offset, True, output, ts, part=part)))
-        future.add_errback(lambda e: put(Ack(tp, offset, False, output, ts, e, job, part, letter)))
-
-    def _apply_acks(self) -> None:
-        now_ms = time.time() * 1000
-        while True:
-            try:
-                ack = self.acks.get_nowait()
-            except queue.Empty:
-                return
-            owner = self.partitions.get(ack.tp)
-            if ack.part is not None and owner is not None and owner is not ack.part:
-                # Sent under an earlier assignment of a partition owned again now (the flush on
-                # revoke timed out): the record is read again, and its offset may not even be
-                # tracked again yet, so the report must not reach the new offset tracker.
-                log.debug("ignoring a late delivery report for %s/%d", ack.tp, ack.offset)
-                continue
-            if ack.ok:
-                self.tracker.ack(ack.tp, ack.offset)
-                self.metrics.outcome["ok" if ack.output else "dead_letter"].inc()
-                if ack.output and ack.timestamp_ms and ack.timestamp_ms > 0:
-                    self.metrics.end_to_end.observe(max(0.0, (now_ms - ack.timestamp_ms) / 1000))
-            elif not is_record_error(ack.error):
-                # The broker or the cluster, not this record: stop without committing past it,
-                # so that a restart reprocesses it.
-                what = "output" if ack.output else "dead letter"
-                log.error("%s for %s/%d/%d failed: %r", what, *ack.tp, ack.offset, ack.error)
-                self.fatal = ack.error or RuntimeError(f"{what} send failed")
-            elif ack.output and ack.job is not None:
-                self._output_failed(ack.job, ack.error)
-            elif (
-                ack.letter is not None
-                and is_size_error(ack.error)
-                and ack.letter.limit > TIGHT_DEAD_LETTER_BYTES
-            ):
-                letter = ack.letter
-                log.warning("dead letter for %s/%d too large for its topic; sending %d bytes",
-                            *ack.tp, TIGHT_DEAD_LETTER_BYTES)  # fmt: skip
-                self._dead_letter(letter.rejection, letter.value, letter.key, letter.headers,
-                                  letter.timestamp_ms, letter.part,
-                                  limit=TIGHT_DEAD_LETTER_BYTES)  # fmt: skip
-            else:
-                log.error("dead letter for %s/%d/%d failed: %r", *ack.tp, ack.offset, ack.error)
-                self.fatal = ack.error or RuntimeError("dead-letter send failed")
-
-    def _output_failed(self, job: Job, error: BaseException | None) -> None:
-        """An output refused for itself (size, encoding): the document is dead-lettered instead,
-        so that its offset can still advance."""
-        log.error("output for %s failed: %r", job.doc.id, error)
-        if is_size_error(error):
-            rejection = Rejection(RejectReason.OUTPUT_TOO_LARGE, f"{type(error).__name__}: "
-                                  f"{error}", job.doc.source)  # fmt: skip
-        else:
-            rejection = processing_error(job.doc.source, error or RuntimeError("send failed"))
-        self._dead_letter(rejection, job.value, job.key, job.headers, job.timestamp_ms,
-                          job.partition)  # fmt: skip
-
-    def _commit(self, only: Iterable[TopicPartition] | None = None) -> None:
-        offsets = self.tracker.committable()
-        if only is not None:
-            wanted = set(only)
-            offsets = {tp: o for tp, o in offsets.items() if tp in wanted}
-        self._last_commit = self.clock()
-        if not offsets:
-            return
-        t0 = time.perf_counter()
-        request = {KafkaTP(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
-        try:
-            if self._on_client_thread() and hasattr(self.consumer, "commit_async"):
-                # kafka-python 3 runs the rebalance listener on the consumer's own I/O thread,
-                # where a blocking commit is refused ("Cannot block on net.run() from the IO
-                # thread"): send the commit without waiting; it goes out ahead of the rejoin.
-                self.consumer.commit_async(request)
-            else:
-                self.consumer.commit(request)
-        except Exception as e:  # a rebalance in progress: the next commit retries
-            self.metrics.commits.labels("failed").inc()
-            log.warning("commit failed (will retry): %s", e)
-            return
-        self.tracker.mark_committed(offsets)
-        self.metrics.commits.labels("ok").inc()
-        self.metrics.stage["commit"].observe(time.perf_counter() - t0)
-        log.debug("committed %s", offsets)
-
-    def _update_lag(self) -> None:
-        highwater = getattr(self.consumer, "highwater", None)
-        position = getattr(self.consumer, "position", None)
-        if highwater is None or position is None:
-            return
-        for tp in list(self.consumer.assignment()):
-            try:
-                end, pos = highwater(tp), position(tp, timeout_ms=100)
-            except Exception:  # position unknown yet: skip this round
-                continue
-            if end is not None and pos is not None:
-                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, end - pos))
+        change = self.backpressure.update(len(self.overflow), self.work.qsize())
+        if change is True:
+            log.debug("backpressure: paused %d partitions", self.consumer.pause())
+        elif change is False:
+            log.debug("backpressure: resumed %d partitions", self.consumer.resume())
+        paused = len(self.partitions) if self.backpressure.paused else 0
+        self.metrics.paused.set(paused)
 
     # ---------------------------------------------------------------- rebalance listener
 
@@ -470,59 +223,38 @@ class Worker(ConsumerRebalanceListener):
             part = self.partitions.pop(tp, None)
             if part is not None:
                 part.active = False
-        self.overflow = deque(j for j in self.overflow if j.partition.active)
+        # Not started: the partitions' next owner reads them again.
+        self.overflow = deque(j for j in self.overflow if j.live)
         # Outputs already sent are worth committing: wait for their acknowledgements.
         try:
             self.producer.flush(timeout=min(10.0, self.cfg.shutdown_timeout_s))
         except Exception as e:
             log.warning("flush on revoke failed: %s", e)
-        self._apply_acks()
-        self._commit(only=tps)
+        self.delivery.apply_acks()
+        self.delivery.commit(only=tps)
         for tp in tps:
-            self._rewind(tp)
-            self.tracker.revoke(tp)
+            self.delivery.revoke(tp)
             with contextlib.suppress(KeyError):
                 self.metrics.lag.remove(tp[0], str(tp[1]))
-        self.health.assigned = len(self.partitions)
-        self.metrics.assigned.set(len(self.partitions))
+        self._assigned_changed()
         log.info("partitions revoked: %s", sorted(tps))
-
-    def _on_client_thread(self) -> bool:
-        """True when called on a Kafka client thread rather than the one running `run`."""
-        return (
-            self._consumer_thread is not None
-            and threading.current_thread() is not self._consumer_thread
-        )
-
-    def _rewind(self, tp: TopicPartition) -> None:
-        """Seek a revoked partition back to its first record without an acknowledged output.
-
-        The work dropped on revoke must be read again. kafka-python 2.x restarts a reassigned
-        partition from its committed offset, but 3.x keeps the fetch position of a partition that
-        the next assignment gives back to this consumer: without this seek, the documents that
-        were queued but not yet produced would be skipped for good.
-        """
-        position = self.tracker.position(tp)
-        seek = getattr(self.consumer, "seek", None)
-        if position is None or seek is None:
-            return
-        try:
-            seek(KafkaTP(*tp), position)
-        except Exception as e:  # not assigned any more (membership lost): nothing to rewind
-            log.debug("no rewind of %s/%d: %s", tp[0], tp[1], e)
 
     def on_partitions_assigned(self, assigned: Iterable[Any]) -> None:
         """Start tracking the new partitions from their committed offsets."""
+        assigned = list(assigned)
         tps = [(tp.topic, tp.partition) for tp in assigned]
         self.metrics.rebalances.labels("assigned").inc()
         for tp in tps:
             self.partitions[tp] = Partition(tp)
-            self.tracker.revoke(tp)  # start afresh at the first record consumed
-        if self.paused and tps:
-            self.consumer.pause(*assigned)
+            self.delivery.tracker.revoke(tp)  # start afresh at the first record consumed
+        if self.backpressure.paused:
+            self.consumer.pause(assigned)
+        self._assigned_changed()
+        log.info("partitions assigned: %s", sorted(tps))
+
+    def _assigned_changed(self) -> None:
         self.health.assigned = len(self.partitions)
         self.metrics.assigned.set(len(self.partitions))
-        log.info("partitions assigned: %s", sorted(tps))
 
     # ---------------------------------------------------------------- tagging thread
 
@@ -534,15 +266,7 @@ class Worker(ConsumerRebalanceListener):
             self.fatal = e
 
     def _tag_until_stopped(self) -> None:
-        limits = BatchLimits(
-            max_docs=self.cfg.max_batch_docs,
-            max_tokens=self.cfg.max_batch_tokens,
-            max_wait_s=self.cfg.max_wait_ms / 1000,
-        )
-        batcher: MicroBatcher[Piece] = MicroBatcher(limits)
-        # The pieces of a document too long for one batch wait here and join batches one at a
-        # time, so that a huge document shares the model with the documents behind it.
-        long_lane: deque[Piece] = deque()
+        scheduler = self.scheduler
         stopping = False
         while True:
             if stopping:  # nothing more is coming: no reason to keep the model's queue full
@@ -551,82 +275,37 @@ class Worker(ConsumerRebalanceListener):
             # it before this thread spends its time on their spans and outputs.
             finished = self._take_finished()
             model_free = not self._in_model
-            if model_free:
-                wait = batcher.time_left(self.clock())
-                if long_lane and (wait is None or wait > 0):
-                    wait = 0.0
-            else:
-                wait = MODEL_POLL_S
-            if finished:
-                wait = 0.0
-            item = None
+            wait = 0.0 if finished else scheduler.wait_s(self.clock(), model_free)
+            job = None
             if not stopping:
-                try:
-                    item = self.work.get(timeout=0.05 if wait is None else wait)
-                except queue.Empty:
-                    item = None
-            if item is _STOP:
-                stopping = True
-            elif item is not None:
-                pieces = self._pieces(item)
-                if len(pieces) > 1:
-                    long_lane.extend(pieces)
-                else:
-                    if not batcher.fits(pieces[0].tokens):
-                        self._run_batch(batcher.take())
-                    batcher.add(pieces[0], pieces[0].tokens, self.clock())
-            now = self.clock()
-            idle = item is None
-            # While the model is busy a batch keeps growing past its wait limit, up to full:
-            # under load the batches grow and the model works on large ones; when it is idle the
-            # wait limit alone decides, so light load keeps low latency.
-            if (
-                batcher.full()
-                or (stopping and len(batcher))
-                or (model_free and (batcher.due(now) or (long_lane and idle)))
-            ):
-                pieces = batcher.take()
-                if long_lane:
-                    pieces.append(long_lane.popleft())
-                self._run_batch(pieces)
+                with contextlib.suppress(queue.Empty):
+                    job = self.work.get(timeout=wait)
+            if job is _STOP:
+                stopping, job = True, None
+            elif job is not None:
+                lengths = [len(w) for w in job.prepared.windows]
+                pieces = pieces_of(job, lengths, scheduler.piece_tokens)
+                job.entities = [[] for _ in lengths]
+                job.pieces_left = len(pieces)
+                full = scheduler.add(pieces, self.clock())
+                if full:
+                    self._run_batch(full)
+            batch = scheduler.take(self.clock(), model_free, idle=job is None, stopping=stopping)
+            if batch:
+                self._run_batch(batch)
             self._finish_done()
-            if stopping and not len(batcher) and not long_lane:
+            if stopping and not len(scheduler):
                 self._drain_model()
                 return
 
-    def _pieces(self, job: Job) -> list[Piece]:
-        """Split a job's chunks into pieces of at most half the token budget each."""
-        chunks = job.prepared.chunks
-        job.entities = [[] for _ in chunks]
-        if not chunks:
-            job.pieces_left = 1
-            return [Piece(job, [], 0)]
-        budget = max(1, self.cfg.max_batch_tokens // 2)
-        pieces: list[Piece] = []
-        current: list[int] = []
-        tokens = 0
-        for i, chunk in enumerate(chunks):
-            if current and tokens + len(chunk) > budget:
-                pieces.append(Piece(job, current, tokens))
-                current, tokens = [], 0
-            current.append(i)
-            tokens += len(chunk)
-        pieces.append(Piece(job, current, tokens))
-        job.pieces_left = len(pieces)
-        return pieces
-
     def _run_batch(self, pieces: list[Piece]) -> None:
-        # A document already dead-lettered (one of its other pieces failed) needs no more passes.
-        pieces = [p for p in pieces if p.job.partition.active and p.job.pieces_left > 0]
-        if not pieces:
-            return
         self.metrics.stage["batch_wait"].observe(
             max(0.0, self.clock() - min(p.job.queued_at for p in pieces))
         )
-        items = [(p.job.prepared, c) for p in pieces for c in p.chunks]
+        windows = [(p.job.prepared, w) for p in pieces for w in p.windows]
         while True:
             try:
-                pending = self.tagger.submit(items)
+                pending = self.tagger.submit(windows)
                 break
             except ModelProcessError as e:
                 # The model died before this pass reached it: recover, then send it to the new
@@ -636,8 +315,7 @@ class Worker(ConsumerRebalanceListener):
                 self._run_one_by_one(pieces)
                 return
         self._in_model.append((pieces, pending))
-        # At most one batch waits behind the one the model is running.
-        while len(self._in_model) > 2:
+        while must_wait(len(self._in_model)):
             self._finish_done()  # older than any pass still in the model
             self._finish(*self._in_model.popleft())
 
@@ -667,26 +345,28 @@ class Worker(ConsumerRebalanceListener):
             self._finish(*self._in_model.popleft())
 
     def _finish(self, pieces: list[Piece], pending: PendingTags) -> None:
-        """Spans and outputs of a submitted pass (waits for its result)."""
+        """Entities and outputs of a submitted pass (waits for its result)."""
         try:
-            per_chunk, stats = pending.result()
+            per_window, stats = pending.result()
         except ModelProcessError as e:
             self._model_died(e, pieces)
             return
         except Exception:
             self._run_one_by_one(pieces)
             return
-        self._apply(pieces, per_chunk, stats)
+        self._apply(pieces, per_window, stats)
 
-    def _apply(self, pieces: list[Piece], per_chunk: list[list[Entity]], stats: BatchStats) -> None:
-        """The entities of a pass (one list per chunk of `pieces`, in order) to their jobs."""
+    def _apply(
+        self, pieces: list[Piece], per_window: list[list[Entity]], stats: BatchStats
+    ) -> None:
+        """The entities of a pass (one list per window of `pieces`, in order) to their jobs."""
         self.metrics.observe_batch(len(pieces), stats.real_tokens, stats.batches)
         self.metrics.stage["inference"].observe(stats.inference_s)
         self.metrics.stage["spans"].observe(stats.spans_s)
-        results = iter(per_chunk)
+        results = iter(per_window)
         for p in pieces:
-            for c in p.chunks:
-                p.job.entities[c] = next(results)
+            for w in p.windows:
+                p.job.entities[w] = next(results)
             self._piece_done(p)
 
     def _model_died(self, error: ModelProcessError, lost: list[Piece]) -> None:
@@ -703,11 +383,11 @@ class Worker(ConsumerRebalanceListener):
         self._in_model.clear()
         for pieces, pending in others:
             try:
-                per_chunk, stats = pending.result()  # no waiting: answered, or lost already
+                per_window, stats = pending.result()  # no waiting: answered, or lost already
             except Exception:
                 suspects.extend(pieces)
             else:
-                self._apply(pieces, per_chunk, stats)
+                self._apply(pieces, per_window, stats)
         log.error("the model process died with %d documents in flight: %s",
                   len({id(p.job) for p in suspects}), error)  # fmt: skip
         self._restart(error)
@@ -753,10 +433,12 @@ class Worker(ConsumerRebalanceListener):
         else:  # called while the batch's exception is handled
             log.exception("a batch of %d documents failed; retrying them one by one", len(pieces))
         for i, p in enumerate(pieces):
-            if not p.job.partition.active or p.job.pieces_left <= 0:
+            if not p.job.live:
                 continue  # revoked (its next owner reads it again), or dead-lettered already
             try:
-                per_chunk, _ = self.tagger.tag_chunks([(p.job.prepared, c) for c in p.chunks])
+                per_window, _ = self.tagger.submit(
+                    [(p.job.prepared, w) for w in p.windows]
+                ).result()
             except ModelProcessError as e:
                 if not after_crash:
                     self._model_died(e, pieces[i:])
@@ -770,8 +452,8 @@ class Worker(ConsumerRebalanceListener):
                 log.exception("document %s failed", p.job.doc.id)
                 self._reject(p, processing_error(p.job.doc.source, e))
                 continue
-            for c, ents in zip(p.chunks, per_chunk, strict=True):
-                p.job.entities[c] = ents
+            for w, ents in zip(p.windows, per_window, strict=True):
+                p.job.entities[w] = ents
             self._piece_done(p)
 
     def _probe(self) -> None:
@@ -784,7 +466,7 @@ class Worker(ConsumerRebalanceListener):
         if self._probe_doc is None:
             self._probe_doc = self.tagger.prepare(PROBE_TEXT)
         try:
-            self.tagger.tag_chunks([(self._probe_doc, 0)])
+            self.tagger.submit([(self._probe_doc, 0)]).result()
         except ModelProcessError as e:
             raise ModelProcessError(
                 f"the model process dies on any input (a one-word probe killed it too): {e}"
@@ -794,51 +476,16 @@ class Worker(ConsumerRebalanceListener):
 
     def _reject(self, piece: Piece, rejection: Rejection) -> None:
         """Dead-letter the document of `piece`; none of its pieces produces an output after."""
-        job = piece.job
-        job.pieces_left = -1
-        self._dead_letter(rejection, job.value, job.key, job.headers, job.timestamp_ms,
-                          job.partition)  # fmt: skip
+        piece.job.pieces_left = -1
+        self.delivery.dead_letter(rejection, piece.job.record)
 
     def _piece_done(self, piece: Piece) -> None:
         job = piece.job
-        if job.pieces_left <= 0:
+        if not job.live:
             return
         job.pieces_left -= 1
-        if job.pieces_left == 0 and job.partition.active:
-            self._produce(job)
-
-    def _produce(self, job: Job) -> None:
-        """Send a tagged document's output, or its dead letter when the output cannot be one
-        (it cannot be encoded, is larger than the output topic takes, or the producer refuses
-        it); errors about the broker raise."""
-        t0 = time.perf_counter()
-        entities = [e for chunk in job.entities for e in chunk]
-        for e in entities:
-            self.metrics.entities.labels(e.type).inc()
-        src = job.doc.source
-        try:
-            value = encode_output(job.doc, entities, self.tagger.name, self.tagger.version)
-        except (ValueError, TypeError, RecursionError) as e:
-            self._dead_letter(processing_error(src, e), job.value, job.key, job.headers,
-                              job.timestamp_ms, job.partition)  # fmt: skip
-            return
-        record = OutRecord(value, job.key, job.headers)
-        size, limit = record.size, self.limits.output
-        if size > limit:
-            detail = f"output is {size} bytes, limit {limit}"
-            self._dead_letter(Rejection(RejectReason.OUTPUT_TOO_LARGE, detail, src), job.value,
-                              job.key, job.headers, job.timestamp_ms, job.partition)  # fmt: skip
-            return
-        try:
-            future = self._send(self.cfg.output_topic, record)
-        except Exception as e:
-            if not is_record_error(e):
-                raise
-            self._output_failed(job, e)
-            return
-        self._on_delivery(future, (src.topic, src.partition), src.offset, job.timestamp_ms,
-                          output=True, job=job, part=job.partition)  # fmt: skip
-        self.metrics.stage["produce"].observe(time.perf_counter() - t0)
+        if job.pieces_left == 0:
+            self.delivery.output(job, self.tagger.name, self.tagger.version)
 
     # ---------------------------------------------------------------- shutdown
 
@@ -847,9 +494,7 @@ class Worker(ConsumerRebalanceListener):
         deadline = self.clock() + self.cfg.shutdown_timeout_s
         log.info("shutting down: finishing %d queued documents", self.work.qsize())
         try:
-            assigned = list(self.consumer.assignment())
-            if assigned:
-                self.consumer.pause(*assigned)
+            self.consumer.pause()
         except Exception as e:
             log.warning("pause on shutdown failed: %s", e)
         self.overflow.clear()  # not started: the next owner reads them again
@@ -860,13 +505,13 @@ class Worker(ConsumerRebalanceListener):
             self.producer.flush(timeout=max(0.1, deadline - self.clock()))
         except Exception as e:
             log.warning("flush on shutdown failed: %s", e)
-        self._apply_acks()
-        self._commit()
-        left = self.tracker.in_flight()
+        self.delivery.apply_acks()
+        self.delivery.commit()
+        left = self.delivery.tracker.in_flight()
         if left:
             log.warning("%d documents not acknowledged in time; they will be reprocessed", left)
         try:
-            self.consumer.close(autocommit=False)
+            self.consumer.close()
         except Exception as e:
             log.warning("closing the consumer failed: %s", e)
         try:

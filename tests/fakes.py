@@ -1,6 +1,7 @@
 """In-memory stand-ins for the Kafka clients the worker uses, and tiny taggers for unit tests.
 
-`FakeConsumer` and `FakeProducer` follow kafka-python's behaviour where the worker depends on it:
+`FakeConsumer` implements `kafka_io.ConsumerLike` and `FakeProducer` `delivery.ProducerLike`; both
+follow kafka-python's behaviour where the worker depends on it:
 the rebalance listener is called from inside `poll` (revoked, then assigned), a (re)assigned
 partition starts at its last committed offset, paused partitions return no records, commits take
 `{TopicPartition: OffsetAndMetadata}`, and a producer future runs its callbacks at once when it is
@@ -221,6 +222,22 @@ class FakeConsumer:
                 raise TypeError("offsets must be dict[TopicPartition, OffsetAndMetadata]")
             self.commits.append(dict(offsets))
             self.committed.update(offsets)
+
+    def commit_async(self, offsets: dict | None = None, callback: Any = None) -> None:
+        """Recorded like `commit` (this fake has no I/O thread to defer it to)."""
+        self.commit(offsets)
+
+    def position(self, partition: TopicPartition, timeout_ms: int | None = None) -> int | None:
+        self._check_tps([partition])
+        with self._lock:
+            if partition not in self._assigned:
+                raise KeyError(partition)
+            return self.positions.get(partition)
+
+    def highwater(self, partition: TopicPartition) -> int | None:
+        self._check_tps([partition])
+        with self._lock:
+            return len(self.logs[partition]) if partition in self._assigned else None
 
     def close(self, autocommit: bool = True) -> None:
         with self._lock:
@@ -532,7 +549,7 @@ def random_model(
 def make_tagger(kind: str = "rigged", **options: Any) -> Tagger:
     """A CPU tagger on a tiny model: `rigged` (predictable entities) or `random`."""
     loaded = rigged_model() if kind == "rigged" else random_model()
-    opts = {"device": "cpu", "max_chunk_tokens": 32, "max_batch_tokens": 256, **options}
+    opts = {"device": "cpu", "max_chunk_tokens": 32, "max_pass_tokens": 256, **options}
     return Tagger(loaded, TaggerOptions(**opts))
 
 

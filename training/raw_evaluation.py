@@ -76,7 +76,7 @@ def raw_evaluation(
         TaggerOptions(
             device=str(device),
             max_chunk_tokens=defaults.max_chunk_tokens,
-            max_batch_tokens=defaults.max_batch_tokens,
+            max_pass_tokens=defaults.max_batch_tokens,
             line_breaks=line_breaks,
         ),
     )

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
-from ner_stream.batching import BatchLimits, MicroBatcher, bucket_length, pad_batch
+from ner_stream.batching import (
+    BatchLimits,
+    MicroBatcher,
+    bucket_length,
+    pad_batch,
+    pad_pass,
+    plan_passes,
+)
+from ner_stream.tagger import DEFAULT_BUCKETS
 from ner_stream.vocab import PAD_ID, EncodedSentence
 
 
@@ -170,3 +180,46 @@ def test_an_empty_sentence_keeps_one_position_for_the_model():
 def test_an_empty_batch_is_an_error():
     with pytest.raises(ValueError, match="empty batch"):
         pad_batch([])
+
+
+def groups(lengths, budget=8192):
+    return [(p.sequences, p.length) for p in plan_passes(lengths, DEFAULT_BUCKETS, budget)]
+
+
+def test_a_bucket_with_few_sentences_joins_the_next_instead_of_a_pass_of_its_own():
+    # Fewer rows than a pass is padded to anyway: one forward pass for all of them.
+    assert groups([3, 10, 20, 30, 50]) == [([0, 1, 2, 3, 4], 64)]
+    # Full buckets still get a pass each, at their own length.
+    lengths = [5] * 20 + [60] * 20
+    assert groups(lengths) == [(list(range(20)), 8), (list(range(20, 40)), 64)]
+    # Seven short sentences join the long ones rather than being padded to 8 rows alone.
+    lengths = [5] * 7 + [60] * 20
+    assert groups(lengths) == [(list(range(27)), 64)]
+    # The pass budget still cuts a group: 4 x 64 fits in 256 positions, a fifth row does not.
+    assert groups([3, 10, 20, 30, 50], budget=256) == [([0, 1, 2, 3], 32), ([4], 64)]
+
+
+def test_passes_cover_every_sequence_once_sorted_and_within_the_budget():
+    rng = random.Random(7)
+    for budget in (64, 256, 8192):
+        lengths = [rng.randint(0, 60) for _ in range(300)]
+        passes = plan_passes(lengths, DEFAULT_BUCKETS, budget)
+        seen = [i for p in passes for i in p.sequences]
+        assert sorted(seen) == [i for i, n in enumerate(lengths) if n]
+        assert [lengths[i] for i in seen] == sorted(lengths[i] for i in seen)
+        for p in passes:
+            assert p.rows >= len(p.sequences) and p.positions <= budget
+            assert all(lengths[i] <= p.length for i in p.sequences)
+
+
+def test_a_lone_sequence_longer_than_the_budget_runs_alone_at_its_own_length():
+    (only,) = plan_passes([300], DEFAULT_BUCKETS, 256)
+    assert (only.sequences, only.length, only.rows) == ([0], 300, 1)
+
+
+def test_pad_pass_adds_the_empty_rows_of_the_plan():
+    sentence = EncodedSentence(words=[5, 6, 7], chars=[[1], [2], [3]], cases=[1, 1, 1])
+    (plan,) = plan_passes([3, 3], DEFAULT_BUCKETS, 8192)
+    batch = pad_pass([sentence, sentence], plan)
+    assert tuple(batch.words.shape) == (plan.rows, plan.length) == (8, 8)
+    assert batch.mask[:2, :3].all() and not batch.mask[2:, 1:].any()

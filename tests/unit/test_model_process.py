@@ -32,7 +32,7 @@ TEXTS = [
     "the the the Peter to Paris " * 12,
     "Ünïcödé Peter went to Paris 🇫🇷 .",
 ]
-OPTIONS = TaggerOptions(device="cpu", max_chunk_tokens=32, max_batch_tokens=256)
+OPTIONS = TaggerOptions(device="cpu", max_chunk_tokens=32, max_pass_tokens=256)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def model_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def process(model_file):
-    proc = ModelProcess(model_file, OPTIONS, threads=1)
+    proc = ModelProcess(model_file, "fp32", threads=1)
     yield proc
     proc.close()
 
@@ -64,7 +64,7 @@ def test_several_passes_in_flight_are_answered_in_order(model_file, process):
     docs = [[tagger.prepare(t)] for t in TEXTS]
     expected = [tagger.tag_prepared(d)[0] for d in docs]
     tagger.use_runner(process)
-    pending = [tagger.submit([(d[0], c) for c in range(len(d[0].chunks))]) for d in docs]
+    pending = [tagger.submit([(d[0], c) for c in range(len(d[0].windows))]) for d in docs]
     # Collected newest first: each waits for the answers ahead of it.
     results = [p.result()[0] for p in reversed(pending)][::-1]
     for got, want, d in zip(results, expected, docs, strict=True):
@@ -78,11 +78,11 @@ def test_a_model_file_that_cannot_be_loaded_fails_at_start(tmp_path):
     bad = tmp_path / "bad.nerm"
     bad.write_bytes(b"not a model")
     with pytest.raises(ModelProcessError, match="could not load the model"):
-        ModelProcess(bad, OPTIONS, threads=1)
+        ModelProcess(bad, "fp32", threads=1)
 
 
 def test_a_dead_model_process_is_an_error_of_its_own(model_file):
-    proc = ModelProcess(model_file, OPTIONS, threads=1)
+    proc = ModelProcess(model_file, "fp32", threads=1)
     tagger = Tagger.from_file(model_file, OPTIONS)
     tagger.use_runner(proc)
     assert tagger.tag(["Peter went to Paris ."]) is not None
@@ -93,13 +93,13 @@ def test_a_dead_model_process_is_an_error_of_its_own(model_file):
 
 
 def test_close_stops_the_child(model_file):
-    proc = ModelProcess(model_file, OPTIONS, threads=1)
+    proc = ModelProcess(model_file, "fp32", threads=1)
     proc.close()
     assert proc._process.poll() == 0
 
 
 def test_the_child_exits_when_its_parent_is_gone(model_file):
-    proc = ModelProcess(model_file, OPTIONS, threads=1)
+    proc = ModelProcess(model_file, "fp32", threads=1)
     proc._conn.close()  # what the kernel does to the parent's end when the parent dies
     deadline = time.monotonic() + 10
     while proc._process.poll() is None and time.monotonic() < deadline:
@@ -133,7 +133,7 @@ def test_the_model_process_runs_the_precision_it_is_given(tmp_path):
     expected = here.tag(TEXTS)
     # bf16 rounds the scores: a pass in the child at fp32 would give those of `fp32`.
     assert [[e.score for e in d] for d in expected] != [[e.score for e in d] for d in fp32]
-    proc = ModelProcess(path, options, threads=1)
+    proc = ModelProcess(path, "bf16", threads=1)
     try:
         remote = Tagger.from_file(path, options)
         remote.use_runner(proc)
@@ -149,7 +149,8 @@ def test_a_failing_pass_among_passes_in_flight_fails_alone_and_in_its_place(mode
     good = pad_batch([tagger.vocabs.encode(["Peter", "went", "to", "Paris"])], pad_to=8)
     bad = pad_batch([tagger.vocabs.encode(["Peter", "went"])], pad_to=8)
     bad.words[0, 0] = 10**6
-    expected = tagger.run_batches([good], [1])
+    done = tagger.local([good], [1])
+    expected = (done.tags, done.scores)
     replies = [process([b], [1]) for b in (good, bad, good, good)]
     outcomes = []
     for reply in replies:
@@ -168,7 +169,7 @@ def test_a_dead_child_is_replaced_by_restart_and_its_lost_passes_fail(
     path = tmp_path / "model.nerm"
     path.write_bytes(model_file.read_bytes())
     monkeypatch.setenv(CRASH_WORD_ENV, "AND")  # looked up as the vocabulary does: lowercased
-    proc = ModelProcess(path, OPTIONS, threads=1)
+    proc = ModelProcess(path, "fp32", threads=1)
     try:
         tagger = Tagger.from_file(path, OPTIONS)
         expected = tagger.tag(["Peter went to Paris ."])
@@ -210,7 +211,7 @@ def test_a_dead_child_is_replaced_by_restart_and_its_lost_passes_fail(
 def test_the_crash_hook_refuses_a_word_the_model_does_not_know(model_file, monkeypatch):
     monkeypatch.setenv(CRASH_WORD_ENV, "zebra")
     with pytest.raises(ModelProcessError, match=f"{CRASH_WORD_ENV}='zebra' is not in the"):
-        ModelProcess(model_file, OPTIONS, threads=1)
+        ModelProcess(model_file, "fp32", threads=1)
 
 
 def test_the_restart_window_step_by_step():

@@ -124,8 +124,6 @@ def test_acked_offsets_are_not_retained() -> None:
 
 def test_tracker_reports_only_partitions_that_advanced() -> None:
     tracker = OffsetTracker()
-    tracker.assign(TP, 0)
-    tracker.assign(TP2, 50)
     tracker.track(TP, 0)
     tracker.track(TP2, 50)
     tracker.track(TP2, 51)
@@ -143,7 +141,6 @@ def test_tracker_reports_only_partitions_that_advanced() -> None:
 
 def test_revoked_partition_is_forgotten_and_its_acks_ignored() -> None:
     tracker = OffsetTracker()
-    tracker.assign(TP, 0)
     tracker.track(TP, 0)
     tracker.track(TP, 1)
     tracker.revoke(TP)
@@ -157,10 +154,8 @@ def test_revoked_partition_is_forgotten_and_its_acks_ignored() -> None:
 
 def test_reassignment_starts_fresh() -> None:
     tracker = OffsetTracker()
-    tracker.assign(TP, 0)
     tracker.track(TP, 0)
     tracker.revoke(TP)
-    tracker.assign(TP, 0)
     assert tracker.in_flight() == 0
     tracker.track(TP, 0)
     tracker.ack(TP, 0)
@@ -181,9 +176,8 @@ def test_kafka_style_topic_partition_keys() -> None:
 
     TopicPartition = namedtuple("TopicPartition", ["topic", "partition"])
     tracker = OffsetTracker()
-    tracker.assign(TopicPartition("news", 0), 0)
-    tracker.track(TP, 0)
-    tracker.ack(TopicPartition("news", 0), 0)
+    tracker.track(TopicPartition("news", 0), 0)
+    tracker.ack(TP, 0)
     assert tracker.committable() == {TP: 1}
 
 
@@ -254,7 +248,6 @@ def test_tracker_matches_reference_across_partitions(seed: int) -> None:
     tracker = OffsetTracker()
     references: dict[tuple[str, int], _Reference] = {}
     for tp in partitions:
-        tracker.assign(tp, 0)
         references[tp] = _Reference(0)
     for _ in range(3000):
         tp = rng.choice(partitions)
@@ -264,8 +257,8 @@ def test_tracker_matches_reference_across_partitions(seed: int) -> None:
             tracker.revoke(tp)
             references.pop(tp, None)
         elif action < 0.04 and reference is None:
+            # Assigned again: the tracker starts afresh at the first offset it is given.
             start = rng.randrange(0, 50)
-            tracker.assign(tp, start)
             references[tp] = _Reference(start)
         elif reference is None:
             tracker.ack(tp, rng.randrange(0, 100))  # ignored: not assigned

@@ -84,6 +84,6 @@ def test_reading_line_breaks_as_spaces_runs_lines_together(tagger):
     # What `--line-breaks space` (the behaviour before line breaks were read) does to a byline
     # over a dateline: the two lines become one sequence.
     space = Tagger.from_file(None, TaggerOptions(device="cpu", line_breaks="space"))
-    chunks = space.prepare(BYLINE_AND_DATELINE).chunks
+    chunks = space.prepare(BYLINE_AND_DATELINE).windows
     assert [t.text for t in chunks[0]][:5] == ["By", "Jane", "Roe", "LONDON", "1996-08-30"]
-    assert [t.text for t in tagger.prepare(BYLINE_AND_DATELINE).chunks[0]] == ["By", "Jane", "Roe"]
+    assert [t.text for t in tagger.prepare(BYLINE_AND_DATELINE).windows[0]] == ["By", "Jane", "Roe"]

@@ -78,10 +78,10 @@ def test_a_name_with_soft_hyphens_is_prepared_like_the_plain_name(rigged):
     plain = rigged.prepare("Chancellor Angela Merkel visited Berlin")
     text = "Chancellor Ange\u00adla Mer\u00adkel visited Ber\u00adlin"
     marked = rigged.prepare(text)
-    assert [[t.text for t in c] for c in marked.chunks] == [
+    assert [[t.text for t in c] for c in marked.windows] == [
         ["Chancellor", "Ange\u00adla", "Mer\u00adkel", "visited", "Ber\u00adlin"]
     ]
-    assert all(text[t.start : t.end] == t.text for c in marked.chunks for t in c)
+    assert all(text[t.start : t.end] == t.text for c in marked.windows for t in c)
     assert marked.encoded == plain.encoded
 
 
@@ -103,12 +103,12 @@ def test_results_follow_input_order(rigged):
 
 
 def test_a_sentence_longer_than_max_chunk_tokens_is_chunked_and_tagged_whole():
-    tagger = make_tagger("rigged", max_chunk_tokens=8, max_batch_tokens=32)
+    tagger = make_tagger("rigged", max_chunk_tokens=8, max_pass_tokens=32)
     words = ["Peter" if i % 5 == 0 else "went" for i in range(100)]
     text = " ".join(words)  # one sentence of 100 tokens
     prepared = tagger.prepare(text)
-    assert len(prepared.chunks) >= 100 // 8
-    assert all(len(c) <= 8 for c in prepared.chunks)
+    assert len(prepared.windows) >= 100 // 8
+    assert all(len(c) <= 8 for c in prepared.windows)
     assert prepared.num_tokens == 100
     [entities] = tagger.tag([text])
     assert_offsets_valid(text, entities)
@@ -116,7 +116,7 @@ def test_a_sentence_longer_than_max_chunk_tokens_is_chunked_and_tagged_whole():
 
 
 def test_tag_prepared_runs_bucketed_batches_within_the_token_budget():
-    tagger = make_tagger("random", max_chunk_tokens=16, max_batch_tokens=64)
+    tagger = make_tagger("random", max_chunk_tokens=16, max_pass_tokens=64)
     lengths = [1, 3, 5, 8, 9, 12, 16, 2, 7, 15, 4, 11]
     texts = [" ".join(["went"] * n) for n in lengths]
     docs = [tagger.prepare(t) for t in texts]
@@ -141,9 +141,9 @@ def test_batch_stats_report_the_tensors_the_network_is_given(budget):
     """The padding metrics are computed from `BatchStats.batches`: it must be the true shape of
     every forward pass, the empty rows that round a pass up to a multiple of 8 included, and no
     pass may hold more padded positions than the budget."""
-    tagger = make_tagger("random", max_chunk_tokens=48, max_batch_tokens=budget)
+    tagger = make_tagger("random", max_chunk_tokens=48, max_pass_tokens=budget)
     seen: list[tuple[int, int]] = []
-    run_here = tagger._run_here
+    run_here = tagger.local
 
     def spy(batches, rows):
         seen.extend(tuple(b.words.shape) for b in batches)
@@ -158,19 +158,19 @@ def test_batch_stats_report_the_tensors_the_network_is_given(budget):
     assert stats.padded_tokens == sum(rows * t for rows, t in seen)
 
 
-def test_tag_chunks_mixes_chunks_of_several_documents_in_item_order(rigged):
+def test_submit_mixes_windows_of_several_documents_in_window_order(rigged):
     a = rigged.prepare("Peter went . Paris went .")
     b = rigged.prepare("to Paris .")
-    per_chunk, _ = rigged.tag_chunks([(a, 1), (b, 0), (a, 0)])
-    assert [[e.text for e in ents] for ents in per_chunk] == [["Paris"], ["Paris"], ["Peter"]]
-    assert per_chunk[0][0].start == a.text.index("Paris")
+    per_window, _ = rigged.submit([(a, 1), (b, 0), (a, 0)]).result()
+    assert [[e.text for e in ents] for ents in per_window] == [["Paris"], ["Paris"], ["Peter"]]
+    assert per_window[0][0].start == a.text.index("Paris")
 
 
 def test_options_are_checked():
     with pytest.raises(ValueError):
         TaggerOptions(max_chunk_tokens=0)
     with pytest.raises(ValueError):
-        TaggerOptions(max_chunk_tokens=64, max_batch_tokens=32)
+        TaggerOptions(max_chunk_tokens=64, max_pass_tokens=32)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -201,7 +201,7 @@ def test_entities_equal_span_decoding_of_every_tag_of_the_sentence(seed):
     got, _ = tagger.tag_prepared(docs)
     for doc, entities in zip(docs, got, strict=True):
         expected = []
-        for chunk, enc in zip(doc.chunks, doc.encoded, strict=True):
+        for chunk, enc in zip(doc.windows, doc.encoded, strict=True):
             with torch.inference_mode():
                 tags, scores = tagger.model.decode(pad_batch([enc]))
             names = [tagger.vocabs.tags.itos[i] for i in tags[0].tolist()]
@@ -212,18 +212,3 @@ def test_entities_equal_span_decoding_of_every_tag_of_the_sentence(seed):
         assert [(e.start, e.end, e.type) for e in entities] == [x[:3] for x in expected]
         for e, x in zip(entities, expected, strict=True):
             assert e.score == pytest.approx(x[3], abs=1e-5)
-
-
-def test_a_bucket_with_few_sentences_joins_the_next_instead_of_a_pass_of_its_own():
-    rnd = make_tagger("random", max_chunk_tokens=128, max_batch_tokens=8192)
-    # Fewer rows than a pass is padded to anyway: one forward pass for all of them.
-    assert list(rnd._groups([3, 10, 20, 30, 50])) == [([0, 1, 2, 3, 4], 64)]
-    # Full buckets still get a pass each, at their own length.
-    lengths = [5] * 20 + [60] * 20
-    assert list(rnd._groups(lengths)) == [(list(range(20)), 8), (list(range(20, 40)), 64)]
-    # Seven short sentences join the long ones rather than being padded to 8 rows alone.
-    lengths = [5] * 7 + [60] * 20
-    assert list(rnd._groups(lengths)) == [(list(range(27)), 64)]
-    # The token budget still cuts a group: 4 x 64 fits in 256 tokens, a fifth row does not.
-    small = make_tagger("random", max_chunk_tokens=128, max_batch_tokens=256)
-    assert list(small._groups([3, 10, 20, 30, 50])) == [([0, 1, 2, 3], 32), ([4], 64)]

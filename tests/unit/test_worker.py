@@ -48,7 +48,7 @@ CFG = WorkerConfig(
 @pytest.fixture(scope="module")
 def tagger() -> Tagger:
     return make_tagger("rigged", max_chunk_tokens=CFG.max_chunk_tokens,
-                       max_batch_tokens=CFG.max_batch_tokens)  # fmt: skip
+                       max_pass_tokens=CFG.max_batch_tokens)  # fmt: skip
 
 
 class Running:
@@ -295,7 +295,7 @@ def test_a_failed_dead_letter_is_fatal_and_not_committed(tagger):
 
 
 def test_backpressure_pauses_and_resumes_and_loses_nothing(monkeypatch):
-    slow = make_tagger("rigged", max_chunk_tokens=32, max_batch_tokens=256)
+    slow = make_tagger("rigged", max_chunk_tokens=32, max_pass_tokens=256)
     original = slow.submit
 
     def tag_slowly(items):
@@ -392,7 +392,7 @@ def test_a_late_acknowledgement_from_before_a_rebalance_is_harmless(tagger):
 
 
 def test_stop_finishes_queued_work_flushes_and_commits(monkeypatch):
-    slow = make_tagger("rigged", max_chunk_tokens=32, max_batch_tokens=256)
+    slow = make_tagger("rigged", max_chunk_tokens=32, max_pass_tokens=256)
     original = slow.submit
     started, gate = threading.Event(), threading.Event()
 
@@ -435,7 +435,7 @@ def test_a_long_document_is_tagged_whole_and_the_small_ones_behind_it_too():
     consumer.append(0, doc("long", long_text))
     for i in range(10):
         consumer.append(0, doc(f"s{i}", "Paris ."))
-    small = make_tagger("rigged", max_chunk_tokens=32, max_batch_tokens=48)
+    small = make_tagger("rigged", max_chunk_tokens=32, max_pass_tokens=48)
     running = start(small, consumer, producer, max_batch_tokens=48, max_chunk_tokens=32)
     wait_for(lambda: output_ids(producer) == {"long"} | {f"s{i}" for i in range(10)},
              what="all outputs")  # fmt: skip
@@ -466,7 +466,7 @@ class DyingRunner:
     def __call__(self, batches, rows):
         self.passes += 1
         if self.passes == 1:
-            return self.tagger._run_here(batches, rows)
+            return self.tagger.local(batches, rows)
 
         class Lost:
             def ready(self) -> bool:
@@ -485,7 +485,7 @@ class DyingRunner:
 def test_a_model_process_that_dies_on_any_input_stops_the_worker_without_dead_letters(
     restartable,
 ):
-    tagger = make_tagger("rigged", max_chunk_tokens=32, max_batch_tokens=256)
+    tagger = make_tagger("rigged", max_chunk_tokens=32, max_pass_tokens=256)
     runner = DyingRunner(tagger)
     tagger.use_runner(runner)
     consumer, producer = FakeConsumer(partitions=1), FakeProducer()
@@ -511,7 +511,7 @@ def test_a_model_process_that_dies_on_any_input_stops_the_worker_without_dead_le
 
 
 def test_a_model_process_that_cannot_start_again_stops_the_worker(caplog):
-    tagger = make_tagger("rigged", max_chunk_tokens=32, max_batch_tokens=256)
+    tagger = make_tagger("rigged", max_chunk_tokens=32, max_pass_tokens=256)
     runner = DyingRunner(tagger)
     tagger.use_runner(runner)
 
@@ -549,7 +549,7 @@ class KillableRunner:
     def __call__(self, batches, rows):
         if self.restarts:
             self.after.append(sum(rows))
-            return self.tagger._run_here(batches, rows)
+            return self.tagger.local(batches, rows)
         self.held.append(sum(rows))
         killed = self.killed
 
@@ -568,7 +568,7 @@ class KillableRunner:
 
 
 def test_every_pass_in_the_model_when_it_dies_is_retried_one_document_at_a_time():
-    tagger = make_tagger("rigged", max_chunk_tokens=32, max_batch_tokens=256)
+    tagger = make_tagger("rigged", max_chunk_tokens=32, max_pass_tokens=256)
     runner = KillableRunner(tagger)
     tagger.use_runner(runner)
     consumer, producer = FakeConsumer(partitions=1), FakeProducer()
@@ -592,7 +592,7 @@ def test_every_pass_in_the_model_when_it_dies_is_retried_one_document_at_a_time(
 
 # -------------------------------------------------------------- a real model process that dies
 
-PROCESS_OPTIONS = TaggerOptions(device="cpu", max_chunk_tokens=32, max_batch_tokens=256)
+PROCESS_OPTIONS = TaggerOptions(device="cpu", max_chunk_tokens=32, max_pass_tokens=256)
 MARKED = "Peter and Paris ."  # "and": the word that kills the model process (CRASH_WORD_ENV)
 
 
@@ -608,7 +608,7 @@ def rigged_file(tmp_path_factory) -> Path:
 def model_process(rigged_file, monkeypatch) -> Iterator[ModelProcess]:
     """A model process (as `ner-stream run` starts it) whose child dies on the word "and"."""
     monkeypatch.setenv(CRASH_WORD_ENV, "and")
-    proc = ModelProcess(rigged_file, PROCESS_OPTIONS, threads=1)
+    proc = ModelProcess(rigged_file, "fp32", threads=1)
     yield proc
     proc.close()
 
@@ -711,7 +711,7 @@ class HeldRunner:
         self.release = threading.Event()
 
     def __call__(self, batches, rows):
-        done = self.tagger._run_here(batches, rows)
+        done = self.tagger.local(batches, rows)
         self.rows.append(sum(rows))
         release = self.release
 
@@ -727,7 +727,7 @@ class HeldRunner:
 
 
 def test_while_the_model_is_busy_a_batch_waits_until_full():
-    tagger = make_tagger("rigged", max_chunk_tokens=32, max_batch_tokens=256)
+    tagger = make_tagger("rigged", max_chunk_tokens=32, max_pass_tokens=256)
     runner = HeldRunner(tagger)
     tagger.use_runner(runner)
     consumer, producer = FakeConsumer(partitions=1), FakeProducer()
@@ -746,3 +746,35 @@ def test_while_the_model_is_busy_a_batch_waits_until_full():
     assert runner.rows == [1, 4, 2]
     assert running.stop() == 0
     assert output_ids(producer) == {f"d{i}" for i in range(7)}
+
+
+def test_the_lag_gauge_counts_the_records_not_yet_consumed(tagger):
+    consumer, producer = FakeConsumer(partitions=1), FakeProducer()
+    for i in range(10):
+        consumer.append(0, doc(f"d{i}", "Peter ."))
+    consumer.limit(0, 4)  # the fetches stop at offset 4: six records behind
+    running = start(tagger, consumer, producer)
+    value = running.worker.metrics.registry.get_sample_value
+    labels = {"topic": IN, "partition": "0"}
+    wait_for(lambda: len(producer.delivered(OUT)) == 4, what="the first four outputs")
+    wait_for(lambda: value("ner_stream_consumer_lag", labels) == 6, what="a lag of 6")
+    assert running.stop() == 0
+
+
+def test_work_waiting_for_room_is_dropped_when_its_partition_is_revoked():
+    tagger = make_tagger("rigged", max_chunk_tokens=32, max_pass_tokens=256)
+    runner = HeldRunner(tagger)
+    tagger.use_runner(runner)
+    consumer, producer = FakeConsumer(partitions=2), FakeProducer()
+    for i in range(40):
+        consumer.append(0, doc(f"d{i}", "Peter ."))
+    running = start(tagger, consumer, producer, queue_docs=2, max_batch_docs=1)
+    depth = running.worker.metrics.registry.get_sample_value
+    # Three passes submitted: the tagging thread waits for the oldest, and takes no more work.
+    wait_for(lambda: len(runner.rows) == 3, what="three passes in the model")
+    wait_for(lambda: (depth("ner_stream_queue_depth") or 0) > 2, what="documents waiting for room")
+    consumer.rebalance(revoke=[0], assign=[1])  # partition 0 goes to another worker
+    # Only what already sits in the work queue (two documents) may remain.
+    wait_for(lambda: depth("ner_stream_queue_depth") <= 2, what="the waiting work dropped")
+    runner.release.set()
+    assert running.stop() == 0

@@ -17,7 +17,8 @@ from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 
 from ner_stream.kafka_io import SizeLimits
 from ner_stream.messages import record_size
-from ner_stream.worker import TIGHT_DEAD_LETTER_BYTES, Worker
+from ner_stream.delivery import TIGHT_DEAD_LETTER_BYTES
+from ner_stream.worker import Worker
 from tests.fakes import FakeConsumer, FakeProducer, wait_for
 from tests.unit.test_worker import (
     CFG,
@@ -184,16 +185,16 @@ def test_an_output_the_topic_refuses_as_too_large_is_dead_lettered(tagger):
 
 
 def test_an_output_that_cannot_be_encoded_is_dead_lettered(tagger, monkeypatch):
-    import ner_stream.worker as worker_module
+    import ner_stream.delivery as delivery_module
 
-    real = worker_module.encode_output
+    real = delivery_module.encode_output
 
     def encode(doc, *args):  # as for nesting that parses but cannot be written back
         if doc.id == "deep":
             raise RecursionError("maximum recursion depth exceeded while encoding a JSON object")
         return real(doc, *args)
 
-    monkeypatch.setattr(worker_module, "encode_output", encode)
+    monkeypatch.setattr(delivery_module, "encode_output", encode)
     consumer, producer = FakeConsumer(partitions=1), FakeProducer()
     consumer.append(0, doc("deep", "Peter ."))
     consumer.append(0, NORMAL)
