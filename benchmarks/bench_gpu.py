@@ -8,8 +8,8 @@ client, no broker):
 3. shapes: `NerModel.decode` on full batches of B sequences x T tokens, B = 256 ... 4096, in
    fp32, bf16 and fp16 (the network cast as the worker's `--precision` casts it, the CRF in
    fp32), timed with CUDA synchronisation, with and without the CRF;
-4. tagger: the corpus through `Tagger.tag_prepared` (host padding, copies, one forward pass per length
-   bucket, CRF decoding, results back as lists) at micro-batches of 128 ... 4096 documents;
+4. tagger: the corpus through `Tagger.tag_prepared` (host padding, copies, one forward pass per
+   length bucket, CRF decoding, results back as lists) at micro-batches of 128 ... 4096 documents;
 5. host stages on one CPU core of the same machine: JSON decode of the input records,
    tokenization + encoding (`Tagger.prepare`), span decoding and output JSON, in tokens/s. GPU
    tokens/s over these gives the host processes (consumers) one GPU can keep busy.

@@ -15,9 +15,9 @@ from dataclasses import replace
 import pytest
 from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 
+from ner_stream.delivery import TIGHT_DEAD_LETTER_BYTES
 from ner_stream.kafka_io import SizeLimits
 from ner_stream.messages import record_size
-from ner_stream.delivery import TIGHT_DEAD_LETTER_BYTES
 from ner_stream.worker import Worker
 from tests.fakes import FakeConsumer, FakeProducer, wait_for
 from tests.unit.test_worker import (
