@@ -23,10 +23,11 @@ import torch
 
 from ner_stream import __version__
 from ner_stream.checkpoint import CheckpointError, default_model_path
-from ner_stream.config import PRECISIONS, SETTINGS, WorkerConfig
+from ner_stream.config import SETTINGS, WorkerConfig
 from ner_stream.logs import configure_logging
 from ner_stream.messages import document_id, output_object, parse_json, pass_through
 from ner_stream.model_process import ModelProcess, ModelProcessError
+from ner_stream.precision import PRECISIONS
 from ner_stream.tagger import Tagger, TaggerOptions
 from ner_stream.text import LINE_BREAK_MODES
 

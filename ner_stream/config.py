@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ner_stream.precision import DEFAULT_MAX_F1_CHANGE, PRECISIONS
 from ner_stream.text import LINE_BREAK_MODES
 
 ENV_PREFIX = "NER_STREAM_"
@@ -112,7 +113,7 @@ class WorkerConfig:
     model: str | None = None
     device: str = "auto"
     precision: str = "auto"
-    max_f1_change: float = 0.1
+    max_f1_change: float = DEFAULT_MAX_F1_CHANGE
     torch_threads: int = 0
     model_process: bool = True
     max_batch_docs: int = 128
@@ -175,8 +176,6 @@ class WorkerConfig:
         return out
 
 
-# The network precisions (see ner_stream.precision, which chooses among them).
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
