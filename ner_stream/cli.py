@@ -33,20 +33,32 @@ from ner_stream.text import LINE_BREAK_MODES
 
 log = logging.getLogger("ner_stream")
 
-BOOTSTRAP = next(s for s in SETTINGS if s.name == "bootstrap_servers")
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+BOOTSTRAP = SETTINGS_BY_NAME["bootstrap_servers"]
+
+
+def setting_option(name: str, **overrides: Any) -> Callable:
+    """The click option of the worker setting `name` (a `SETTINGS` name): its flag, default,
+    help and NER_STREAM_* variable, all from its `WorkerConfig` field.
+
+    `overrides` replace `click.option` keyword arguments (for example a stricter `type` for a
+    command that checks the value itself). Raises KeyError for an unknown name.
+    """
+    s = SETTINGS_BY_NAME[name]
+    if s.flag:
+        decl = [f"{s.option}/--no-{s.option[2:]}", s.name]
+        kwargs: dict[str, Any] = {"default": s.default}
+    else:
+        decl = [s.option, s.name]
+        kwargs = {"type": s.type, "default": s.default, "show_default": not s.secret}
+    kwargs.update(envvar=s.envvar, show_envvar=True, help=s.help)
+    return click.option(*decl, **{**kwargs, **overrides})
 
 
 def settings_options(func):
     """Attach one click option per worker setting, each also read from its NER_STREAM_* variable."""
     for s in reversed(SETTINGS):
-        if s.flag:
-            decl = [f"{s.option}/--no-{s.option[2:]}", s.name]
-            func = click.option(*decl, default=s.default, envvar=s.envvar, show_envvar=True,
-                                help=s.help)(func)  # fmt: skip
-        else:
-            func = click.option(s.option, s.name, type=s.type, default=s.default,
-                                envvar=s.envvar, show_envvar=True, show_default=not s.secret,
-                                help=s.help)(func)  # fmt: skip
+        func = setting_option(s.name)(func)
     return func
 
 
@@ -271,21 +283,13 @@ def json_line(obj: object) -> str:
 
 
 @main.command()
-@click.option("--model", type=click.Path(dir_okay=False), envvar="NER_STREAM_MODEL",
-              help="Model file (default: the packaged English model).")  # fmt: skip
-@click.option("--device", default="auto", show_default=True, envvar="NER_STREAM_DEVICE")
+@setting_option("model", type=click.Path(dir_okay=False))
+@setting_option("device")
 @click.option("--format", "fmt", type=FORMAT, default="auto", show_default=True,
               help="Input lines: JSON objects with a text, plain text, or either.")  # fmt: skip
-@click.option("--precision", type=click.Choice(PRECISIONS), default=WorkerConfig.precision,
-              show_default=True, envvar="NER_STREAM_PRECISION", help="As for `run`.")  # fmt: skip
-@click.option("--max-f1-change", type=click.FloatRange(0), default=WorkerConfig.max_f1_change,
-              show_default=True, envvar="NER_STREAM_MAX_F1_CHANGE",
-              help="As for `run`.")  # fmt: skip
-@click.option("--line-breaks", type=click.Choice(LINE_BREAK_MODES),
-              default=WorkerConfig.line_breaks, show_default=True,
-              envvar="NER_STREAM_LINE_BREAKS", show_envvar=True,
-              help="As for `run`: a JSON text's single line break ends a sentence unless it "
-                   "wraps prose (auto), always (sentence) or never (space).")  # fmt: skip
+@setting_option("precision", type=click.Choice(PRECISIONS))
+@setting_option("max_f1_change", type=click.FloatRange(0))
+@setting_option("line_breaks", type=click.Choice(LINE_BREAK_MODES))
 @click.option("--batch-docs", type=click.IntRange(1), default=64, show_default=True)
 @click.argument("inputs", nargs=-1, type=click.File("rb"))
 def tag(model, device, precision, max_f1_change, line_breaks, fmt, batch_docs, inputs) -> None:
@@ -315,7 +319,8 @@ def tag(model, device, precision, max_f1_change, line_breaks, fmt, batch_docs, i
 @main.command()
 @click.option("--bootstrap-servers", default=BOOTSTRAP.default, envvar=BOOTSTRAP.envvar,
               show_default=True)  # fmt: skip
-@click.option("--topic", default="documents", show_default=True, envvar="NER_STREAM_INPUT_TOPIC")
+@click.option("--topic", default=WorkerConfig.input_topic, show_default=True,
+              envvar=SETTINGS_BY_NAME["input_topic"].envvar)  # fmt: skip
 @click.option("--format", "fmt", type=FORMAT, default="auto", show_default=True)
 @click.option("--repeat", type=click.IntRange(1), default=1, show_default=True,
               help="Send the input N times (later rounds add #round to the ids).")  # fmt: skip
@@ -345,7 +350,8 @@ def produce(bootstrap_servers, topic, fmt, repeat, inputs) -> None:
 @main.command()
 @click.option("--bootstrap-servers", default=BOOTSTRAP.default, envvar=BOOTSTRAP.envvar,
               show_default=True)  # fmt: skip
-@click.option("--topic", default="entities", show_default=True, envvar="NER_STREAM_OUTPUT_TOPIC")
+@click.option("--topic", default=WorkerConfig.output_topic, show_default=True,
+              envvar=SETTINGS_BY_NAME["output_topic"].envvar)  # fmt: skip
 @click.option("--max-messages", type=click.IntRange(1), help="Stop after this many.")
 @click.option("--idle-timeout-s", type=float, default=10.0, show_default=True,
               help="Stop when nothing arrives for this long.")  # fmt: skip

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import get_type_hints
 
+import click
 import pytest
 from click.testing import CliRunner
 
 from ner_stream import cli
 from ner_stream.cli import main
-from ner_stream.config import SETTINGS, WorkerConfig
+from ner_stream.config import SETTING_TYPES, SETTINGS, WorkerConfig, setting, settings_of
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +37,63 @@ def test_settings_and_config_fields_agree():
     assert [s.name for s in SETTINGS] == [f.name for f in fields(WorkerConfig)]
     for s in SETTINGS:
         assert s.envvar == "NER_STREAM_" + s.name.upper()
+
+
+def test_each_setting_is_read_from_its_one_declaration():
+    """Default, type, help and secrecy of a setting are those of its WorkerConfig field."""
+    hints, defaults = get_type_hints(WorkerConfig), WorkerConfig()
+    for s, f in zip(SETTINGS, fields(WorkerConfig), strict=True):
+        assert s.default == f.default == getattr(defaults, s.name), s.name
+        assert s.help == f.metadata["help"] and s.help.endswith("."), s.name
+        assert s.secret is f.metadata["secret"], s.name
+        assert s.type in SETTING_TYPES and hints[s.name] in (s.type, s.type | None), s.name
+        assert s.flag is (s.type is bool), s.name
+        assert s.option == "--" + s.name.replace("_", "-")
+    assert [s.name for s in SETTINGS if s.secret] == ["sasl_password"]
+    assert [s.name for s in SETTINGS if s.flag] == ["model_process", "create_topics"]
+
+
+def test_a_field_not_declared_as_a_setting_is_refused():
+    @dataclass(frozen=True)
+    class Bare:
+        x: int = 1
+
+    @dataclass(frozen=True)
+    class Listed:
+        x: list = setting((), "A list.")
+
+    with pytest.raises(TypeError, match=r"Bare\.x is not declared with setting"):
+        settings_of(Bare)
+    with pytest.raises(TypeError, match=r"Listed\.x: a setting is a str, int, float or bool"):
+        settings_of(Listed)
+
+
+def _options(command: click.Command) -> dict[str, click.Option]:
+    return {p.name: p for p in command.params if isinstance(p, click.Option) and p.name}
+
+
+def test_the_flags_of_run_are_the_settings_in_order_with_their_help_env_and_default():
+    options = [p for p in cli.run.params if isinstance(p, click.Option)]
+    assert [p.name for p in options] == [s.name for s in SETTINGS]  # the order of --help
+    for p, s in zip(options, SETTINGS, strict=True):
+        assert p.opts[0] == s.option and p.is_flag is s.flag, s.name
+        assert (p.default, p.envvar, p.help) == (s.default, s.envvar, s.help), s.name
+        assert p.show_envvar
+        assert bool(p.show_default) is (not s.secret and not s.flag), s.name
+
+
+def test_the_flags_tag_shares_with_run_come_from_the_same_settings():
+    by_name = {s.name: s for s in SETTINGS}
+    shared = {name: p for name, p in _options(cli.tag).items() if name in by_name}
+    assert set(shared) == {"model", "device", "precision", "max_f1_change", "line_breaks"}
+    for name, p in shared.items():
+        s = by_name[name]
+        assert (p.opts[0], p.default, p.envvar, p.help) == (s.option, s.default, s.envvar, s.help)
+    for command, topic in ((cli.produce, "input_topic"), (cli.consume, "output_topic")):
+        p = _options(command)["topic"]
+        assert (p.default, p.envvar) == (by_name[topic].default, by_name[topic].envvar)
+        p = _options(command)["bootstrap_servers"]
+        assert (p.default, p.envvar) == (WorkerConfig.bootstrap_servers, by_name[p.name].envvar)
 
 
 @pytest.mark.parametrize(
