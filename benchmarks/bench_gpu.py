@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = [d["text"] for d in documents(args.docs, DEFAULT_SEED)]
     torch.set_num_threads(1)
     cpu = Tagger.from_file(model_path, TaggerOptions(device="cpu"))
-    gpu = Tagger.from_file(model_path, TaggerOptions(device=device, max_batch_tokens=1 << 20))
+    gpu = Tagger.from_file(model_path, TaggerOptions(device=device, max_pass_tokens=1 << 20))
     result["agreement"] = agreement(cpu, gpu, texts[:300])
     log(f"agreement CPU vs GPU: {result['agreement']}")
 

@@ -106,7 +106,7 @@ def _run_worker(cfg: WorkerConfig) -> int:
     log.info("starting ner-stream %s with %s", __version__, cfg.redacted())
     torch.set_num_threads(cfg.model_threads())
     try:
-        tagger = Tagger.from_file(cfg.model, _tagger_options(cfg))
+        tagger = Tagger.from_file(cfg.model, TaggerOptions.of(cfg))
     except CheckpointError as e:
         return _fail(str(e), 2)
     except ValueError as e:
@@ -196,17 +196,6 @@ def _serve(cfg: WorkerConfig, tagger: Tagger, restart_model: Callable[[], None] 
     finally:
         if server is not None:
             server.stop()
-
-
-def _tagger_options(cfg: WorkerConfig) -> TaggerOptions:
-    return TaggerOptions(
-        device=cfg.device,
-        max_chunk_tokens=cfg.max_chunk_tokens,
-        max_batch_tokens=cfg.max_batch_tokens,
-        line_breaks=cfg.line_breaks,
-        precision=cfg.precision,
-        max_f1_change=cfg.max_f1_change,
-    )
 
 
 def _lines(stream) -> Iterator[tuple[int, str]]:

@@ -81,7 +81,10 @@ class WorkerConfig:
     torch_threads: int = setting(0, "CPU threads for the model (0: every core but one).")
     model_process: bool = setting(True, "On the CPU, run the model in a child process of its own.")
     max_batch_docs: int = setting(128, "Most documents in one micro-batch.")
-    max_batch_tokens: int = setting(8192, "Most padded tokens in one forward pass.")
+    max_batch_tokens: int = setting(8192, "Most real tokens in one micro-batch.")
+    max_pass_tokens: int = setting(
+        8192, "Most padded positions (rows x length) in one forward pass."
+    )
     max_wait_ms: int = setting(20, "Longest wait for a batch to fill, from its first document.")
     fetch_max_wait_ms: int = setting(
         10,
@@ -188,6 +191,7 @@ def validate(cfg: WorkerConfig) -> list[str]:
     positive = (
         "max_batch_docs",
         "max_batch_tokens",
+        "max_pass_tokens",
         "max_doc_bytes",
         "max_chunk_tokens",
         "queue_docs",
@@ -212,8 +216,8 @@ def validate(cfg: WorkerConfig) -> list[str]:
         problems.append("--fetch-max-wait-ms must be between 0 and 10000")
     if cfg.line_breaks not in LINE_BREAK_MODES:
         problems.append(f"--line-breaks must be one of {', '.join(LINE_BREAK_MODES)}")
-    if cfg.max_chunk_tokens > cfg.max_batch_tokens:
-        problems.append("--max-chunk-tokens must not exceed --max-batch-tokens")
+    if cfg.max_chunk_tokens > cfg.max_pass_tokens:  # one chunk must fit one forward pass
+        problems.append("--max-chunk-tokens must not exceed --max-pass-tokens")
     if cfg.shutdown_timeout_s <= 0 or cfg.connect_timeout_s <= 0:
         problems.append("--shutdown-timeout-s and --connect-timeout-s must be positive")
     if cfg.security_protocol not in PROTOCOLS:

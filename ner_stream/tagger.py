@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Protocol
 
@@ -20,10 +20,11 @@ from torch import nn
 from ner_stream import crf_host
 from ner_stream.batching import ROW_MULTIPLE, bucket_length, pad_batch, padded_rows
 from ner_stream.checkpoint import LoadedModel, default_model_path, load
+from ner_stream.config import WorkerConfig
 from ner_stream.crf_host import CrfWeights
 from ner_stream.messages import Entity
 from ner_stream.model import Batch
-from ner_stream.precision import DEFAULT_MAX_F1_CHANGE, Choice, cast_network, checks_of, choose
+from ner_stream.precision import Choice, cast_network, checks_of, choose
 from ner_stream.spans import OUTSIDE, spans_from_tags
 from ner_stream.text import LINE_BREAK_MODES, Token, chunk_document
 from ner_stream.vocab import EncodedSentence
@@ -60,23 +61,39 @@ BatchRunner = Callable[[list[Batch], list[int]], RunnerResult]
 
 @dataclass
 class TaggerOptions:
-    """How the tagger batches work on its device."""
+    """How the tagger batches work on its device.
 
-    device: str = "auto"
-    max_chunk_tokens: int = 128  # a longer sentence is cut into windows of this many tokens
-    max_batch_tokens: int = 8192  # padded tokens per forward pass
-    buckets: tuple[int, ...] = DEFAULT_BUCKETS
-    precision: str = "auto"  # see ner_stream.precision
-    max_f1_change: float = DEFAULT_MAX_F1_CHANGE  # dev-F1 points a reduced precision may move
-    line_breaks: str = "auto"  # does a single line break end a sentence? see ner_stream.text
+    Every field but `buckets` is the worker setting of the same name, and its default is the
+    worker's (`WorkerConfig`); `TaggerOptions.of` takes them from a worker's configuration. Plain
+    values only: `ner_stream.model_process` sends them to its child with `asdict`. Raises
+    ValueError unless 1 <= max_chunk_tokens <= max_pass_tokens, or for an unknown line-break mode.
+    """
+
+    device: str = WorkerConfig.device  # auto, cpu, cuda or a torch device name
+    # A longer sentence is cut into windows of this many tokens.
+    max_chunk_tokens: int = WorkerConfig.max_chunk_tokens
+    # Padded positions (rows x length, the empty rows that round the row count included) in one
+    # forward pass.
+    max_pass_tokens: int = WorkerConfig.max_pass_tokens
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS  # padded lengths (tokens), ascending
+    precision: str = WorkerConfig.precision  # see ner_stream.precision
+    max_f1_change: float = WorkerConfig.max_f1_change  # dev-F1 points a reduced precision may move
+    line_breaks: str = WorkerConfig.line_breaks  # does a single line break end a sentence?
 
     def __post_init__(self) -> None:
-        if self.max_chunk_tokens < 1 or self.max_batch_tokens < self.max_chunk_tokens:
-            raise ValueError("need 1 <= max_chunk_tokens <= max_batch_tokens")
+        if self.max_chunk_tokens < 1 or self.max_pass_tokens < self.max_chunk_tokens:
+            raise ValueError("need 1 <= max_chunk_tokens <= max_pass_tokens")
         if self.line_breaks not in LINE_BREAK_MODES:
             raise ValueError(
                 f"unknown line-break mode {self.line_breaks!r}: use {', '.join(LINE_BREAK_MODES)}"
             )
+
+    @classmethod
+    def of(cls, cfg: WorkerConfig) -> TaggerOptions:
+        """The options of a worker configured by `cfg`: each field that is a worker setting takes
+        `cfg`'s value (`buckets` keeps its default). Raises ValueError as the constructor does."""
+        settings = {f.name for f in fields(cfg)}
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls) if f.name in settings})
 
 
 @dataclass
@@ -200,7 +217,7 @@ class Tagger:
         order = sorted(range(len(items)), key=lambda i: len(items[i][0].chunks[items[i][1]]))
         groups = list(self._groups([len(items[i][0].chunks[items[i][1]]) for i in order]))
         rows = [order[g] for group, _ in groups for g in group]
-        budget = self.options.max_batch_tokens
+        budget = self.options.max_pass_tokens
         stats = BatchStats(
             batches=[(padded_rows(len(group), pad_to, budget), pad_to) for group, pad_to in groups],
             sequences=[len(group) for group, _ in groups],
@@ -287,7 +304,7 @@ class Tagger:
         """Runs of positions (into `lengths`, sorted ascending) sharing a bucket, under budget."""
         group: list[int] = []
         pad_to = 0
-        budget = self.options.max_batch_tokens
+        budget = self.options.max_pass_tokens
         for pos, n in enumerate(lengths):
             if n == 0:
                 continue
@@ -317,7 +334,7 @@ class Tagger:
         if not groups:
             return Forwarded(np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0), dtype=np.float32))
         batches = []
-        budget = self.options.max_batch_tokens
+        budget = self.options.max_pass_tokens
         for sents, pad_to in zip(groups, pad_lengths, strict=True):
             extra = padded_rows(len(sents), pad_to, budget) - len(sents)
             batches.append(pad_batch([*sents, *([_EMPTY] * extra)], pad_to, self._pin))

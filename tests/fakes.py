@@ -532,7 +532,7 @@ def random_model(
 def make_tagger(kind: str = "rigged", **options: Any) -> Tagger:
     """A CPU tagger on a tiny model: `rigged` (predictable entities) or `random`."""
     loaded = rigged_model() if kind == "rigged" else random_model()
-    opts = {"device": "cpu", "max_chunk_tokens": 32, "max_batch_tokens": 256, **options}
+    opts = {"device": "cpu", "max_chunk_tokens": 32, "max_pass_tokens": 256, **options}
     return Tagger(loaded, TaggerOptions(**opts))
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import get_type_hints
 
@@ -15,6 +16,7 @@ from click.testing import CliRunner
 from ner_stream import cli
 from ner_stream.cli import main
 from ner_stream.config import SETTING_TYPES, SETTINGS, WorkerConfig, setting, settings_of
+from ner_stream.tagger import TaggerOptions
 
 
 @pytest.fixture(autouse=True)
@@ -100,7 +102,9 @@ def test_the_flags_tag_shares_with_run_come_from_the_same_settings():
     ("overrides", "flag"),
     [
         ({"max_batch_docs": 0}, "--max-batch-docs"),
-        ({"max_batch_tokens": 0, "max_chunk_tokens": 0}, "--max-batch-tokens"),
+        ({"max_batch_tokens": 0}, "--max-batch-tokens must be at least 1"),
+        ({"max_pass_tokens": 0, "max_chunk_tokens": 0}, "--max-pass-tokens must be at least 1"),
+        ({"max_pass_tokens": -5}, "--max-pass-tokens must be at least 1"),
         ({"max_doc_bytes": -1}, "--max-doc-bytes"),
         ({"queue_docs": 0}, "--queue-docs"),
         ({"commit_interval_ms": 0}, "--commit-interval-ms"),
@@ -110,7 +114,10 @@ def test_the_flags_tag_shares_with_run_come_from_the_same_settings():
         ({"fetch_max_wait_ms": 60_000}, "--fetch-max-wait-ms"),
         ({"precision": "fp8"}, "--precision"),
         ({"max_f1_change": -0.1}, "--max-f1-change"),
-        ({"max_chunk_tokens": 512, "max_batch_tokens": 256}, "--max-chunk-tokens"),
+        (
+            {"max_chunk_tokens": 512, "max_pass_tokens": 256},
+            "--max-chunk-tokens must not exceed --max-pass-tokens",
+        ),
         ({"line_breaks": "never"}, "--line-breaks"),
         ({"shutdown_timeout_s": 0}, "--shutdown-timeout-s"),
         ({"connect_timeout_s": -1.0}, "--connect-timeout-s"),
@@ -139,7 +146,52 @@ def test_every_problem_is_reported_at_once():
 
 def test_valid_edge_values_are_accepted():
     WorkerConfig(max_wait_ms=0, metrics_port=0, max_chunk_tokens=64, max_batch_tokens=64,
-                 log_level="debug")  # fmt: skip
+                 max_pass_tokens=64, log_level="debug")  # fmt: skip
+
+
+def test_the_two_token_budgets_are_separate_settings():
+    """--max-batch-tokens counts real tokens per micro-batch, --max-pass-tokens padded positions
+    per forward pass; only the pass must hold a whole chunk."""
+    default = WorkerConfig()
+    assert default.max_batch_tokens == default.max_pass_tokens == 8192
+    cfg = WorkerConfig(max_batch_tokens=64, max_chunk_tokens=128, max_pass_tokens=128)
+    assert (cfg.max_batch_tokens, cfg.max_pass_tokens) == (64, 128)
+    with pytest.raises(ValueError, match="--max-chunk-tokens must not exceed --max-pass-tokens"):
+        WorkerConfig(max_chunk_tokens=129, max_pass_tokens=128)
+    result = CliRunner().invoke(main, ["run"], env={"NER_STREAM_MAX_PASS_TOKENS": "100"})
+    assert result.exit_code == 2
+    assert "--max-chunk-tokens must not exceed --max-pass-tokens" in result.output
+
+
+# ------------------------------------------------------------------------------ TaggerOptions
+
+
+def test_tagger_options_take_their_defaults_and_values_from_the_worker_settings():
+    by_name = {s.name: s for s in SETTINGS}
+    shared = [f for f in fields(TaggerOptions) if f.name != "buckets"]
+    assert [f.name for f in shared] == [
+        "device", "max_chunk_tokens", "max_pass_tokens", "precision", "max_f1_change",
+        "line_breaks",
+    ]  # fmt: skip
+    for f in shared:
+        assert f.default == by_name[f.name].default, f.name
+    cfg = WorkerConfig(device="cpu", max_chunk_tokens=32, max_batch_tokens=100,
+                       max_pass_tokens=512, precision="fp32", max_f1_change=0.5,
+                       line_breaks="space")  # fmt: skip
+    options = TaggerOptions.of(cfg)
+    assert options == TaggerOptions(device="cpu", max_chunk_tokens=32, max_pass_tokens=512,
+                                    precision="fp32", max_f1_change=0.5,
+                                    line_breaks="space")  # fmt: skip
+    assert TaggerOptions.of(WorkerConfig()) == TaggerOptions()
+
+
+def test_tagger_options_survive_the_trip_to_the_model_process():
+    """`ModelProcess` sends `asdict(options)` as JSON; the child rebuilds them (buckets a tuple)."""
+    options = TaggerOptions(device="cpu", max_chunk_tokens=16, max_pass_tokens=64, buckets=(8, 16))
+    sent = json.loads(json.dumps({"options": asdict(options)}))["options"]
+    assert sent["max_pass_tokens"] == 64 and "max_batch_tokens" not in sent
+    sent["buckets"] = tuple(sent["buckets"])
+    assert TaggerOptions(**sent) == options
 
 
 def test_redacted_masks_the_sasl_password_and_nothing_else():

@@ -32,7 +32,7 @@ TEXTS = [
     "the the the Peter to Paris " * 12,
     "Ünïcödé Peter went to Paris 🇫🇷 .",
 ]
-OPTIONS = TaggerOptions(device="cpu", max_chunk_tokens=32, max_batch_tokens=256)
+OPTIONS = TaggerOptions(device="cpu", max_chunk_tokens=32, max_pass_tokens=256)
 
 
 @pytest.fixture(scope="module")

@@ -103,7 +103,7 @@ def test_results_follow_input_order(rigged):
 
 
 def test_a_sentence_longer_than_max_chunk_tokens_is_chunked_and_tagged_whole():
-    tagger = make_tagger("rigged", max_chunk_tokens=8, max_batch_tokens=32)
+    tagger = make_tagger("rigged", max_chunk_tokens=8, max_pass_tokens=32)
     words = ["Peter" if i % 5 == 0 else "went" for i in range(100)]
     text = " ".join(words)  # one sentence of 100 tokens
     prepared = tagger.prepare(text)
@@ -116,7 +116,7 @@ def test_a_sentence_longer_than_max_chunk_tokens_is_chunked_and_tagged_whole():
 
 
 def test_tag_prepared_runs_bucketed_batches_within_the_token_budget():
-    tagger = make_tagger("random", max_chunk_tokens=16, max_batch_tokens=64)
+    tagger = make_tagger("random", max_chunk_tokens=16, max_pass_tokens=64)
     lengths = [1, 3, 5, 8, 9, 12, 16, 2, 7, 15, 4, 11]
     texts = [" ".join(["went"] * n) for n in lengths]
     docs = [tagger.prepare(t) for t in texts]
@@ -141,7 +141,7 @@ def test_batch_stats_report_the_tensors_the_network_is_given(budget):
     """The padding metrics are computed from `BatchStats.batches`: it must be the true shape of
     every forward pass, the empty rows that round a pass up to a multiple of 8 included, and no
     pass may hold more padded positions than the budget."""
-    tagger = make_tagger("random", max_chunk_tokens=48, max_batch_tokens=budget)
+    tagger = make_tagger("random", max_chunk_tokens=48, max_pass_tokens=budget)
     seen: list[tuple[int, int]] = []
     run_here = tagger._run_here
 
@@ -170,7 +170,7 @@ def test_options_are_checked():
     with pytest.raises(ValueError):
         TaggerOptions(max_chunk_tokens=0)
     with pytest.raises(ValueError):
-        TaggerOptions(max_chunk_tokens=64, max_batch_tokens=32)
+        TaggerOptions(max_chunk_tokens=64, max_pass_tokens=32)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -215,7 +215,7 @@ def test_entities_equal_span_decoding_of_every_tag_of_the_sentence(seed):
 
 
 def test_a_bucket_with_few_sentences_joins_the_next_instead_of_a_pass_of_its_own():
-    rnd = make_tagger("random", max_chunk_tokens=128, max_batch_tokens=8192)
+    rnd = make_tagger("random", max_chunk_tokens=128, max_pass_tokens=8192)
     # Fewer rows than a pass is padded to anyway: one forward pass for all of them.
     assert list(rnd._groups([3, 10, 20, 30, 50])) == [([0, 1, 2, 3, 4], 64)]
     # Full buckets still get a pass each, at their own length.
@@ -225,5 +225,5 @@ def test_a_bucket_with_few_sentences_joins_the_next_instead_of_a_pass_of_its_own
     lengths = [5] * 7 + [60] * 20
     assert list(rnd._groups(lengths)) == [(list(range(27)), 64)]
     # The token budget still cuts a group: 4 x 64 fits in 256 tokens, a fifth row does not.
-    small = make_tagger("random", max_chunk_tokens=128, max_batch_tokens=256)
+    small = make_tagger("random", max_chunk_tokens=128, max_pass_tokens=256)
     assert list(small._groups([3, 10, 20, 30, 50])) == [([0, 1, 2, 3], 32), ([4], 64)]

@@ -36,6 +36,7 @@ CFG = WorkerConfig(
     dlq_topic=DLQ,
     max_batch_docs=8,
     max_batch_tokens=256,
+    max_pass_tokens=256,
     max_chunk_tokens=32,
     max_wait_ms=5,
     commit_interval_ms=10,
@@ -48,7 +49,7 @@ CFG = WorkerConfig(
 @pytest.fixture(scope="module")
 def tagger() -> Tagger:
     return make_tagger("rigged", max_chunk_tokens=CFG.max_chunk_tokens,
-                       max_batch_tokens=CFG.max_batch_tokens)  # fmt: skip
+                       max_pass_tokens=CFG.max_pass_tokens)  # fmt: skip
 
 
 class Running:
@@ -295,7 +296,7 @@ def test_a_failed_dead_letter_is_fatal_and_not_committed(tagger):
 
 
 def test_backpressure_pauses_and_resumes_and_loses_nothing(monkeypatch):
-    slow = make_tagger("rigged", max_chunk_tokens=32, max_batch_tokens=256)
+    slow = make_tagger("rigged", max_chunk_tokens=32, max_pass_tokens=256)
     original = slow.submit
 
     def tag_slowly(items):
@@ -392,7 +393,7 @@ def test_a_late_acknowledgement_from_before_a_rebalance_is_harmless(tagger):
 
 
 def test_stop_finishes_queued_work_flushes_and_commits(monkeypatch):
-    slow = make_tagger("rigged", max_chunk_tokens=32, max_batch_tokens=256)
+    slow = make_tagger("rigged", max_chunk_tokens=32, max_pass_tokens=256)
     original = slow.submit
     started, gate = threading.Event(), threading.Event()
 
@@ -428,15 +429,16 @@ def test_stop_finishes_queued_work_flushes_and_commits(monkeypatch):
 
 def test_a_long_document_is_tagged_whole_and_the_small_ones_behind_it_too():
     # 40 sentences of 9 tokens and one of 30 (more than half the batch: it goes the "long lane"),
-    # far more than max_batch_tokens (48) in all.
+    # far more than max_batch_tokens (48 real tokens per micro-batch) in all.
     sentence = "Peter went to Paris and the Peter went ."
     long_text = " ".join([sentence] * 40) + " " + " ".join(["Paris"] * 29) + " ."
     consumer, producer = FakeConsumer(partitions=1), FakeProducer()
     consumer.append(0, doc("long", long_text))
     for i in range(10):
         consumer.append(0, doc(f"s{i}", "Paris ."))
-    small = make_tagger("rigged", max_chunk_tokens=32, max_batch_tokens=48)
-    running = start(small, consumer, producer, max_batch_tokens=48, max_chunk_tokens=32)
+    small = make_tagger("rigged", max_chunk_tokens=32, max_pass_tokens=48)
+    running = start(small, consumer, producer, max_batch_tokens=48, max_pass_tokens=48,
+                    max_chunk_tokens=32)  # fmt: skip
     wait_for(lambda: output_ids(producer) == {"long"} | {f"s{i}" for i in range(10)},
              what="all outputs")  # fmt: skip
     assert running.stop() == 0
@@ -485,7 +487,7 @@ class DyingRunner:
 def test_a_model_process_that_dies_on_any_input_stops_the_worker_without_dead_letters(
     restartable,
 ):
-    tagger = make_tagger("rigged", max_chunk_tokens=32, max_batch_tokens=256)
+    tagger = make_tagger("rigged", max_chunk_tokens=32, max_pass_tokens=256)
     runner = DyingRunner(tagger)
     tagger.use_runner(runner)
     consumer, producer = FakeConsumer(partitions=1), FakeProducer()
@@ -511,7 +513,7 @@ def test_a_model_process_that_dies_on_any_input_stops_the_worker_without_dead_le
 
 
 def test_a_model_process_that_cannot_start_again_stops_the_worker(caplog):
-    tagger = make_tagger("rigged", max_chunk_tokens=32, max_batch_tokens=256)
+    tagger = make_tagger("rigged", max_chunk_tokens=32, max_pass_tokens=256)
     runner = DyingRunner(tagger)
     tagger.use_runner(runner)
 
@@ -568,7 +570,7 @@ class KillableRunner:
 
 
 def test_every_pass_in_the_model_when_it_dies_is_retried_one_document_at_a_time():
-    tagger = make_tagger("rigged", max_chunk_tokens=32, max_batch_tokens=256)
+    tagger = make_tagger("rigged", max_chunk_tokens=32, max_pass_tokens=256)
     runner = KillableRunner(tagger)
     tagger.use_runner(runner)
     consumer, producer = FakeConsumer(partitions=1), FakeProducer()
@@ -592,7 +594,7 @@ def test_every_pass_in_the_model_when_it_dies_is_retried_one_document_at_a_time(
 
 # -------------------------------------------------------------- a real model process that dies
 
-PROCESS_OPTIONS = TaggerOptions(device="cpu", max_chunk_tokens=32, max_batch_tokens=256)
+PROCESS_OPTIONS = TaggerOptions(device="cpu", max_chunk_tokens=32, max_pass_tokens=256)
 MARKED = "Peter and Paris ."  # "and": the word that kills the model process (CRASH_WORD_ENV)
 
 
@@ -727,7 +729,7 @@ class HeldRunner:
 
 
 def test_while_the_model_is_busy_a_batch_waits_until_full():
-    tagger = make_tagger("rigged", max_chunk_tokens=32, max_batch_tokens=256)
+    tagger = make_tagger("rigged", max_chunk_tokens=32, max_pass_tokens=256)
     runner = HeldRunner(tagger)
     tagger.use_runner(runner)
     consumer, producer = FakeConsumer(partitions=1), FakeProducer()
