@@ -26,6 +26,7 @@ from training.evaluate import format_report
 from training.raw_evaluation import format_raw_report, raw_evaluation
 from training.raw_text import LAYOUTS, paragraph_groups
 from training.trainer import (
+    DEFAULT_MODEL_NAME,
     TrainConfig,
     evaluate_model,
     fingerprint,
@@ -98,7 +99,7 @@ def _scoring_options(func):
         click.option(
             "--format", "fmt", type=click.Choice(FORMATS), default="conll", show_default=True
         ),
-        click.option("--device", default="auto", show_default=True),
+        click.option("--device", default=TrainConfig.device, show_default=True),
     ]
     for option in reversed(options):
         func = option(func)
@@ -127,7 +128,7 @@ def main() -> None:
     help="Development corpus (early stopping, reported figures).",
 )
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="conll", show_default=True)
-@click.option("--arch", type=click.Choice(ARCHS), default="bilstm-crf", show_default=True)
+@click.option("--arch", type=click.Choice(ARCHS), default=TrainConfig.arch, show_default=True)
 @click.option(
     "--embeddings",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -140,46 +141,59 @@ def main() -> None:
     help="Model file to write.",
 )
 @click.option(
-    "--name", default="ner-stream-model", show_default=True, help="Model name stored in the file."
+    "--name", default=DEFAULT_MODEL_NAME, show_default=True, help="Model name stored in the file."
 )
 @click.option("--model-version", default=__version__, show_default=True)
-@click.option("--epochs", type=click.IntRange(1), default=50, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=2e-3, show_default=True)
-@click.option("--patience", type=click.IntRange(1), default=8, show_default=True)
+# Each default below that is a TrainConfig field is read from TrainConfig (one place for it).
+@click.option("--epochs", type=click.IntRange(1), default=TrainConfig.epochs, show_default=True)
+@click.option(
+    "--batch-size", type=click.IntRange(1, 4096), default=TrainConfig.batch_size, show_default=True
+)
+@click.option(
+    "--lr", type=click.FloatRange(0, min_open=True), default=TrainConfig.lr, show_default=True
+)
+@click.option("--patience", type=click.IntRange(1), default=TrainConfig.patience, show_default=True)
 @click.option(
     "--hidden",
     type=click.IntRange(1),
-    default=200,
+    default=TrainConfig.hidden,
     show_default=True,
     help="LSTM units (per direction).",
 )
 @click.option(
     "--word-dim",
     type=click.IntRange(1),
-    default=50,
+    default=TrainConfig.word_dim,
     show_default=True,
     help="Without --embeddings.",
 )
-@click.option("--char-encoder", type=click.Choice(CHAR_ENCODERS), default="cnn", show_default=True)
 @click.option(
-    "--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True
+    "--char-encoder",
+    type=click.Choice(CHAR_ENCODERS),
+    default=TrainConfig.char_encoder,
+    show_default=True,
+)
+@click.option(
+    "--dropout",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=TrainConfig.dropout,
+    show_default=True,
 )
 @click.option(
     "--tag-scheme",
     type=click.Choice(SCHEMES),
-    default="bioes",
+    default=TrainConfig.tag_scheme,
     show_default=True,
     help="Scheme the model predicts in.",
 )
 @click.option(
     "--lowercase/--cased",
-    default=None,
+    default=TrainConfig.lowercase,
     help="Word lookup (default: lowercase for bilstm-crf, cased for lstm).",
 )
 @click.option(
     "--bidirectional/--unidirectional",
-    default=None,
+    default=TrainConfig.bidirectional,
     help="LSTM direction (default: bi for bilstm-crf, uni for lstm).",
 )
 @click.option(
@@ -190,12 +204,13 @@ def main() -> None:
     help="conll only: chance per epoch that sentences the raw-text path reads as one sequence "
     "(a headline and its dateline, table rows) are trained as one; 0 turns it off.",
 )
-@click.option("--seed", type=int, default=1, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
+@click.option("--device", default=TrainConfig.device, show_default=True, help="auto, cpu or cuda.")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads for torch.")
 @click.option(
     "--max-minutes",
     type=click.FloatRange(0, min_open=True),
+    default=TrainConfig.max_minutes,
     help="Stop before this much training time.",
 )
 def train_cmd(
