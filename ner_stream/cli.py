@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -218,7 +218,7 @@ def _lines(stream) -> Iterator[tuple[int, str]]:
         yield lineno, line.removeprefix("\ufeff") if lineno == 1 else line
 
 
-def _documents(streams, fmt: str) -> Iterator[tuple[str, str, dict]]:
+def read_documents(streams, fmt: str) -> Iterator[tuple[str, str, dict]]:
     """(id, text, pass-through fields) per input line of binary `streams` (lines as in `_lines`).
 
     `text`: each line is a document; `jsonl`: each line a JSON object with a text; `auto` takes a
@@ -249,7 +249,7 @@ def _documents(streams, fmt: str) -> Iterator[tuple[str, str, dict]]:
             yield doc_id or str(n), obj["text"], pass_through(obj)
 
 
-def _chunks(items: Iterator, size: int) -> Iterator[list]:
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
     batch = []
     for item in items:
         batch.append(item)
@@ -271,6 +271,53 @@ def json_line(obj: object) -> str:
     return json.dumps(obj, ensure_ascii=False, allow_nan=False).translate(_LINE_SEPARATORS)
 
 
+TAG_BATCH_DOCS = 64  # documents per `Tagger.tag` call of `ner-stream tag`
+
+
+def tag_documents(
+    tagger: Tagger, documents: Iterable[tuple[str, str, dict]], batch_docs: int = TAG_BATCH_DOCS
+) -> Iterator[dict[str, Any]]:
+    """The output object of each of `documents` ((id, text, pass-through fields) each, as
+    `read_documents` yields them), in input order: ``{"id", "entities", "meta"?}`` as
+    `messages.output_object` builds it.
+
+    Lazy: documents are read and tagged `batch_docs` at a time, one `Tagger.tag` call each.
+    Raises ValueError when `batch_docs` < 1, and whatever reading `documents` raises.
+    """
+    if batch_docs < 1:
+        raise ValueError("batch_docs must be at least 1")
+    for batch in _chunks(documents, batch_docs):
+        results = tagger.tag([text for _, text, _ in batch])
+        for (doc_id, _, meta), entities in zip(batch, results, strict=True):
+            yield output_object(doc_id, entities, meta)
+
+
+def tag_streams(
+    model: str | Path | None,
+    options: TaggerOptions,
+    streams: Sequence,
+    fmt: str = "auto",
+    batch_docs: int = TAG_BATCH_DOCS,
+) -> None:
+    """`ner-stream tag`: print one JSON line (`json_line`) per document of the binary `streams`
+    (stdin when empty), read as `read_documents` reads them and tagged by `tag_documents`.
+
+    `model` is a model file (None: the packaged model). A warning about the chosen precision goes
+    to stderr. Raises `click.ClickException` for a model file or options that cannot be used,
+    and for an input line that cannot be read.
+    """
+    try:
+        tagger = Tagger.from_file(model, options)
+    except (CheckpointError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    warning = tagger.precision.warning(tagger.device)
+    if warning:
+        click.echo(f"ner-stream: {warning}", err=True)
+    streams = streams or (click.open_file("-", "rb"),)
+    for out in tag_documents(tagger, read_documents(streams, fmt), batch_docs):
+        click.echo(json_line(out))
+
+
 @main.command()
 @setting_option("model", type=click.Path(dir_okay=False))
 @setting_option("device")
@@ -279,7 +326,7 @@ def json_line(obj: object) -> str:
 @setting_option("precision", type=click.Choice(PRECISIONS))
 @setting_option("max_f1_change", type=click.FloatRange(0))
 @setting_option("line_breaks", type=click.Choice(LINE_BREAK_MODES))
-@click.option("--batch-docs", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--batch-docs", type=click.IntRange(1), default=TAG_BATCH_DOCS, show_default=True)
 @click.argument("inputs", nargs=-1, type=click.File("rb"))
 def tag(model, device, precision, max_f1_change, line_breaks, fmt, batch_docs, inputs) -> None:
     """Tag text or JSONL from files or stdin; print one JSON object per document. No Kafka.
@@ -290,19 +337,7 @@ def tag(model, device, precision, max_f1_change, line_breaks, fmt, batch_docs, i
     options = TaggerOptions(
         device=device, precision=precision, max_f1_change=max_f1_change, line_breaks=line_breaks
     )
-    try:
-        tagger = Tagger.from_file(model, options)
-    except (CheckpointError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
-    warning = tagger.precision.warning(tagger.device)
-    if warning:
-        click.echo(f"ner-stream: {warning}", err=True)
-    streams = inputs or (click.open_file("-", "rb"),)
-    for batch in _chunks(_documents(streams, fmt), batch_docs):
-        results = tagger.tag([text for _, text, _ in batch])
-        for (doc_id, _, meta), entities in zip(batch, results, strict=True):
-            out = output_object(doc_id, entities, meta)
-            click.echo(json_line(out))
+    tag_streams(model, options, inputs, fmt, batch_docs)
 
 
 @main.command()
@@ -324,7 +359,7 @@ def produce(bootstrap_servers, topic, fmt, repeat, inputs) -> None:
     t0 = time.monotonic()
     for round_ in range(repeat):
         streams = [p.open("rb") for p in inputs] or [click.open_file("-", "rb")]
-        docs = list(_documents(streams, fmt))
+        docs = list(read_documents(streams, fmt))
         with click.progressbar(docs, label=f"producing to {topic}", file=sys.stderr) as bar:
             for doc_id, text, extra in bar:
                 doc_id = doc_id if round_ == 0 else f"{doc_id}#{round_}"

@@ -6,7 +6,6 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -14,11 +13,12 @@ import torch
 
 from ner_stream import __version__
 from ner_stream.checkpoint import CheckpointError, default_model_path, load, save
+from ner_stream.cli import tag_streams
 from ner_stream.config import WorkerConfig
 from ner_stream.model import ARCHS, CHAR_ENCODERS
 from ner_stream.precision import PrecisionCheck, with_check
 from ner_stream.spans import SCHEMES
-from ner_stream.tagger import Tagger, TaggerOptions, resolve_device
+from ner_stream.tagger import TaggerOptions, resolve_device
 from ner_stream.text import LINE_BREAK_MODES
 from training.datasets import FORMATS, DatasetError, load_corpus, read_conll_documents
 from training.embeddings import load_embeddings
@@ -390,20 +390,12 @@ def check_precision_cmd(model_path, data, fmt, precision, device, write, as_json
     type=click.Path(dir_okay=False, path_type=Path),
     help="Model file (default: the packaged English model).",
 )
-@click.option("--device", default="auto", show_default=True)
-@click.argument("inputs", nargs=-1, type=click.File("r", encoding="utf-8"))
+@click.option("--device", default=WorkerConfig.device, show_default=True)
+@click.argument("inputs", nargs=-1, type=click.File("rb"))
 def predict_cmd(model_path, device, inputs) -> None:
-    """Tag text lines (from files or stdin); print one JSON object per line."""
-    try:
-        tagger = Tagger(_load_model(model_path), TaggerOptions(device=device))
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--device") from None
-    for stream in inputs or (click.open_file("-", encoding="utf-8"),):
-        for line in stream:
-            text = line.rstrip("\n")
-            entities = tagger.tag([text])[0]
-            click.echo(
-                json.dumps(
-                    {"text": text, "entities": [asdict(e) for e in entities]}, ensure_ascii=False
-                )
-            )
+    """Tag text lines (from files or stdin): `ner-stream tag --format text`, by another name.
+
+    One JSON object per line, {"id": the line's number, "entities": [...]}; the other settings
+    (precision, line breaks, batching) are `ner-stream tag`'s defaults.
+    """
+    tag_streams(model_path, TaggerOptions(device=device), inputs, fmt="text")

@@ -81,6 +81,7 @@ def test_predict_gives_entities_with_offsets(trained):
     result = CliRunner().invoke(main, ["predict", "--model", str(model)], input=text + "\n")
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
+    assert sorted(out) == ["entities", "id"] and out["id"] == "1"  # as `ner-stream tag` writes
     found = {(e["text"], e["type"]) for e in out["entities"]}
     assert found == {("Anna Berg", "PER"), ("Lima", "LOC")}
     for e in out["entities"]:
