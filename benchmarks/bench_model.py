@@ -87,6 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--micro-batch-docs", type=int, default=worker.max_batch_docs)
     p.add_argument("--micro-batch-tokens", type=int, default=worker.max_batch_tokens)
+    p.add_argument("--max-pass-tokens", type=int, default=worker.max_pass_tokens)
     p.add_argument("--max-chunk-tokens", type=int, default=worker.max_chunk_tokens)
     p.add_argument("--matmul-size", type=int, default=1024)
     p.add_argument("--quick", action="store_true", help="smoke-run sizes (also BENCH_QUICK=1)")
@@ -301,7 +302,7 @@ def corpus_calls(tagger: Tagger, groups: list[list[PreparedDoc]], bucketed: bool
         sents.sort(key=len)
         if bucketed:
             # Exactly the Tagger's grouping: sorted by length, one pass per bucket, under its
-            # padded-token budget.
+            # budget of padded positions per pass.
             options = tagger.options
             passes = plan_passes([len(s) for s in sents], options.buckets, options.max_pass_tokens)
             calls.append([([sents[i] for i in p.sequences], p) for p in passes])
@@ -358,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     options = TaggerOptions(
         device="cpu",
         max_chunk_tokens=args.max_chunk_tokens,
-        max_batch_tokens=args.micro_batch_tokens,
+        max_pass_tokens=args.max_pass_tokens,
     )
     tagger = tagger_at(model_path, options, "fp32")
     native_bf16 = cpu_has_native_bf16()
@@ -395,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed,
             "micro_batch_docs": args.micro_batch_docs,
             "micro_batch_tokens": args.micro_batch_tokens,
+            "max_pass_tokens": args.max_pass_tokens,
             "max_chunk_tokens": args.max_chunk_tokens,
             "buckets": list(tagger.options.buckets),
             "with_scores": True,

@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,29 +22,42 @@ import torch
 
 from ner_stream import __version__
 from ner_stream.checkpoint import CheckpointError, default_model_path
-from ner_stream.config import PRECISIONS, SETTINGS, WorkerConfig
+from ner_stream.config import SETTINGS, WorkerConfig
 from ner_stream.logs import configure_logging
 from ner_stream.messages import document_id, output_object, parse_json, pass_through
 from ner_stream.model_process import ModelProcess, ModelProcessError
+from ner_stream.precision import PRECISIONS
 from ner_stream.tagger import Tagger, TaggerOptions
 from ner_stream.text import LINE_BREAK_MODES
 
 log = logging.getLogger("ner_stream")
 
-BOOTSTRAP = next(s for s in SETTINGS if s.name == "bootstrap_servers")
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+BOOTSTRAP = SETTINGS_BY_NAME["bootstrap_servers"]
+
+
+def setting_option(name: str, **overrides: Any) -> Callable:
+    """The click option of the worker setting `name` (a `SETTINGS` name): its flag, default,
+    help and NER_STREAM_* variable, all from its `WorkerConfig` field.
+
+    `overrides` replace `click.option` keyword arguments (for example a stricter `type` for a
+    command that checks the value itself). Raises KeyError for an unknown name.
+    """
+    s = SETTINGS_BY_NAME[name]
+    if s.flag:
+        decl = [f"{s.option}/--no-{s.option[2:]}", s.name]
+        kwargs: dict[str, Any] = {"default": s.default}
+    else:
+        decl = [s.option, s.name]
+        kwargs = {"type": s.type, "default": s.default, "show_default": not s.secret}
+    kwargs.update(envvar=s.envvar, show_envvar=True, help=s.help)
+    return click.option(*decl, **{**kwargs, **overrides})
 
 
 def settings_options(func):
     """Attach one click option per worker setting, each also read from its NER_STREAM_* variable."""
     for s in reversed(SETTINGS):
-        if s.flag:
-            decl = [f"{s.option}/--no-{s.option[2:]}", s.name]
-            func = click.option(*decl, default=s.default, envvar=s.envvar, show_envvar=True,
-                                help=s.help)(func)  # fmt: skip
-        else:
-            func = click.option(s.option, s.name, type=s.type, default=s.default,
-                                envvar=s.envvar, show_envvar=True, show_default=not s.secret,
-                                help=s.help)(func)  # fmt: skip
+        func = setting_option(s.name)(func)
     return func
 
 
@@ -92,7 +105,7 @@ def _run_worker(cfg: WorkerConfig) -> int:
     log.info("starting ner-stream %s with %s", __version__, cfg.redacted())
     torch.set_num_threads(cfg.model_threads())
     try:
-        tagger = Tagger.from_file(cfg.model, _tagger_options(cfg))
+        tagger = Tagger.from_file(cfg.model, TaggerOptions.of(cfg))
     except CheckpointError as e:
         return _fail(str(e), 2)
     except ValueError as e:
@@ -185,17 +198,6 @@ def _serve(cfg: WorkerConfig, tagger: Tagger, restart_model: Callable[[], None] 
             server.stop()
 
 
-def _tagger_options(cfg: WorkerConfig) -> TaggerOptions:
-    return TaggerOptions(
-        device=cfg.device,
-        max_chunk_tokens=cfg.max_chunk_tokens,
-        max_pass_tokens=cfg.max_batch_tokens,
-        line_breaks=cfg.line_breaks,
-        precision=cfg.precision,
-        max_f1_change=cfg.max_f1_change,
-    )
-
-
 def _lines(stream) -> Iterator[tuple[int, str]]:
     """(line number, line) of a binary stream, decoded as UTF-8.
 
@@ -216,7 +218,7 @@ def _lines(stream) -> Iterator[tuple[int, str]]:
         yield lineno, line.removeprefix("\ufeff") if lineno == 1 else line
 
 
-def _documents(streams, fmt: str) -> Iterator[tuple[str, str, dict]]:
+def read_documents(streams, fmt: str) -> Iterator[tuple[str, str, dict]]:
     """(id, text, pass-through fields) per input line of binary `streams` (lines as in `_lines`).
 
     `text`: each line is a document; `jsonl`: each line a JSON object with a text; `auto` takes a
@@ -247,7 +249,7 @@ def _documents(streams, fmt: str) -> Iterator[tuple[str, str, dict]]:
             yield doc_id or str(n), obj["text"], pass_through(obj)
 
 
-def _chunks(items: Iterator, size: int) -> Iterator[list]:
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
     batch = []
     for item in items:
         batch.append(item)
@@ -269,23 +271,62 @@ def json_line(obj: object) -> str:
     return json.dumps(obj, ensure_ascii=False, allow_nan=False).translate(_LINE_SEPARATORS)
 
 
+TAG_BATCH_DOCS = 64  # documents per `Tagger.tag` call of `ner-stream tag`
+
+
+def tag_documents(
+    tagger: Tagger, documents: Iterable[tuple[str, str, dict]], batch_docs: int = TAG_BATCH_DOCS
+) -> Iterator[dict[str, Any]]:
+    """The output object of each of `documents` ((id, text, pass-through fields) each, as
+    `read_documents` yields them), in input order: ``{"id", "entities", "meta"?}`` as
+    `messages.output_object` builds it.
+
+    Lazy: documents are read and tagged `batch_docs` at a time, one `Tagger.tag` call each.
+    Raises ValueError when `batch_docs` < 1, and whatever reading `documents` raises.
+    """
+    if batch_docs < 1:
+        raise ValueError("batch_docs must be at least 1")
+    for batch in _chunks(documents, batch_docs):
+        results = tagger.tag([text for _, text, _ in batch])
+        for (doc_id, _, meta), entities in zip(batch, results, strict=True):
+            yield output_object(doc_id, entities, meta)
+
+
+def tag_streams(
+    model: str | Path | None,
+    options: TaggerOptions,
+    streams: Sequence,
+    fmt: str = "auto",
+    batch_docs: int = TAG_BATCH_DOCS,
+) -> None:
+    """`ner-stream tag`: print one JSON line (`json_line`) per document of the binary `streams`
+    (stdin when empty), read as `read_documents` reads them and tagged by `tag_documents`.
+
+    `model` is a model file (None: the packaged model). A warning about the chosen precision goes
+    to stderr. Raises `click.ClickException` for a model file or options that cannot be used,
+    and for an input line that cannot be read.
+    """
+    try:
+        tagger = Tagger.from_file(model, options)
+    except (CheckpointError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    warning = tagger.precision.warning(tagger.device)
+    if warning:
+        click.echo(f"ner-stream: {warning}", err=True)
+    streams = streams or (click.open_file("-", "rb"),)
+    for out in tag_documents(tagger, read_documents(streams, fmt), batch_docs):
+        click.echo(json_line(out))
+
+
 @main.command()
-@click.option("--model", type=click.Path(dir_okay=False), envvar="NER_STREAM_MODEL",
-              help="Model file (default: the packaged English model).")  # fmt: skip
-@click.option("--device", default="auto", show_default=True, envvar="NER_STREAM_DEVICE")
+@setting_option("model", type=click.Path(dir_okay=False))
+@setting_option("device")
 @click.option("--format", "fmt", type=FORMAT, default="auto", show_default=True,
               help="Input lines: JSON objects with a text, plain text, or either.")  # fmt: skip
-@click.option("--precision", type=click.Choice(PRECISIONS), default=WorkerConfig.precision,
-              show_default=True, envvar="NER_STREAM_PRECISION", help="As for `run`.")  # fmt: skip
-@click.option("--max-f1-change", type=click.FloatRange(0), default=WorkerConfig.max_f1_change,
-              show_default=True, envvar="NER_STREAM_MAX_F1_CHANGE",
-              help="As for `run`.")  # fmt: skip
-@click.option("--line-breaks", type=click.Choice(LINE_BREAK_MODES),
-              default=WorkerConfig.line_breaks, show_default=True,
-              envvar="NER_STREAM_LINE_BREAKS", show_envvar=True,
-              help="As for `run`: a JSON text's single line break ends a sentence unless it "
-                   "wraps prose (auto), always (sentence) or never (space).")  # fmt: skip
-@click.option("--batch-docs", type=click.IntRange(1), default=64, show_default=True)
+@setting_option("precision", type=click.Choice(PRECISIONS))
+@setting_option("max_f1_change", type=click.FloatRange(0))
+@setting_option("line_breaks", type=click.Choice(LINE_BREAK_MODES))
+@click.option("--batch-docs", type=click.IntRange(1), default=TAG_BATCH_DOCS, show_default=True)
 @click.argument("inputs", nargs=-1, type=click.File("rb"))
 def tag(model, device, precision, max_f1_change, line_breaks, fmt, batch_docs, inputs) -> None:
     """Tag text or JSONL from files or stdin; print one JSON object per document. No Kafka.
@@ -296,25 +337,14 @@ def tag(model, device, precision, max_f1_change, line_breaks, fmt, batch_docs, i
     options = TaggerOptions(
         device=device, precision=precision, max_f1_change=max_f1_change, line_breaks=line_breaks
     )
-    try:
-        tagger = Tagger.from_file(model, options)
-    except (CheckpointError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
-    warning = tagger.precision.warning(tagger.device)
-    if warning:
-        click.echo(f"ner-stream: {warning}", err=True)
-    streams = inputs or (click.open_file("-", "rb"),)
-    for batch in _chunks(_documents(streams, fmt), batch_docs):
-        results = tagger.tag([text for _, text, _ in batch])
-        for (doc_id, _, meta), entities in zip(batch, results, strict=True):
-            out = output_object(doc_id, entities, meta)
-            click.echo(json_line(out))
+    tag_streams(model, options, inputs, fmt, batch_docs)
 
 
 @main.command()
 @click.option("--bootstrap-servers", default=BOOTSTRAP.default, envvar=BOOTSTRAP.envvar,
               show_default=True)  # fmt: skip
-@click.option("--topic", default="documents", show_default=True, envvar="NER_STREAM_INPUT_TOPIC")
+@click.option("--topic", default=WorkerConfig.input_topic, show_default=True,
+              envvar=SETTINGS_BY_NAME["input_topic"].envvar)  # fmt: skip
 @click.option("--format", "fmt", type=FORMAT, default="auto", show_default=True)
 @click.option("--repeat", type=click.IntRange(1), default=1, show_default=True,
               help="Send the input N times (later rounds add #round to the ids).")  # fmt: skip
@@ -329,7 +359,7 @@ def produce(bootstrap_servers, topic, fmt, repeat, inputs) -> None:
     t0 = time.monotonic()
     for round_ in range(repeat):
         streams = [p.open("rb") for p in inputs] or [click.open_file("-", "rb")]
-        docs = list(_documents(streams, fmt))
+        docs = list(read_documents(streams, fmt))
         with click.progressbar(docs, label=f"producing to {topic}", file=sys.stderr) as bar:
             for doc_id, text, extra in bar:
                 doc_id = doc_id if round_ == 0 else f"{doc_id}#{round_}"
@@ -344,7 +374,8 @@ def produce(bootstrap_servers, topic, fmt, repeat, inputs) -> None:
 @main.command()
 @click.option("--bootstrap-servers", default=BOOTSTRAP.default, envvar=BOOTSTRAP.envvar,
               show_default=True)  # fmt: skip
-@click.option("--topic", default="entities", show_default=True, envvar="NER_STREAM_OUTPUT_TOPIC")
+@click.option("--topic", default=WorkerConfig.output_topic, show_default=True,
+              envvar=SETTINGS_BY_NAME["output_topic"].envvar)  # fmt: skip
 @click.option("--max-messages", type=click.IntRange(1), help="Stop after this many.")
 @click.option("--idle-timeout-s", type=float, default=10.0, show_default=True,
               help="Stop when nothing arrives for this long.")  # fmt: skip

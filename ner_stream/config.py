@@ -1,145 +1,121 @@
-"""Every setting of `ner-stream run`: name, type, help and environment in `SETTINGS`, the default
-in `WorkerConfig`.
+"""Every setting of `ner-stream run`, declared once: a field of `WorkerConfig` holds its default,
+its type (the annotation) and, in its metadata, its help and whether it is secret.
 
-The CLI builds its flags from `SETTINGS`; each flag is also read from `NER_STREAM_<NAME>` (for
-example `NER_STREAM_BOOTSTRAP_SERVERS`). `WorkerConfig` holds the resolved values.
+`SETTINGS` is read back from those fields, in their order. The CLI builds its flags from it; each
+flag is also read from `NER_STREAM_<NAME>` (for example `NER_STREAM_BOOTSTRAP_SERVERS`).
+`WorkerConfig` holds the resolved values.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
-from typing import Any
+import types
+from dataclasses import dataclass, field, fields
+from typing import Any, get_type_hints
 
+from ner_stream.precision import DEFAULT_MAX_F1_CHANGE, PRECISIONS
 from ner_stream.text import LINE_BREAK_MODES
 
 ENV_PREFIX = "NER_STREAM_"
+SETTING_TYPES = (str, int, float, bool)  # bool: a switch, --x / --no-x
+
+
+def setting(default: Any, help: str, *, secret: bool = False) -> Any:
+    """A `WorkerConfig` field: its `default`, its `help` (one sentence, shown by `--help`) and
+    whether it is `secret` (masked in logs, its default not shown). Returns a `dataclasses.field`.
+    """
+    return field(default=default, metadata={"help": help, "secret": secret})
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One configuration key."""
+    """One configuration key, as declared by its `WorkerConfig` field."""
 
     name: str
     help: str
-    type: Any = str
+    type: Any = str  # one of SETTING_TYPES: the field's annotation without `| None`
     secret: bool = False  # never printed in logs
-    flag: bool = False  # a boolean switch (--x / --no-x)
+    default: Any = None
 
     @property
-    def default(self) -> Any:
-        """The default, which `WorkerConfig` holds (one place for it)."""
-        return next(f.default for f in fields(WorkerConfig) if f.name == self.name)
+    def flag(self) -> bool:
+        """Whether it is a boolean switch (--x / --no-x)."""
+        return self.type is bool
 
     @property
     def envvar(self) -> str:
+        """The environment variable it is read from: NER_STREAM_<NAME>."""
         return ENV_PREFIX + self.name.upper()
 
     @property
     def option(self) -> str:
+        """Its command-line flag: --name-with-dashes."""
         return "--" + self.name.replace("_", "-")
-
-
-SETTINGS: tuple[Setting, ...] = (
-    Setting("bootstrap_servers", "Kafka bootstrap servers, comma separated."),
-    Setting("input_topic", "Topic the documents are read from."),
-    Setting("output_topic", "Topic the entities are written to."),
-    Setting("dlq_topic", "Dead-letter topic for input that cannot be tagged."),
-    Setting("group_id", "Consumer group; workers in one group share partitions."),
-    Setting("client_id", "Kafka client id prefix."),
-    Setting("model", "Model file (default: the packaged English model)."),
-    Setting("device", "auto (CUDA when present), cpu or cuda."),
-    Setting(
-        "precision",
-        "Network precision: auto (bf16 on a CPU with native bf16 when the "
-        "model's dev F1 allows), fp32, bf16 or fp16 (CUDA).",
-    ),
-    Setting(
-        "max_f1_change",
-        "Dev-F1 points a reduced precision may move (from the model "
-        "file's measurement) to be used.",
-        float,
-    ),
-    Setting("torch_threads", "CPU threads for the model (0: every core but one).", int),
-    Setting("model_process", "On the CPU, run the model in a child process of its own.", flag=True),
-    Setting("max_batch_docs", "Most documents in one micro-batch.", int),
-    Setting("max_batch_tokens", "Most padded tokens in one forward pass.", int),
-    Setting("max_wait_ms", "Longest wait for a batch to fill, from its first document.", int),
-    Setting(
-        "fetch_max_wait_ms",
-        "Longest the broker holds a fetch while input trickles in; shorter lowers "
-        "latency at light load, but an idle worker then polls more often.",
-        int,
-    ),
-    Setting("max_doc_bytes", "Larger input values go to the dead-letter topic.", int),
-    Setting("max_chunk_tokens", "Sentences longer than this are cut into windows.", int),
-    Setting(
-        "line_breaks",
-        "Does a single line break end a sentence: auto (yes, unless it wraps prose), "
-        "sentence (always) or space (never).",
-    ),
-    Setting("queue_docs", "Documents buffered between consuming and tagging.", int),
-    Setting("commit_interval_ms", "How often acknowledged offsets are committed.", int),
-    Setting("session_timeout_ms", "How long the group waits for a silent worker.", int),
-    Setting("shutdown_timeout_s", "Bound on a graceful shutdown.", float),
-    Setting("connect_timeout_s", "How long to retry an unreachable broker at start.", float),
-    Setting("create_topics", "Create the input, output and dead-letter topics.", flag=True),
-    Setting("topic_partitions", "Partitions of topics made by --create-topics.", int),
-    Setting("security_protocol", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."),
-    Setting("sasl_mechanism", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512."),
-    Setting("sasl_username", "SASL user name."),
-    Setting("sasl_password", "SASL password.", secret=True),
-    Setting("ssl_cafile", "CA certificate file (PEM)."),
-    Setting("ssl_certfile", "Client certificate file (PEM)."),
-    Setting("ssl_keyfile", "Client private key file (PEM)."),
-    Setting("metrics_host", "Address of the /metrics, /healthz, /readyz server."),
-    Setting("metrics_port", "Port of the metrics server (0: no server).", int),
-    Setting("log_level", "DEBUG, INFO, WARNING or ERROR."),
-    Setting("log_format", "text or json."),
-)
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """Resolved settings of one worker; field names are the `SETTINGS` names."""
+    """Resolved settings of one worker; each field is one setting (see `setting`, `SETTINGS`).
 
-    bootstrap_servers: str = "127.0.0.1:9092"
-    input_topic: str = "documents"
-    output_topic: str = "entities"
-    dlq_topic: str = "documents.dlq"
-    group_id: str = "ner-stream"
-    client_id: str = "ner-stream"
-    model: str | None = None
-    device: str = "auto"
-    precision: str = "auto"
-    max_f1_change: float = 0.1
-    torch_threads: int = 0
-    model_process: bool = True
-    max_batch_docs: int = 128
-    max_batch_tokens: int = 8192
-    max_wait_ms: int = 20
-    fetch_max_wait_ms: int = 10
-    max_doc_bytes: int = 1_048_576
-    max_chunk_tokens: int = 128
-    line_breaks: str = "auto"
-    queue_docs: int = 512
-    commit_interval_ms: int = 1000
-    session_timeout_ms: int = 45000
-    shutdown_timeout_s: float = 30.0
-    connect_timeout_s: float = 30.0
-    create_topics: bool = False
-    topic_partitions: int = 4
-    security_protocol: str = "PLAINTEXT"
-    sasl_mechanism: str | None = None
-    sasl_username: str | None = None
-    sasl_password: str | None = None
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9400
-    log_level: str = "INFO"
-    log_format: str = "text"
+    Raises ValueError naming every bad flag (see `validate`) when built with bad values.
+    """
+
+    bootstrap_servers: str = setting("127.0.0.1:9092", "Kafka bootstrap servers, comma separated.")
+    input_topic: str = setting("documents", "Topic the documents are read from.")
+    output_topic: str = setting("entities", "Topic the entities are written to.")
+    dlq_topic: str = setting("documents.dlq", "Dead-letter topic for input that cannot be tagged.")
+    group_id: str = setting("ner-stream", "Consumer group; workers in one group share partitions.")
+    client_id: str = setting("ner-stream", "Kafka client id prefix.")
+    model: str | None = setting(None, "Model file (default: the packaged English model).")
+    device: str = setting("auto", "auto (CUDA when present), cpu or cuda.")
+    precision: str = setting(
+        "auto",
+        "Network precision: auto (bf16 on a CPU with native bf16 when the "
+        "model's dev F1 allows), fp32, bf16 or fp16 (CUDA).",
+    )
+    max_f1_change: float = setting(
+        DEFAULT_MAX_F1_CHANGE,
+        "Dev-F1 points a reduced precision may move (from the model "
+        "file's measurement) to be used.",
+    )
+    torch_threads: int = setting(0, "CPU threads for the model (0: every core but one).")
+    model_process: bool = setting(True, "On the CPU, run the model in a child process of its own.")
+    max_batch_docs: int = setting(128, "Most documents in one micro-batch.")
+    max_batch_tokens: int = setting(8192, "Most real tokens in one micro-batch.")
+    max_pass_tokens: int = setting(
+        8192, "Most padded positions (rows x length) in one forward pass."
+    )
+    max_wait_ms: int = setting(20, "Longest wait for a batch to fill, from its first document.")
+    fetch_max_wait_ms: int = setting(
+        10,
+        "Longest the broker holds a fetch while input trickles in; shorter lowers "
+        "latency at light load, but an idle worker then polls more often.",
+    )
+    max_doc_bytes: int = setting(1_048_576, "Larger input values go to the dead-letter topic.")
+    max_chunk_tokens: int = setting(128, "Sentences longer than this are cut into windows.")
+    line_breaks: str = setting(
+        "auto",
+        "Does a single line break end a sentence: auto (yes, unless it wraps prose), "
+        "sentence (always) or space (never).",
+    )
+    queue_docs: int = setting(512, "Documents buffered between consuming and tagging.")
+    commit_interval_ms: int = setting(1000, "How often acknowledged offsets are committed.")
+    session_timeout_ms: int = setting(45000, "How long the group waits for a silent worker.")
+    shutdown_timeout_s: float = setting(30.0, "Bound on a graceful shutdown.")
+    connect_timeout_s: float = setting(30.0, "How long to retry an unreachable broker at start.")
+    create_topics: bool = setting(False, "Create the input, output and dead-letter topics.")
+    topic_partitions: int = setting(4, "Partitions of topics made by --create-topics.")
+    security_protocol: str = setting("PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.")
+    sasl_mechanism: str | None = setting(None, "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.")
+    sasl_username: str | None = setting(None, "SASL user name.")
+    sasl_password: str | None = setting(None, "SASL password.", secret=True)
+    ssl_cafile: str | None = setting(None, "CA certificate file (PEM).")
+    ssl_certfile: str | None = setting(None, "Client certificate file (PEM).")
+    ssl_keyfile: str | None = setting(None, "Client private key file (PEM).")
+    metrics_host: str = setting("127.0.0.1", "Address of the /metrics, /healthz, /readyz server.")
+    metrics_port: int = setting(9400, "Port of the metrics server (0: no server).")
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR.")
+    log_format: str = setting("text", "text or json.")
 
     def __post_init__(self) -> None:
         problems = validate(self)
@@ -175,19 +151,47 @@ class WorkerConfig:
         return out
 
 
-# The network precisions (see ner_stream.precision, which chooses among them).
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 
 
+def _setting_type(annotation: Any, name: str) -> type:
+    """The type of a setting from its field's annotation (`X` or `X | None`)."""
+    if isinstance(annotation, types.UnionType):
+        args = [a for a in annotation.__args__ if a is not type(None)]
+        annotation = args[0] if len(args) == 1 else annotation
+    if annotation not in SETTING_TYPES:
+        raise TypeError(f"{name}: a setting is a str, int, float or bool, not {annotation}")
+    return annotation
+
+
+def settings_of(cls: type) -> tuple[Setting, ...]:
+    """One `Setting` per field of the dataclass `cls` (`WorkerConfig`), in field order.
+
+    Raises TypeError for a field not declared with `setting` or not of a `SETTING_TYPES` type.
+    """
+    hints = get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        where = f"{cls.__name__}.{f.name}"
+        if "help" not in f.metadata:
+            raise TypeError(f"{where} is not declared with setting(default, help)")
+        out.append(Setting(f.name, f.metadata["help"], _setting_type(hints[f.name], where),
+                           f.metadata["secret"], f.default))  # fmt: skip
+    return tuple(out)
+
+
+SETTINGS: tuple[Setting, ...] = settings_of(WorkerConfig)
+
+
 def validate(cfg: WorkerConfig) -> list[str]:
-    """Problems with a configuration, each as one sentence naming the flag."""
+    """Problems with a configuration, each as one sentence naming the flag; empty when valid."""
     problems = []
     positive = (
         "max_batch_docs",
         "max_batch_tokens",
+        "max_pass_tokens",
         "max_doc_bytes",
         "max_chunk_tokens",
         "queue_docs",
@@ -212,8 +216,8 @@ def validate(cfg: WorkerConfig) -> list[str]:
         problems.append("--fetch-max-wait-ms must be between 0 and 10000")
     if cfg.line_breaks not in LINE_BREAK_MODES:
         problems.append(f"--line-breaks must be one of {', '.join(LINE_BREAK_MODES)}")
-    if cfg.max_chunk_tokens > cfg.max_batch_tokens:
-        problems.append("--max-chunk-tokens must not exceed --max-batch-tokens")
+    if cfg.max_chunk_tokens > cfg.max_pass_tokens:  # one chunk must fit one forward pass
+        problems.append("--max-chunk-tokens must not exceed --max-pass-tokens")
     if cfg.shutdown_timeout_s <= 0 or cfg.connect_timeout_s <= 0:
         problems.append("--shutdown-timeout-s and --connect-timeout-s must be positive")
     if cfg.security_protocol not in PROTOCOLS:

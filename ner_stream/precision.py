@@ -22,12 +22,16 @@ from typing import Any
 
 import torch
 
-from ner_stream.config import PRECISIONS, WorkerConfig
 from ner_stream.model import NerModel
 
+# What a tagger may be asked to run at; `auto` is resolved by `choose`. The worker's
+# `--precision` choices (ner_stream.config) are these.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKS_KEY = "precision_checks"  # in the model file's `extra`
-DEFAULT_MAX_F1_CHANGE = WorkerConfig.max_f1_change
+# Dev-F1 points a reduced precision may move and still be used: the default of the worker's
+# `--max-f1-change` (ner_stream.config reads it from here). `choose` itself has no default.
+DEFAULT_MAX_F1_CHANGE = 0.1
 
 
 class PrecisionError(ValueError):
@@ -105,9 +109,16 @@ def choose(
     requested: str,
     device: torch.device,
     checks: dict[str, PrecisionCheck],
-    max_f1_change: float = DEFAULT_MAX_F1_CHANGE,
+    max_f1_change: float,
 ) -> Choice:
-    """The precision to run at; raises PrecisionError when an explicit request is not allowed."""
+    """The precision to run at for `requested` (one of `PRECISIONS`) on `device`.
+
+    `checks` are the model file's measurements (`checks_of`); `max_f1_change` is how many dev-F1
+    points (percent) a reduced precision may move from fp32 and still be used. `auto` falls back
+    to fp32 when a reduced precision is not allowed. Raises PrecisionError for an unknown name,
+    a negative `max_f1_change`, or an explicit request that is not allowed (fp16 off CUDA, no
+    measurement, or F1 moved too much).
+    """
     if requested not in PRECISIONS:
         raise PrecisionError(f"unknown precision {requested!r}; use one of {', '.join(PRECISIONS)}")
     if max_f1_change < 0:

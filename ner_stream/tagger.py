@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from ner_stream.batching import pad_pass, plan_passes
 from ner_stream.checkpoint import LoadedModel, default_model_path, load
+from ner_stream.config import WorkerConfig
 from ner_stream.messages import Entity
-from ner_stream.precision import DEFAULT_MAX_F1_CHANGE, Choice, checks_of, choose
+from ner_stream.precision import Choice, checks_of, choose
 from ner_stream.runner import Forwarded, LocalRunner, PendingPass, Runner, resolve_device
 from ner_stream.spans import OUTSIDE, spans_from_tags
 from ner_stream.text import LINE_BREAK_MODES, Token, chunk_document
@@ -30,15 +31,23 @@ Window = tuple["PreparedDoc", int]  # a document and the index of one of its win
 
 @dataclass
 class TaggerOptions:
-    """How the tagger batches work on its device."""
+    """How the tagger batches work on its device.
 
-    device: str = "auto"
-    max_chunk_tokens: int = 128  # a longer sentence is cut into windows of this many tokens
-    max_pass_tokens: int = 8192  # padded positions (rows x length) per forward pass
-    buckets: tuple[int, ...] = DEFAULT_BUCKETS
-    precision: str = "auto"  # see ner_stream.precision
-    max_f1_change: float = DEFAULT_MAX_F1_CHANGE  # dev-F1 points a reduced precision may move
-    line_breaks: str = "auto"  # does a single line break end a sentence? see ner_stream.text
+    Every field but `buckets` is the worker setting of the same name, and its default is the
+    worker's (`WorkerConfig`); `TaggerOptions.of` takes them from a worker's configuration. Raises
+    ValueError unless 1 <= max_chunk_tokens <= max_pass_tokens, or for an unknown line-break mode.
+    """
+
+    device: str = WorkerConfig.device  # auto, cpu, cuda or a torch device name
+    # A longer sentence is cut into windows of this many tokens.
+    max_chunk_tokens: int = WorkerConfig.max_chunk_tokens
+    # Padded positions (rows x length, the empty rows that round the row count included) in one
+    # forward pass.
+    max_pass_tokens: int = WorkerConfig.max_pass_tokens
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS  # padded lengths (tokens), ascending
+    precision: str = WorkerConfig.precision  # see ner_stream.precision
+    max_f1_change: float = WorkerConfig.max_f1_change  # dev-F1 points a reduced precision may move
+    line_breaks: str = WorkerConfig.line_breaks  # does a single line break end a sentence?
 
     def __post_init__(self) -> None:
         if self.max_chunk_tokens < 1 or self.max_pass_tokens < self.max_chunk_tokens:
@@ -47,6 +56,13 @@ class TaggerOptions:
             raise ValueError(
                 f"unknown line-break mode {self.line_breaks!r}: use {', '.join(LINE_BREAK_MODES)}"
             )
+
+    @classmethod
+    def of(cls, cfg: WorkerConfig) -> TaggerOptions:
+        """The options of a worker configured by `cfg`: each field that is a worker setting takes
+        `cfg`'s value (`buckets` keeps its default). Raises ValueError as the constructor does."""
+        settings = {f.name for f in fields(cfg)}
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls) if f.name in settings})
 
 
 @dataclass

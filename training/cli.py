@@ -6,7 +6,6 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -14,11 +13,12 @@ import torch
 
 from ner_stream import __version__
 from ner_stream.checkpoint import CheckpointError, default_model_path, load, save
+from ner_stream.cli import tag_streams
 from ner_stream.config import WorkerConfig
 from ner_stream.model import ARCHS, CHAR_ENCODERS
 from ner_stream.precision import PrecisionCheck, with_check
 from ner_stream.spans import SCHEMES
-from ner_stream.tagger import Tagger, TaggerOptions, resolve_device
+from ner_stream.tagger import TaggerOptions, resolve_device
 from ner_stream.text import LINE_BREAK_MODES
 from training.datasets import FORMATS, DatasetError, load_corpus, read_conll_documents
 from training.embeddings import load_embeddings
@@ -26,6 +26,7 @@ from training.evaluate import format_report
 from training.raw_evaluation import format_raw_report, raw_evaluation
 from training.raw_text import LAYOUTS, paragraph_groups
 from training.trainer import (
+    DEFAULT_MODEL_NAME,
     TrainConfig,
     evaluate_model,
     fingerprint,
@@ -98,7 +99,7 @@ def _scoring_options(func):
         click.option(
             "--format", "fmt", type=click.Choice(FORMATS), default="conll", show_default=True
         ),
-        click.option("--device", default="auto", show_default=True),
+        click.option("--device", default=TrainConfig.device, show_default=True),
     ]
     for option in reversed(options):
         func = option(func)
@@ -127,7 +128,7 @@ def main() -> None:
     help="Development corpus (early stopping, reported figures).",
 )
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="conll", show_default=True)
-@click.option("--arch", type=click.Choice(ARCHS), default="bilstm-crf", show_default=True)
+@click.option("--arch", type=click.Choice(ARCHS), default=TrainConfig.arch, show_default=True)
 @click.option(
     "--embeddings",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -140,46 +141,59 @@ def main() -> None:
     help="Model file to write.",
 )
 @click.option(
-    "--name", default="ner-stream-model", show_default=True, help="Model name stored in the file."
+    "--name", default=DEFAULT_MODEL_NAME, show_default=True, help="Model name stored in the file."
 )
 @click.option("--model-version", default=__version__, show_default=True)
-@click.option("--epochs", type=click.IntRange(1), default=50, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=2e-3, show_default=True)
-@click.option("--patience", type=click.IntRange(1), default=8, show_default=True)
+# Each default below that is a TrainConfig field is read from TrainConfig (one place for it).
+@click.option("--epochs", type=click.IntRange(1), default=TrainConfig.epochs, show_default=True)
+@click.option(
+    "--batch-size", type=click.IntRange(1, 4096), default=TrainConfig.batch_size, show_default=True
+)
+@click.option(
+    "--lr", type=click.FloatRange(0, min_open=True), default=TrainConfig.lr, show_default=True
+)
+@click.option("--patience", type=click.IntRange(1), default=TrainConfig.patience, show_default=True)
 @click.option(
     "--hidden",
     type=click.IntRange(1),
-    default=200,
+    default=TrainConfig.hidden,
     show_default=True,
     help="LSTM units (per direction).",
 )
 @click.option(
     "--word-dim",
     type=click.IntRange(1),
-    default=50,
+    default=TrainConfig.word_dim,
     show_default=True,
     help="Without --embeddings.",
 )
-@click.option("--char-encoder", type=click.Choice(CHAR_ENCODERS), default="cnn", show_default=True)
 @click.option(
-    "--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True
+    "--char-encoder",
+    type=click.Choice(CHAR_ENCODERS),
+    default=TrainConfig.char_encoder,
+    show_default=True,
+)
+@click.option(
+    "--dropout",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=TrainConfig.dropout,
+    show_default=True,
 )
 @click.option(
     "--tag-scheme",
     type=click.Choice(SCHEMES),
-    default="bioes",
+    default=TrainConfig.tag_scheme,
     show_default=True,
     help="Scheme the model predicts in.",
 )
 @click.option(
     "--lowercase/--cased",
-    default=None,
+    default=TrainConfig.lowercase,
     help="Word lookup (default: lowercase for bilstm-crf, cased for lstm).",
 )
 @click.option(
     "--bidirectional/--unidirectional",
-    default=None,
+    default=TrainConfig.bidirectional,
     help="LSTM direction (default: bi for bilstm-crf, uni for lstm).",
 )
 @click.option(
@@ -190,12 +204,13 @@ def main() -> None:
     help="conll only: chance per epoch that sentences the raw-text path reads as one sequence "
     "(a headline and its dateline, table rows) are trained as one; 0 turns it off.",
 )
-@click.option("--seed", type=int, default=1, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
+@click.option("--device", default=TrainConfig.device, show_default=True, help="auto, cpu or cuda.")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads for torch.")
 @click.option(
     "--max-minutes",
     type=click.FloatRange(0, min_open=True),
+    default=TrainConfig.max_minutes,
     help="Stop before this much training time.",
 )
 def train_cmd(
@@ -375,20 +390,12 @@ def check_precision_cmd(model_path, data, fmt, precision, device, write, as_json
     type=click.Path(dir_okay=False, path_type=Path),
     help="Model file (default: the packaged English model).",
 )
-@click.option("--device", default="auto", show_default=True)
-@click.argument("inputs", nargs=-1, type=click.File("r", encoding="utf-8"))
+@click.option("--device", default=WorkerConfig.device, show_default=True)
+@click.argument("inputs", nargs=-1, type=click.File("rb"))
 def predict_cmd(model_path, device, inputs) -> None:
-    """Tag text lines (from files or stdin); print one JSON object per line."""
-    try:
-        tagger = Tagger(_load_model(model_path), TaggerOptions(device=device))
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--device") from None
-    for stream in inputs or (click.open_file("-", encoding="utf-8"),):
-        for line in stream:
-            text = line.rstrip("\n")
-            entities = tagger.tag([text])[0]
-            click.echo(
-                json.dumps(
-                    {"text": text, "entities": [asdict(e) for e in entities]}, ensure_ascii=False
-                )
-            )
+    """Tag text lines (from files or stdin): `ner-stream tag --format text`, by another name.
+
+    One JSON object per line, {"id": the line's number, "entities": [...]}; the other settings
+    (precision, line breaks, batching) are `ner-stream tag`'s defaults.
+    """
+    tag_streams(model_path, TaggerOptions(device=device), inputs, fmt="text")

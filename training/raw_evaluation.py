@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from ner_stream.checkpoint import LoadedModel
-from ner_stream.config import WorkerConfig
 from ner_stream.tagger import Tagger, TaggerOptions
 from ner_stream.text import has_line_break
 from training.datasets import Sentence
@@ -70,16 +69,8 @@ def raw_evaluation(
         loaded.model.to(device), loaded.info.vocabs, sentences, loaded.info.config.tag_scheme,
         device,
     )  # fmt: skip
-    defaults = WorkerConfig()
-    tagger = Tagger(
-        loaded,
-        TaggerOptions(
-            device=str(device),
-            max_chunk_tokens=defaults.max_chunk_tokens,
-            max_pass_tokens=defaults.max_batch_tokens,
-            line_breaks=line_breaks,
-        ),
-    )
+    # TaggerOptions' defaults are the worker's (chunk size, forward-pass budget, precision).
+    tagger = Tagger(loaded, TaggerOptions(device=str(device), line_breaks=line_breaks))
     raw = [render(document, layout) for document in documents]
     predicted: list[list[tuple[int, int, str]]] = []
     for at in range(0, len(raw), batch_docs):

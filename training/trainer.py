@@ -27,13 +27,19 @@ from training.datasets import Sentence
 from training.embeddings import Embeddings
 from training.evaluate import EntityReport, entity_scores, masked_token_accuracy
 
+DEFAULT_MODEL_NAME = "ner-stream-model"  # stored in the model file when no name is given
+
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of one training run."""
+    """Hyper-parameters of one training run.
+
+    The defaults of `ner-train train` are these; the shape of the network defaults to
+    `ModelConfig`'s (one place for each).
+    """
 
     arch: str = "bilstm-crf"
-    tag_scheme: str = "bioes"
+    tag_scheme: str = ModelConfig.tag_scheme
     epochs: int = 50
     batch_size: int = 64
     lr: float = 2e-3
@@ -43,15 +49,16 @@ class TrainConfig:
     patience: int = 8
     seed: int = 1
     device: str = "auto"
-    word_dim: int = 50
-    char_encoder: str = "cnn"
-    char_filters: int = 50
-    case_dim: int = 8
-    hidden: int = 200
-    dropout: float = 0.5
+    word_dim: int = ModelConfig.word_dim  # without pretrained embeddings (theirs otherwise)
+    char_encoder: str = ModelConfig.char_encoder
+    char_filters: int = ModelConfig.char_filters
+    case_dim: int = ModelConfig.case_dim
+    hidden: int = ModelConfig.hidden  # LSTM units per direction
+    dropout: float = ModelConfig.dropout
     min_word_count: int = 1
     lowercase: bool | None = None  # None: lowercase for bilstm-crf, as-is for lstm
-    bidirectional: bool | None = None  # None: the architecture's own (see ModelConfig)
+    # None: the architecture's own (see ModelConfig)
+    bidirectional: bool | None = ModelConfig.bidirectional
     max_minutes: float | None = None
     word_dropout: float = 0.01  # replace known words by <UNK> so the model learns to use chars
     # Chance, per epoch, that a group of sentences which the raw-text path reads as one sequence
@@ -331,7 +338,7 @@ def train(
     dev_sents: Sequence[Sentence],
     cfg: TrainConfig,
     embeddings: Embeddings | None = None,
-    name: str = "ner-stream-model",
+    name: str = DEFAULT_MODEL_NAME,
     version: str = "0",
     data_fingerprint: str = "",
     log: ProgressFn = print,

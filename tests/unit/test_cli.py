@@ -9,8 +9,9 @@ from click.testing import CliRunner
 
 from ner_stream import kafka_io
 from ner_stream.checkpoint import save
-from ner_stream.cli import main
-from tests.fakes import FakeProducer, rigged_model
+from ner_stream.cli import main, tag_documents
+from tests.fakes import FakeProducer, make_tagger, rigged_model
+from training.cli import main as ner_train
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +172,47 @@ def test_tag_passes_its_line_break_mode_to_the_tagger(model_path, monkeypatch, a
     assert seen == [mode]
     bad = CliRunner().invoke(main, ["tag", "--model", model_path, "--line-breaks", "never"])
     assert bad.exit_code == 2 and "'never' is not one of" in bad.output
+
+
+def test_tag_documents_yields_outputs_in_order_one_tag_call_per_batch():
+    tagger = make_tagger("rigged")
+    calls: list[int] = []
+    real = tagger.tag
+
+    def counting(texts):
+        calls.append(len(texts))
+        return real(texts)
+
+    tagger.tag = counting
+    read: list[str] = []
+
+    def documents():
+        for i, text in enumerate(["Peter", "went", "to Paris", "Paris", "x"], 1):
+            read.append(str(i))
+            yield str(i), text, ({"n": i} if i == 3 else {})
+
+    outs = tag_documents(tagger, documents(), batch_docs=2)
+    first = next(outs)
+    assert read == ["1", "2"] and calls == [2]  # lazy: one batch read and tagged
+    rest = list(outs)
+    assert calls == [2, 2, 1]
+    assert [o["id"] for o in [first, *rest]] == ["1", "2", "3", "4", "5"]
+    assert sorted(first) == ["entities", "id"]  # no pass-through fields: no "meta"
+    assert [(e["text"], e["type"], e["start"], e["end"]) for e in first["entities"]] == [
+        ("Peter", "PER", 0, 5)
+    ]
+    assert rest[1]["meta"] == {"n": 3}
+    with pytest.raises(ValueError, match="batch_docs"):
+        next(tag_documents(tagger, documents(), batch_docs=0))
+
+
+def test_ner_train_predict_is_ner_stream_tag_on_text_lines(model_path, tmp_path):
+    path = tmp_path / "in.txt"
+    path.write_bytes(LINES)
+    expected = tag(model_path, "--format", "text", str(path))
+    for args, stdin in (([str(path)], None), ([], LINES)):
+        result = CliRunner().invoke(
+            ner_train, ["predict", "--model", model_path, "--device", "cpu", *args], input=stdin
+        )
+        assert result.exit_code == 0, result.output
+        assert [json.loads(line) for line in result.stdout.splitlines()] == expected

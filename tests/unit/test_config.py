@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import get_type_hints
 
+import click
 import pytest
 from click.testing import CliRunner
 
 from ner_stream import cli
 from ner_stream.cli import main
-from ner_stream.config import SETTINGS, WorkerConfig
+from ner_stream.config import SETTING_TYPES, SETTINGS, WorkerConfig, setting, settings_of
+from ner_stream.tagger import TaggerOptions
 
 
 @pytest.fixture(autouse=True)
@@ -37,11 +40,70 @@ def test_settings_and_config_fields_agree():
         assert s.envvar == "NER_STREAM_" + s.name.upper()
 
 
+def test_each_setting_is_read_from_its_one_declaration():
+    """Default, type, help and secrecy of a setting are those of its WorkerConfig field."""
+    hints, defaults = get_type_hints(WorkerConfig), WorkerConfig()
+    for s, f in zip(SETTINGS, fields(WorkerConfig), strict=True):
+        assert s.default == f.default == getattr(defaults, s.name), s.name
+        assert s.help == f.metadata["help"] and s.help.endswith("."), s.name
+        assert s.secret is f.metadata["secret"], s.name
+        assert s.type in SETTING_TYPES and hints[s.name] in (s.type, s.type | None), s.name
+        assert s.flag is (s.type is bool), s.name
+        assert s.option == "--" + s.name.replace("_", "-")
+    assert [s.name for s in SETTINGS if s.secret] == ["sasl_password"]
+    assert [s.name for s in SETTINGS if s.flag] == ["model_process", "create_topics"]
+
+
+def test_a_field_not_declared_as_a_setting_is_refused():
+    @dataclass(frozen=True)
+    class Bare:
+        x: int = 1
+
+    @dataclass(frozen=True)
+    class Listed:
+        x: list = setting((), "A list.")
+
+    with pytest.raises(TypeError, match=r"Bare\.x is not declared with setting"):
+        settings_of(Bare)
+    with pytest.raises(TypeError, match=r"Listed\.x: a setting is a str, int, float or bool"):
+        settings_of(Listed)
+
+
+def _options(command: click.Command) -> dict[str, click.Option]:
+    return {p.name: p for p in command.params if isinstance(p, click.Option) and p.name}
+
+
+def test_the_flags_of_run_are_the_settings_in_order_with_their_help_env_and_default():
+    options = [p for p in cli.run.params if isinstance(p, click.Option)]
+    assert [p.name for p in options] == [s.name for s in SETTINGS]  # the order of --help
+    for p, s in zip(options, SETTINGS, strict=True):
+        assert p.opts[0] == s.option and p.is_flag is s.flag, s.name
+        assert (p.default, p.envvar, p.help) == (s.default, s.envvar, s.help), s.name
+        assert p.show_envvar
+        assert bool(p.show_default) is (not s.secret and not s.flag), s.name
+
+
+def test_the_flags_tag_shares_with_run_come_from_the_same_settings():
+    by_name = {s.name: s for s in SETTINGS}
+    shared = {name: p for name, p in _options(cli.tag).items() if name in by_name}
+    assert set(shared) == {"model", "device", "precision", "max_f1_change", "line_breaks"}
+    for name, p in shared.items():
+        s = by_name[name]
+        assert (p.opts[0], p.default, p.envvar, p.help) == (s.option, s.default, s.envvar, s.help)
+    for command, topic in ((cli.produce, "input_topic"), (cli.consume, "output_topic")):
+        p = _options(command)["topic"]
+        assert (p.default, p.envvar) == (by_name[topic].default, by_name[topic].envvar)
+        p = _options(command)["bootstrap_servers"]
+        assert (p.default, p.envvar) == (WorkerConfig.bootstrap_servers, by_name[p.name].envvar)
+
+
 @pytest.mark.parametrize(
     ("overrides", "flag"),
     [
         ({"max_batch_docs": 0}, "--max-batch-docs"),
-        ({"max_batch_tokens": 0, "max_chunk_tokens": 0}, "--max-batch-tokens"),
+        ({"max_batch_tokens": 0}, "--max-batch-tokens must be at least 1"),
+        ({"max_pass_tokens": 0, "max_chunk_tokens": 0}, "--max-pass-tokens must be at least 1"),
+        ({"max_pass_tokens": -5}, "--max-pass-tokens must be at least 1"),
         ({"max_doc_bytes": -1}, "--max-doc-bytes"),
         ({"queue_docs": 0}, "--queue-docs"),
         ({"commit_interval_ms": 0}, "--commit-interval-ms"),
@@ -51,7 +113,10 @@ def test_settings_and_config_fields_agree():
         ({"fetch_max_wait_ms": 60_000}, "--fetch-max-wait-ms"),
         ({"precision": "fp8"}, "--precision"),
         ({"max_f1_change": -0.1}, "--max-f1-change"),
-        ({"max_chunk_tokens": 512, "max_batch_tokens": 256}, "--max-chunk-tokens"),
+        (
+            {"max_chunk_tokens": 512, "max_pass_tokens": 256},
+            "--max-chunk-tokens must not exceed --max-pass-tokens",
+        ),
         ({"line_breaks": "never"}, "--line-breaks"),
         ({"shutdown_timeout_s": 0}, "--shutdown-timeout-s"),
         ({"connect_timeout_s": -1.0}, "--connect-timeout-s"),
@@ -80,7 +145,43 @@ def test_every_problem_is_reported_at_once():
 
 def test_valid_edge_values_are_accepted():
     WorkerConfig(max_wait_ms=0, metrics_port=0, max_chunk_tokens=64, max_batch_tokens=64,
-                 log_level="debug")  # fmt: skip
+                 max_pass_tokens=64, log_level="debug")  # fmt: skip
+
+
+def test_the_two_token_budgets_are_separate_settings():
+    """--max-batch-tokens counts real tokens per micro-batch, --max-pass-tokens padded positions
+    per forward pass; only the pass must hold a whole chunk."""
+    default = WorkerConfig()
+    assert default.max_batch_tokens == default.max_pass_tokens == 8192
+    cfg = WorkerConfig(max_batch_tokens=64, max_chunk_tokens=128, max_pass_tokens=128)
+    assert (cfg.max_batch_tokens, cfg.max_pass_tokens) == (64, 128)
+    with pytest.raises(ValueError, match="--max-chunk-tokens must not exceed --max-pass-tokens"):
+        WorkerConfig(max_chunk_tokens=129, max_pass_tokens=128)
+    result = CliRunner().invoke(main, ["run"], env={"NER_STREAM_MAX_PASS_TOKENS": "100"})
+    assert result.exit_code == 2
+    assert "--max-chunk-tokens must not exceed --max-pass-tokens" in result.output
+
+
+# ------------------------------------------------------------------------------ TaggerOptions
+
+
+def test_tagger_options_take_their_defaults_and_values_from_the_worker_settings():
+    by_name = {s.name: s for s in SETTINGS}
+    shared = [f for f in fields(TaggerOptions) if f.name != "buckets"]
+    assert [f.name for f in shared] == [
+        "device", "max_chunk_tokens", "max_pass_tokens", "precision", "max_f1_change",
+        "line_breaks",
+    ]  # fmt: skip
+    for f in shared:
+        assert f.default == by_name[f.name].default, f.name
+    cfg = WorkerConfig(device="cpu", max_chunk_tokens=32, max_batch_tokens=100,
+                       max_pass_tokens=512, precision="fp32", max_f1_change=0.5,
+                       line_breaks="space")  # fmt: skip
+    options = TaggerOptions.of(cfg)
+    assert options == TaggerOptions(device="cpu", max_chunk_tokens=32, max_pass_tokens=512,
+                                    precision="fp32", max_f1_change=0.5,
+                                    line_breaks="space")  # fmt: skip
+    assert TaggerOptions.of(WorkerConfig()) == TaggerOptions()
 
 
 def test_redacted_masks_the_sasl_password_and_nothing_else():

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -21,6 +26,7 @@ from ner_stream.tagger import Tagger, TaggerOptions
 from tests.fakes import random_model
 
 CPU = torch.device("cpu")
+ALLOWED = 0.1  # dev-F1 points: `choose` has no default, every caller passes one
 TEXTS = [
     "Peter went to Paris and the Peter went .",
     "paris peter to the and went Peter Paris .",
@@ -43,13 +49,13 @@ def no_native_bf16(monkeypatch):
 
 
 def test_auto_takes_bf16_on_a_cpu_with_native_bf16_when_dev_f1_allows(native_bf16):
-    choice = choose("auto", CPU, {"bf16": check()})
+    choice = choose("auto", CPU, {"bf16": check()}, ALLOWED)
     assert choice.precision == "bf16" and not choice.emulated
     assert "90.00" in choice.reason and "90.03" in choice.reason
 
 
 def test_auto_stays_fp32_without_native_bf16(no_native_bf16):
-    choice = choose("auto", CPU, {"bf16": check()})
+    choice = choose("auto", CPU, {"bf16": check()}, ALLOWED)
     assert choice.precision == "fp32"
     assert "no native bf16" in choice.reason
 
@@ -57,11 +63,11 @@ def test_auto_stays_fp32_without_native_bf16(no_native_bf16):
 @pytest.mark.parametrize("checks", [{}, {"bf16": check(f1=89.8)}, {"bf16": check(f1=90.2)}])
 def test_auto_stays_fp32_when_the_model_has_no_check_or_f1_moved_too_much(native_bf16, checks):
     # A gain counts as a move too: the gate is on how far F1 moved, not in which direction.
-    assert choose("auto", CPU, checks).precision == "fp32"
+    assert choose("auto", CPU, checks, ALLOWED).precision == "fp32"
 
 
 def test_auto_stays_fp32_on_cuda():
-    assert choose("auto", torch.device("cuda"), {"bf16": check()}).precision == "fp32"
+    assert choose("auto", torch.device("cuda"), {"bf16": check()}, ALLOWED).precision == "fp32"
 
 
 def test_the_allowed_change_is_configurable(native_bf16):
@@ -72,26 +78,53 @@ def test_the_allowed_change_is_configurable(native_bf16):
 
 def test_an_explicit_request_is_refused_without_a_measurement(no_native_bf16):
     with pytest.raises(PrecisionError, match="no dev-F1 measurement at bf16.*check-precision"):
-        choose("bf16", CPU, {})
+        choose("bf16", CPU, {}, ALLOWED)
 
 
 def test_an_explicit_request_is_refused_when_f1_moved_too_much(no_native_bf16):
     with pytest.raises(PrecisionError, match=r"-0\.50 on dev\.txt.*--max-f1-change 0\.1"):
-        choose("bf16", CPU, {"bf16": check(f1=89.5)})
+        choose("bf16", CPU, {"bf16": check(f1=89.5)}, ALLOWED)
 
 
 def test_an_explicit_request_without_native_support_runs_emulated(no_native_bf16):
-    choice = choose("bf16", CPU, {"bf16": check()})
+    choice = choose("bf16", CPU, {"bf16": check()}, ALLOWED)
     assert choice.precision == "bf16" and choice.emulated
 
 
 def test_fp16_is_refused_on_a_cpu_and_unknown_names_everywhere():
     with pytest.raises(PrecisionError, match="only on CUDA"):
-        choose("fp16", CPU, {"fp16": check("fp16")})
+        choose("fp16", CPU, {"fp16": check("fp16")}, ALLOWED)
     with pytest.raises(PrecisionError, match="unknown precision"):
-        choose("fp8", CPU, {})
+        choose("fp8", CPU, {}, ALLOWED)
     with pytest.raises(PrecisionError, match="must not be negative"):
         choose("auto", CPU, {}, max_f1_change=-1)
+
+
+def test_the_precision_module_does_not_depend_on_the_worker_config():
+    """The model core takes its defaults as arguments: no import of ner_stream.config, directly
+    (read from the source) or through another module (a fresh interpreter's loaded modules)."""
+    source = Path(prec.__file__).read_text(encoding="utf-8")
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            # `from . import config` inside ner_stream is ner_stream.config too.
+            module = ".".join(filter(None, ["ner_stream" * bool(node.level), node.module]))
+            imported.add(module)
+            imported.update(f"{module}.{alias.name}" for alias in node.names)
+    assert not {m for m in imported if m.startswith("ner_stream.config")}
+    code = "import sys, ner_stream.precision; print('ner_stream.config' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, cwd=Path(__file__).parents[2])  # fmt: skip
+    assert loaded.stdout.strip() == "False"
+
+
+def test_the_worker_takes_its_precision_defaults_from_the_precision_module():
+    from ner_stream.config import PRECISIONS, WorkerConfig
+
+    assert PRECISIONS is prec.PRECISIONS
+    assert WorkerConfig.max_f1_change == prec.DEFAULT_MAX_F1_CHANGE
 
 
 def test_checks_survive_the_model_file(tmp_path):

@@ -1,16 +1,22 @@
 """ner-train end to end on a tiny hand-made corpus: train, evaluate, predict."""
 
+import inspect
 import json
 import random
+from dataclasses import MISSING, fields
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
 
 from ner_stream.checkpoint import load, save
+from ner_stream.model import ModelConfig
 from ner_stream.precision import checks_of
 from ner_stream.tagger import Tagger, TaggerOptions
+from training import cli as train_cli
 from training.cli import main
+from training.trainer import DEFAULT_MODEL_NAME, TrainConfig, train
 
 PEOPLE = [("Anna", "Berg"), ("Tom", "Hale"), ("Ines", "Moreau"), ("Raj", "Patel")]
 PLACES = ["Oslo", "Lima", "Cairo", "Quito", "Perth"]
@@ -75,6 +81,7 @@ def test_predict_gives_entities_with_offsets(trained):
     result = CliRunner().invoke(main, ["predict", "--model", str(model)], input=text + "\n")
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
+    assert sorted(out) == ["entities", "id"] and out["id"] == "1"  # as `ner-stream tag` writes
     found = {(e["text"], e["type"]) for e in out["entities"]}
     assert found == {("Anna Berg", "PER"), ("Lima", "LOC")}
     for e in out["entities"]:
@@ -177,6 +184,57 @@ def test_paragraph_merge_trains_and_is_recorded(tmp_path):
     off = CliRunner().invoke(main, [*args[:-1], "0", "--out", str(tmp_path / "off.nerm")])
     assert off.exit_code == 0, off.output
     assert "paragraph merge" not in off.output
+
+
+def _option_defaults(command: str) -> dict[str, object]:
+    params = main.commands[command].params
+    return {p.name: p.default for p in params if isinstance(p, click.Option) and p.name}
+
+
+def test_the_defaults_of_ner_train_train_are_those_of_train_config():
+    options = _option_defaults("train")
+    config = {f.name: f.default for f in fields(TrainConfig)}
+    shared = set(options) & set(config)
+    assert shared == {
+        "arch", "tag_scheme", "epochs", "batch_size", "lr", "patience", "seed", "device",
+        "word_dim", "char_encoder", "hidden", "dropout", "lowercase", "bidirectional",
+        "paragraph_merge", "max_minutes",
+    }  # fmt: skip
+    for name in sorted(shared):
+        assert options[name] == config[name], name
+    assert (
+        options["name"] == DEFAULT_MODEL_NAME == inspect.signature(train).parameters["name"].default
+    )
+    for command in ("evaluate", "check-precision"):
+        assert _option_defaults(command)["device"] == TrainConfig.device
+
+
+def test_train_without_options_trains_with_train_config_defaults(tmp_path, monkeypatch):
+    """Every option reaches TrainConfig: no flags given is exactly TrainConfig()."""
+    seen = []
+
+    def stop(train_sents, dev_sents, cfg, **kwargs):
+        seen.append(cfg)
+        raise click.ClickException("stopped before training")
+
+    monkeypatch.setattr(train_cli, "train", stop)
+    write_corpus(tmp_path / "c.txt", 6, 5)
+    args = ["train", "--train", str(tmp_path / "c.txt"), "--dev", str(tmp_path / "c.txt")]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "m.nerm")])
+    assert "stopped before training" in result.output
+    assert seen == [TrainConfig()]
+
+
+def test_the_network_shape_defaults_of_training_are_those_of_model_config():
+    model = {f.name: f.default for f in fields(ModelConfig) if f.default is not MISSING}
+    config = {f.name: f.default for f in fields(TrainConfig)}
+    shared = set(model) & set(config)
+    assert shared == {
+        "tag_scheme", "word_dim", "char_encoder", "char_filters", "case_dim", "hidden", "dropout",
+        "bidirectional",
+    }  # fmt: skip
+    for name in sorted(shared):
+        assert config[name] == model[name], name
 
 
 def test_line_breaks_without_raw_is_refused(trained):

@@ -36,6 +36,7 @@ CFG = WorkerConfig(
     dlq_topic=DLQ,
     max_batch_docs=8,
     max_batch_tokens=256,
+    max_pass_tokens=256,
     max_chunk_tokens=32,
     max_wait_ms=5,
     commit_interval_ms=10,
@@ -48,7 +49,7 @@ CFG = WorkerConfig(
 @pytest.fixture(scope="module")
 def tagger() -> Tagger:
     return make_tagger("rigged", max_chunk_tokens=CFG.max_chunk_tokens,
-                       max_pass_tokens=CFG.max_batch_tokens)  # fmt: skip
+                       max_pass_tokens=CFG.max_pass_tokens)  # fmt: skip
 
 
 class Running:
@@ -428,7 +429,7 @@ def test_stop_finishes_queued_work_flushes_and_commits(monkeypatch):
 
 def test_a_long_document_is_tagged_whole_and_the_small_ones_behind_it_too():
     # 40 sentences of 9 tokens and one of 30 (more than half the batch: it goes the "long lane"),
-    # far more than max_batch_tokens (48) in all.
+    # far more than max_batch_tokens (48 real tokens per micro-batch) in all.
     sentence = "Peter went to Paris and the Peter went ."
     long_text = " ".join([sentence] * 40) + " " + " ".join(["Paris"] * 29) + " ."
     consumer, producer = FakeConsumer(partitions=1), FakeProducer()
@@ -436,7 +437,8 @@ def test_a_long_document_is_tagged_whole_and_the_small_ones_behind_it_too():
     for i in range(10):
         consumer.append(0, doc(f"s{i}", "Paris ."))
     small = make_tagger("rigged", max_chunk_tokens=32, max_pass_tokens=48)
-    running = start(small, consumer, producer, max_batch_tokens=48, max_chunk_tokens=32)
+    running = start(small, consumer, producer, max_batch_tokens=48, max_pass_tokens=48,
+                    max_chunk_tokens=32)  # fmt: skip
     wait_for(lambda: output_ids(producer) == {"long"} | {f"s{i}" for i in range(10)},
              what="all outputs")  # fmt: skip
     assert running.stop() == 0
