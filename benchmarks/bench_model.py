@@ -19,9 +19,10 @@ times tokens/s) / the matmul FLOP/s of the same dtype. Timings are medians over 
 
     python -m benchmarks.bench_model --model M.nerm --out benchmarks/results/model.json [--quick]
 
-`--crf` runs only the CRF decoders on their own (`crf_decoders`): the packaged model's emissions
-of typical passes, decoded by each implementation in interleaved rounds; medians and their ratio.
-With `--crf-beside-network` a micro-batch's network runs on another thread meanwhile, as the model
+`--crf` runs only the CRF decoder (`CRF.decode`) on its own (`crf_decoders`): the packaged model's
+emissions of typical passes, in rounds; medians per pass. Every entry of `CRF_DECODERS` is timed,
+interleaved, with its ratio to the first: to compare a candidate decoder, add it there. With
+`--crf-beside-network` a micro-batch's network runs on another thread meanwhile, as the model
 process overlaps them.
 
     python -m benchmarks.bench_model --crf [--crf-shapes 256x32,64x96,8x128] [--rounds 15]
@@ -55,7 +56,6 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.corpus import DEFAULT_SEED, documents
-from ner_stream import crf_host
 from ner_stream.batching import BatchLimits, MicroBatcher, pad_batch, padded_rows
 from ner_stream.checkpoint import default_model_path
 from ner_stream.config import WorkerConfig
@@ -263,7 +263,7 @@ def run_batches(model, batches: list[Batch]) -> None:
 
 
 def check_dtypes(model, batch: Batch) -> dict:
-    """The dtypes seen at the LSTM output, the projection output and the CRF's inputs."""
+    """The dtypes seen at the LSTM output, the projection output and the CRF's input and outputs."""
     seen: dict[str, str] = {}
 
     def hook(name):
@@ -289,16 +289,17 @@ def check_dtypes(model, batch: Batch) -> dict:
     model._lstm_direction = direction
     crf = model.crf
     if crf is not None:
-        for name in ("viterbi", "marginals"):
-            original = getattr(crf, name)
+        original = crf.decode
 
-            def wrapped(em, mask, _orig=original, _name=name):
-                out = _orig(em, mask)
-                seen[f"crf_{_name}_input"] = str(em.dtype).replace("torch.", "")
-                seen[f"crf_{_name}_output"] = str(out.dtype).replace("torch.", "")
-                return out
+        def decode(em, mask, with_scores=True):
+            tags, scores = original(em, mask, with_scores)
+            seen["crf_input"] = str(em.dtype).replace("torch.", "")
+            seen["crf_tags"] = str(tags.dtype).replace("torch.", "")
+            if scores is not None:
+                seen["crf_scores"] = str(scores.dtype).replace("torch.", "")
+            return tags, scores
 
-            setattr(crf, name, wrapped)
+        crf.decode = decode
     try:
         run_batches(model, [batch])
     finally:
@@ -306,8 +307,7 @@ def check_dtypes(model, batch: Batch) -> dict:
             h.remove()
         del model._lstm_direction
         if crf is not None:
-            for name in ("viterbi", "marginals"):
-                crf.__dict__.pop(name, None)
+            del crf.decode
     return seen
 
 
@@ -409,13 +409,10 @@ def _decode_torch(tagger: Tagger, em: torch.Tensor, mask: torch.Tensor):
     return tags.numpy(), scores.numpy()
 
 
-def _decode_numpy(tagger: Tagger, em: torch.Tensor, mask: torch.Tensor):
-    return crf_host.decode(tagger._host_crf, em.numpy(), mask.sum(1).numpy())
-
-
-# Each CRF decoder as the CPU worker would call it: emissions [N, T, K] and mask [N, T] on the
-# CPU in, numpy tags and scores out.
-CRF_DECODERS = {"torch": _decode_torch, "numpy": _decode_numpy}
+# Each CRF decoder as the CPU worker calls it (`Tagger.decode`): emissions [N, T, K] and mask
+# [N, T] on the CPU in, numpy tags and scores out. Until the CRF had one decoder there was a
+# numpy one beside the torch one (see docs/benchmarks.md).
+CRF_DECODERS = {"torch": _decode_torch}
 
 
 def crf_cases(
@@ -491,7 +488,8 @@ def crf_decoders(tagger: Tagger, prepared: list[PreparedDoc], args: argparse.Nam
         pairs = [(x, y) for out in outputs[1:] for x, y in zip(out, outputs[0], strict=True)]
         same = all((x[0] == y[0]).all() for x, y in pairs)
         gap = max([float(abs(x[1] - y[1]).max()) for x, y in pairs] or [0.0])
-        log(f"CRF {case}: decoders agree on tags: {same}, largest score gap {gap:.1e}")
+        if pairs:
+            log(f"CRF {case}: decoders agree on tags: {same}, largest score gap {gap:.1e}")
     samples: dict = {key: [] for key in calls}
     try:
         for r in range(args.rounds):

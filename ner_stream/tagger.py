@@ -17,10 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ner_stream import crf_host
 from ner_stream.batching import ROW_MULTIPLE, bucket_length, pad_batch, padded_rows
 from ner_stream.checkpoint import LoadedModel, default_model_path, load
-from ner_stream.crf_host import CrfWeights
 from ner_stream.messages import Entity
 from ner_stream.model import Batch
 from ner_stream.precision import DEFAULT_MAX_F1_CHANGE, Choice, cast_network, checks_of, choose
@@ -138,12 +136,6 @@ class Tagger:
         self._pin = self.device.type == "cuda"
         # -1 (no tag) when a model has no "O" tag: every tag then reaches span decoding.
         self._outside = self.vocabs.tags.stoi.get(OUTSIDE, -1)
-        crf = self.model.crf
-        self._host_crf = (
-            CrfWeights(*(w.detach().float().numpy() for w in (crf.transitions, crf.start, crf.end)))
-            if crf is not None and self.device.type == "cpu"
-            else None
-        )
         if self.precision.precision != "fp32":
             cast_network(self.model, self.precision.precision)
         self._runner: BatchRunner = self._run_here
@@ -357,12 +349,8 @@ class Tagger:
 
     def decode(self, emissions: Emissions) -> tuple[np.ndarray, np.ndarray]:
         """The second half of `run_batches`: best tags and their confidences."""
-        em, mask = emissions.scores, emissions.mask
-        if self._host_crf is not None:
-            lengths = mask.sum(1).numpy()
-            return crf_host.decode(self._host_crf, em.float().numpy(), lengths)
         with torch.inference_mode():
-            tags, scores = self.model.decode_emissions(em, mask, with_scores=True)
+            tags, scores = self.model.decode_emissions(emissions.scores, emissions.mask)
         assert scores is not None
         return tags.cpu().numpy(), scores.float().cpu().numpy()
 
