@@ -18,23 +18,36 @@ Efficiency = the model's useful FLOP/s (FLOPs per real token from the model's co
 times tokens/s) / the matmul FLOP/s of the same dtype. Timings are medians over repeats.
 
     python -m benchmarks.bench_model --model M.nerm --out benchmarks/results/model.json [--quick]
+
+`--crf` runs only the CRF decoder (`CRF.decode`) on its own (`crf_decoders`): the packaged model's
+emissions of typical passes, in rounds; medians per pass. Every entry of `CRF_DECODERS` is timed,
+interleaved, with its ratio to the first: to compare a candidate decoder, add it there. With
+`--crf-beside-network` a micro-batch's network runs on another thread meanwhile, as the model
+process overlaps them.
+
+    python -m benchmarks.bench_model --crf [--crf-shapes 256x32,64x96,8x128] [--rounds 15]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import textwrap
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from benchmarks.common import (
     RESULTS,
+    SCRATCH,
     display_path,
     host_info,
     log,
@@ -53,10 +66,18 @@ from ner_stream.text import LINE_BREAK_MODES
 from ner_stream.vocab import EncodedSentence
 
 DTYPES = ("fp32", "bf16")
+# Passes the worker runs (rows x padded tokens): a full short bucket, a mid one, a few long rows.
+CRF_SHAPES = [(256, 32), (64, 96), (8, 128)]
 
 
 def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def shapes_of(text: str) -> list[tuple[int, int]]:
+    """'256x32,8x128' -> [(256, 32), (8, 128)]."""
+    pairs = [x.split("x") for x in text.split(",") if x.strip()]
+    return [(int(b), int(t)) for b, t in pairs]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -91,8 +112,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-chunk-tokens", type=int, default=worker.max_chunk_tokens)
     p.add_argument("--matmul-size", type=int, default=1024)
     p.add_argument("--quick", action="store_true", help="smoke-run sizes (also BENCH_QUICK=1)")
-    p.add_argument("--out", default=str(RESULTS / "model.json"))
+    p.add_argument("--crf", action="store_true", help="only the CRF decoders")
+    p.add_argument("--crf-shapes", type=shapes_of, default=None, help="rows x tokens per pass")
+    p.add_argument("--crf-micro-batches", type=int, default=5, help="corpus micro-batches")
+    p.add_argument(
+        "--crf-beside-network",
+        action="store_true",
+        help="a micro-batch's network runs on another thread meanwhile, as in the model process",
+    )
+    p.add_argument("--rounds", type=int, default=None, help="--crf: interleaved timing rounds")
+    p.add_argument(
+        "--out", default=None, help="JSON result (default: results/model.json; .out/crf.json)"
+    )
     args = p.parse_args(argv)
+    args.out = args.out or str(SCRATCH / "crf.json" if args.crf else RESULTS / "model.json")
     args.quick = quick_mode(args.quick)
     q = args.quick
     args.batch_sizes = args.batch_sizes or ([32, 128] if q else [32, 64, 128, 256])
@@ -100,6 +133,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.repeats = args.repeats or (2 if q else 5)
     args.case_budget_s = args.case_budget_s or (5.0 if q else 20.0)
     args.corpus_docs = args.corpus_docs or (200 if q else 1000)
+    args.crf_shapes = args.crf_shapes or CRF_SHAPES
+    args.rounds = args.rounds or (3 if q else 15)
     args.dtypes = [d for d in args.dtypes.split(",") if d]
     for d in args.dtypes:
         if d not in DTYPES:
@@ -346,6 +381,159 @@ def text_path(tagger: Tagger, docs: list[dict], repeats: int) -> dict:
     return {"docs": len(docs), "runs": runs}
 
 
+# ------------------------------------------------------------------------------------ CRF
+
+
+def _decode_torch(tagger: Tagger, em: torch.Tensor, mask: torch.Tensor):
+    with torch.inference_mode():
+        tags, scores = tagger.model.decode_emissions(em, mask, with_scores=True)
+    return tags.numpy(), scores.numpy()
+
+
+# Each CRF decoder as the CPU worker calls it (`LocalRunner.decode`): emissions [N, T, K] and mask
+# [N, T] on the CPU in, numpy tags and scores out. Until the CRF had one decoder there was a
+# numpy one beside the torch one (see docs/benchmarks.md).
+CRF_DECODERS = {"torch": _decode_torch}
+
+
+def crf_cases(
+    tagger: Tagger, prepared: list[PreparedDoc], args: argparse.Namespace
+) -> tuple[dict[str, list[tuple[torch.Tensor, torch.Tensor]]], Callable[[], object]]:
+    """The network's emissions and masks to decode, by case name, and one micro-batch's network.
+
+    One pass per `--crf-shapes` (rows x tokens), its rows cut from the corpus' token stream with
+    lengths in (3/4 T, T], as a length bucket holds them; and "micro-batches": the first corpus
+    micro-batches, each one decoding of all its length buckets joined, as `LocalRunner.decode`
+    gets it.
+    """
+    rng = random.Random(args.seed)
+    words = token_stream(prepared)
+    cases = {}
+    for b, t in args.crf_shapes:
+        lengths = [rng.randint(max(1, t - t // 4 + 1), t) for _ in range(b)]
+        sents = [
+            tagger.vocabs.encode(words[start : start + n])
+            for n in lengths
+            for start in [rng.randrange(max(1, len(words) - n))]
+        ]
+        e = tagger.local.run_network([pad_batch(sents, t)], [b])
+        cases[f"{b} x {t}"] = [(e.scores.float().contiguous(), e.mask)]
+    groups = list(micro_batches(prepared, args.micro_batch_docs, args.micro_batch_tokens))
+    calls, _ = corpus_calls(tagger, groups[: args.crf_micro_batches], bucketed=True)
+    joined, networks = [], []
+    for call in calls:
+        batches = [pad_pass(sents, plan) for sents, plan in call]
+        networks.append(partial(tagger.local.run_network, batches, [len(g) for g, _ in call]))
+        e = networks[-1]()
+        joined.append((e.scores.float().contiguous(), e.mask))
+    rows = sum(len(m) for _, m in joined) / len(joined)
+    cases[f"{len(joined)} micro-batches (~{rows:.0f} rows)"] = joined
+    return cases, networks[0]
+
+
+def crf_decoders(tagger: Tagger, prepared: list[PreparedDoc], args: argparse.Namespace) -> dict:
+    """Seconds per case of each CRF decoder, on the emissions of typical passes (`crf_cases`).
+
+    Rounds interleave the decoders (their order alternating from round to round) so that a slower
+    stretch of a shared machine weighs on both alike; each sample is the mean of enough calls to
+    last about 20 ms. Reported: the median per decoder and case, and each decoder's median over
+    the first one's.
+    """
+    cases, network = crf_cases(tagger, prepared, args)
+    names = list(CRF_DECODERS)
+    stop = threading.Event()
+    network_passes = [0]
+
+    def network_loop() -> None:
+        while not stop.is_set():
+            network()
+            network_passes[0] += 1
+
+    beside = threading.Thread(target=network_loop, daemon=True)
+    if args.crf_beside_network:
+        # As in the model process: the network runs the next pass on another thread while the
+        # CRF decodes, and the two hand the GIL back and forth at the child's switch interval.
+        sys.setswitchinterval(0.0005)
+        beside.start()
+
+    def run(name: str, passes) -> list:
+        return [CRF_DECODERS[name](tagger, em, mask) for em, mask in passes]
+
+    calls = {}
+    for case, passes in cases.items():
+        outputs = []
+        for name in names:
+            t0 = time.perf_counter()
+            outputs.append(run(name, passes))  # also the warm-up
+            calls[(case, name)] = max(1, int(0.02 / max(time.perf_counter() - t0, 1e-6)))
+        # Each other decoder's (tags, scores) against the first one's, pass by pass.
+        pairs = [(x, y) for out in outputs[1:] for x, y in zip(out, outputs[0], strict=True)]
+        same = all((x[0] == y[0]).all() for x, y in pairs)
+        gap = max([float(abs(x[1] - y[1]).max()) for x, y in pairs] or [0.0])
+        if pairs:
+            log(f"CRF {case}: decoders agree on tags: {same}, largest score gap {gap:.1e}")
+    samples: dict = {key: [] for key in calls}
+    try:
+        for r in range(args.rounds):
+            for case, passes in cases.items():
+                for name in names if r % 2 == 0 else names[::-1]:
+                    n = calls[(case, name)]
+                    t0 = time.perf_counter()
+                    for _ in range(n):
+                        run(name, passes)
+                    samples[(case, name)].append((time.perf_counter() - t0) / n)
+    finally:
+        stop.set()
+        if beside.is_alive():
+            beside.join()
+            log(f"network passes run beside the decoders: {network_passes[0]}")
+    rows = []
+    for case in cases:
+        row: dict = {"case": case}
+        for name in names:
+            row[name] = summarize(samples[(case, name)])
+        base = row[names[0]]["median"]
+        row["ratio_to_" + names[0]] = {name: row[name]["median"] / base for name in names[1:]}
+        rows.append(row)
+        shown = "  ".join(f"{name} {row[name]['median'] * 1e3:7.2f} ms" for name in names)
+        ratios = "  ".join(
+            f"{name}/{names[0]} {v:.2f}" for name, v in row["ratio_to_" + names[0]].items()
+        )
+        log(f"CRF {case:<28} {shown}  {ratios}")
+    return {
+        "num_tags": tagger.info.config.num_tags,
+        "rounds": args.rounds,
+        "beside_network": args.crf_beside_network,
+        "network_passes_beside": network_passes[0],
+        "cases": rows,
+    }
+
+
+def crf_main(args: argparse.Namespace, model_path: Path) -> int:
+    options = TaggerOptions(device="cpu", precision="fp32")
+    tagger = Tagger.from_file(model_path, options)
+    if tagger.model.crf is None:
+        log(f"{display_path(model_path)} has no CRF")
+        return 1
+    docs = documents(args.corpus_docs, args.seed)
+    prepared = [tagger.prepare(d["text"]) for d in docs]
+    log(
+        f"CRF decoders: {display_path(model_path)}, K = {tagger.info.config.num_tags}, "
+        f"{torch.get_num_threads()} torch threads, {args.rounds} rounds"
+        + (", the network running beside" if args.crf_beside_network else "")
+    )
+    result = {
+        "benchmark": "crf_decoders",
+        "host": host_info(),
+        "torch": {"version": torch.__version__, "threads": torch.get_num_threads()},
+        "model": display_path(model_path),
+        "crf": crf_decoders(tagger, prepared, args),
+    }
+    result["host"]["load_average_after"] = host_info()["load_average"]
+    write_json(args.out, result)
+    return 0
+
+
 # ------------------------------------------------------------------------------------ main
 
 
@@ -355,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     model_path = Path(args.model) if args.model else default_model_path()
+    if args.crf:
+        return crf_main(args, model_path)
     log(f"model core: {display_path(model_path)}, {threads} torch threads")
     options = TaggerOptions(
         device="cpu",

@@ -5,11 +5,12 @@ Two architectures share one interface:
 - ``lstm``: the classic recipe and our baseline. Embedding -> LSTM -> Linear -> log-softmax over the
   K tags, trained with a masked negative log-likelihood per token.
 - ``bilstm-crf``: word embeddings (lowercase, optionally pretrained) + a character CNN or LSTM +
-  a casing feature -> BiLSTM -> Linear -> CRF, decoded with batched Viterbi (the Tagger decodes with
-  ner_stream.crf_host, the same functions in numpy, when it runs on a CPU).
+  a casing feature -> BiLSTM -> Linear -> a linear-chain CRF (ner_stream.crf), trained on the
+  sentence's log-likelihood and decoded with Viterbi.
 
 Both return, at inference, one tag id and one confidence per token (the CRF's marginal probability
-of the chosen tag, or the softmax probability for ``lstm``).
+of the chosen tag, or the softmax probability for ``lstm``), through `NerModel.decode_emissions`:
+training's dev scoring and the Tagger, on a CPU or CUDA, all decode there.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from ner_stream.crf import CRF
 from ner_stream.vocab import CASES, PAD_ID
 
 ARCHS = ("lstm", "bilstm-crf")
@@ -166,126 +168,6 @@ class CharLSTM(nn.Module):
         )
         _, (h, _) = self.lstm(packed)
         return torch.cat([h[0], h[1]], dim=1).view(b, t, self.out_dim)
-
-
-class CRF(nn.Module):
-    """A linear-chain CRF with start and end transitions, batched over sentences."""
-
-    def __init__(self, num_tags: int) -> None:
-        super().__init__()
-        self.transitions = nn.Parameter(torch.zeros(num_tags, num_tags))  # [from, to]
-        self.start = nn.Parameter(torch.zeros(num_tags))
-        self.end = nn.Parameter(torch.zeros(num_tags))
-
-    def neg_log_likelihood(self, emissions: Tensor, tags: Tensor, mask: Tensor) -> Tensor:
-        """Mean over sentences of -log p(tags | emissions). Every sentence has length >= 1."""
-        return (self._log_partition(emissions, mask) - self._score(emissions, tags, mask)).mean()
-
-    def _score(self, emissions: Tensor, tags: Tensor, mask: Tensor) -> Tensor:
-        maskf = mask.to(emissions.dtype)
-        emit = emissions.gather(2, tags.unsqueeze(2)).squeeze(2)  # [B, T]
-        score = self.start[tags[:, 0]] + (emit * maskf).sum(1)
-        trans = self.transitions[tags[:, :-1], tags[:, 1:]]  # [B, T-1]
-        score = score + (trans * maskf[:, 1:]).sum(1)
-        last = tags.gather(1, (mask.sum(1) - 1).unsqueeze(1)).squeeze(1)
-        return score + self.end[last]
-
-    def _forward_alphas(self, emissions: Tensor, mask: Tensor) -> list[Tensor]:
-        alpha = self.start + emissions[:, 0]
-        alphas = [alpha]
-        for t in range(1, emissions.shape[1]):
-            nxt = torch.logsumexp(alpha.unsqueeze(2) + self.transitions, dim=1) + emissions[:, t]
-            alpha = torch.where(mask[:, t : t + 1], nxt, alpha)
-            alphas.append(alpha)
-        return alphas
-
-    def _log_partition(self, emissions: Tensor, mask: Tensor) -> Tensor:
-        alpha = self._forward_alphas(emissions, mask)[-1]
-        return torch.logsumexp(alpha + self.end, dim=1)
-
-    def marginals(self, emissions: Tensor, mask: Tensor) -> Tensor:
-        """p(y_t = k | x) for every position, [B, T, K] (forward-backward).
-
-        Runs in probability space with each step's vector rescaled to sum to 1: a step is then
-        one small matrix product instead of a log-sum-exp over [B, K, K], and the scale factors
-        need no bookkeeping because a position's marginals are normalised over its K tags anyway.
-        float64 keeps the rescaled products far from underflow. Padded positions hold 1/K.
-        """
-        rows = _ByLength(mask)
-        em = rows.sort(emissions.double())
-        n, t_len, k = em.shape
-        trans = self.transitions.double().exp()  # [from, to]
-        trans_t = trans.t().contiguous()
-        # exp of each position's emissions relative to their max: bounded by 1, shift cancels.
-        probs = (em - em.amax(dim=2, keepdim=True)).exp()
-        alphas = em.new_ones(n, t_len, k)
-        betas = em.new_ones(n, t_len, k)
-        alpha = _normalise((self.start.double() + em[:, 0] - em[:, 0].amax(1, keepdim=True)).exp())
-        alphas[:, 0] = alpha
-        for t in range(1, t_len):
-            live = rows.active[t]
-            alpha = _normalise((alpha[:live] @ trans) * probs[:live, t])
-            alphas[:live, t] = alpha
-        end = self.end.double()
-        beta = _normalise((end - end.max()).exp()).expand(n, k).clone()
-        # A sentence's last position has beta = the end transition; earlier ones recurse on it.
-        for t in range(t_len - 1, -1, -1):
-            live = rows.active[t]
-            betas[:live, t] = beta[:live]
-            if t > 0:
-                longer = rows.active[t]
-                beta[:longer] = _normalise((beta[:longer] * probs[:longer, t]) @ trans_t)
-        return rows.unsort(_normalise(alphas * betas)).to(emissions.dtype)
-
-    def viterbi(self, emissions: Tensor, mask: Tensor) -> Tensor:
-        """The best tag sequence of each sentence, [B, T] (padding positions hold tag 0)."""
-        rows = _ByLength(mask)
-        em = rows.sort(emissions)
-        n, t_len, _ = em.shape
-        score = self.start + em[:, 0]
-        history = []
-        for t in range(1, t_len):
-            live = rows.active[t]
-            best, idx = (score[:live].unsqueeze(2) + self.transitions).max(dim=1)
-            score = torch.cat([best + em[:live, t], score[live:]])
-            history.append(idx)
-        tags = torch.zeros(n, t_len, dtype=torch.int64, device=em.device)
-        # Each row's pointer starts at its best last tag and is written once its position is
-        # reached going backwards; rows that ended earlier are not touched until then.
-        pointer = (score + self.end).argmax(dim=1)
-        for t in range(t_len - 1, 0, -1):
-            live = rows.active[t]
-            tags[:live, t] = pointer[:live]
-            back = history[t - 1].gather(1, pointer[:live].unsqueeze(1)).squeeze(1)
-            pointer = torch.cat([back, pointer[live:]])
-        tags[:, 0] = pointer
-        return rows.unsort(tags)
-
-
-class _ByLength:
-    """Rows of a batch sorted longest first, so that the rows still running at step t are a
-    prefix: the CRF's loops then work on `[:active[t]]` and skip padding altogether."""
-
-    def __init__(self, mask: Tensor) -> None:
-        lengths = mask.sum(1)
-        lengths[lengths == 0] = 1  # an empty sentence still has its first position decoded
-        self.order = torch.argsort(lengths, descending=True, stable=True)
-        self.inverse = torch.argsort(self.order)
-        t_len = mask.shape[1]
-        counts = (lengths.unsqueeze(1) > torch.arange(t_len, device=mask.device)).sum(0)
-        # One host transfer for all steps: Python slicing needs plain ints.
-        self.active: list[int] = counts.tolist()
-
-    def sort(self, x: Tensor) -> Tensor:
-        return x.index_select(0, self.order)
-
-    def unsort(self, x: Tensor) -> Tensor:
-        return x.index_select(0, self.inverse)
-
-
-def _normalise(x: Tensor) -> Tensor:
-    """Rescale the last dimension to sum to 1."""
-    return x / x.sum(dim=-1, keepdim=True)
 
 
 def reverse_within_lengths(lengths: Tensor, t_len: int) -> Tensor:
@@ -445,9 +327,5 @@ class NerModel(nn.Module):
         if self.crf is None:
             logp, tags = emissions.max(dim=2)
             return tags.masked_fill(~mask, 0), (logp.exp() if with_scores else None)
-        em = emissions.float()  # the CRF's sums want fp32 even when the network runs in bf16
-        tags = self.crf.viterbi(em, mask)
-        if not with_scores:
-            return tags, None
-        probs = self.crf.marginals(em, mask).gather(2, tags.unsqueeze(2)).squeeze(2)
-        return tags, probs
+        # The CRF decodes in fp32 even when the network runs in bf16.
+        return self.crf.decode(emissions, mask, with_scores)

@@ -11,7 +11,7 @@ The child holds a `LocalRunner` built from the model file; the parent still toke
 pads and turns tags into entities; only padded arrays (about 1.5 MB
 for a full micro-batch) and the tags and confidences of the real rows cross the pipe. In the
 child, passes flow through two stages on two threads, the network (torch, `--torch-threads`
-threads) and then the CRF (numpy), so that one pass is decoded while the next one's network runs.
+threads) and then the CRF, so that one pass is decoded while the next one's network runs.
 
 A child that dies (killed for memory, a native crash) loses the passes it had: their replies raise
 `ModelProcessError`, and `ModelProcess.restart` starts a fresh child in its place. How often that
@@ -288,7 +288,7 @@ def serve(conn: Connection, model_path: str, precision: str, threads: int) -> No
     requests: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=_read_requests, args=(conn, requests), daemon=True).start()
     # The network of one pass runs while the CRF decodes the pass before it, on a thread of its
-    # own: the CRF (numpy) is about a sixth of a pass, and a CPU rarely has no room at all for
+    # own: the CRF is about a sixth of a pass, and a CPU rarely has no room at all for
     # it beside the worker's own process. The two threads hand the GIL back and forth, so it
     # must be handed over promptly.
     sys.setswitchinterval(0.0005)

@@ -18,9 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ner_stream import crf_host
 from ner_stream.checkpoint import load
-from ner_stream.crf_host import CrfWeights
 from ner_stream.model import Batch, NerModel
 from ner_stream.precision import cast_network
 
@@ -92,12 +90,6 @@ class LocalRunner:
         if precision != "fp32":
             cast_network(self.model, precision)
         self._pin = device.type == "cuda"
-        crf = self.model.crf
-        self._host_crf = (
-            CrfWeights(*(w.detach().float().numpy() for w in (crf.transitions, crf.start, crf.end)))
-            if crf is not None and device.type == "cpu"
-            else None
-        )
 
     @classmethod
     def from_file(cls, path: str | Path, device: str, precision: str) -> LocalRunner:
@@ -134,11 +126,10 @@ class LocalRunner:
         return Emissions(em, mask)
 
     def decode(self, emissions: Emissions) -> tuple[np.ndarray, np.ndarray]:
-        """Best tags [N, T] (int64) and their confidences [N, T] (float32) of `emissions`."""
-        em, mask = emissions.scores, emissions.mask
-        if self._host_crf is not None:
-            return crf_host.decode(self._host_crf, em.float().numpy(), mask.sum(1).numpy())
+        """Best tags [N, T] (int64) and their confidences [N, T] (float32) of `emissions`: the
+        CRF's Viterbi path and each tag's marginal probability (`crf.CRF.decode`), or for a model
+        without a CRF the best tag at each position and its probability."""
         with torch.inference_mode():
-            tags, scores = self.model.decode_emissions(em, mask, with_scores=True)
+            tags, scores = self.model.decode_emissions(emissions.scores, emissions.mask, True)
         assert scores is not None
         return tags.cpu().numpy(), scores.float().cpu().numpy()
