@@ -185,10 +185,10 @@ def ner_stream_tokens(docs: int, seed: int) -> int:
     """Tokens the worker would tag for the first `docs` corpus documents (default chunking)."""
     from benchmarks.corpus import documents
     from ner_stream.config import WorkerConfig
-    from ner_stream.text import chunk_document
+    from ner_stream.text import document_windows
 
     limit = WorkerConfig().max_chunk_tokens
-    return sum(len(c) for d in documents(docs, seed) for c in chunk_document(d["text"], limit))
+    return sum(len(c) for d in documents(docs, seed) for c in document_windows(d["text"], limit))
 
 
 # ------------------------------------------------------------------------------------ summary

@@ -21,7 +21,7 @@ from ner_stream.messages import Entity
 from ner_stream.precision import Choice, checks_of, choose
 from ner_stream.runner import Forwarded, LocalRunner, PendingPass, Runner, resolve_device
 from ner_stream.spans import OUTSIDE, spans_from_tags
-from ner_stream.text import LINE_BREAK_MODES, Token, chunk_document
+from ner_stream.text import LINE_BREAK_MODES, Token, document_windows
 from ner_stream.vocab import EncodedSentence
 
 DEFAULT_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128)
@@ -146,7 +146,7 @@ class Tagger:
 
     def prepare(self, text: str) -> PreparedDoc:
         """Tokenize, split, cut into windows and encode one document (CPU, no model involved)."""
-        windows = chunk_document(text, self.options.max_chunk_tokens, self.options.line_breaks)
+        windows = document_windows(text, self.options.max_chunk_tokens, self.options.line_breaks)
         encoded = [self.vocabs.encode([t.text for t in w]) for w in windows]
         return PreparedDoc(text=text, windows=windows, encoded=encoded)
 

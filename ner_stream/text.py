@@ -1,4 +1,4 @@
-"""Tokenisation, sentence splitting and chunking with character offsets.
+"""Tokenisation, sentence splitting and windows (what the tagger tags as one sequence) with character offsets.
 
 The tagger is trained on CoNLL-2003 English, so tokens follow its conventions: punctuation,
 quotes and brackets are split off; possessive ``'s`` and the contractions ``n't``, ``'re``,
@@ -46,7 +46,7 @@ from typing import NamedTuple
 __all__ = [
     "LINE_BREAK_MODES",
     "Token",
-    "chunk_document",
+    "document_windows",
     "has_line_break",
     "sentence_line_breaks",
     "split_sentences",
@@ -591,12 +591,13 @@ def _windows(sentence: list[Token], max_tokens: int) -> list[list[Token]]:
     return windows
 
 
-def chunk_document(
+def document_windows(
     text: str, max_tokens: int = 128, line_breaks: str = "auto"
 ) -> list[list[Token]]:
-    """Tokenise ``text`` and cut it into tagger-sized chunks, in document order.
+    """Tokenise ``text`` and cut it into windows, what the tagger tags as one sequence, in
+    document order.
 
-    Each sentence (`split_sentences` with ``line_breaks``) is a chunk; a sentence longer than
+    Each sentence (`split_sentences` with ``line_breaks``) is a window; a sentence longer than
     ``max_tokens`` is cut into consecutive windows of at most ``max_tokens`` tokens (preferring a
     cut after a comma or similar). Token offsets stay relative to the whole ``text``. Returns
     ``[]`` for a text without tokens. Raises ``ValueError`` when ``max_tokens`` is below 1 or
@@ -604,7 +605,7 @@ def chunk_document(
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-    chunks: list[list[Token]] = []
+    windows: list[list[Token]] = []
     for sentence in split_sentences(tokenize(text), text, line_breaks):
-        chunks.extend(_windows(sentence, max_tokens))
-    return chunks
+        windows.extend(_windows(sentence, max_tokens))
+    return windows

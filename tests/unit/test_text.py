@@ -9,7 +9,7 @@ import pytest
 
 from ner_stream.text import (
     Token,
-    chunk_document,
+    document_windows,
     split_sentences,
     tokenize,
     visible_form,
@@ -191,8 +191,8 @@ def test_offsets_of_a_simple_text() -> None:
 def test_empty_and_blank_texts() -> None:
     assert tokenize("") == []
     assert tokenize(" \t\n\r\u00a0\u3000 ") == []
-    assert chunk_document("") == []
-    assert chunk_document("   \n\n  ") == []
+    assert document_windows("") == []
+    assert document_windows("   \n\n  ") == []
 
 
 # Characters for generated texts: ASCII, punctuation the rules care about, accents, combining marks,
@@ -236,7 +236,7 @@ def test_chunks_cover_all_tokens_in_order_on_random_texts() -> None:
     for _ in range(500):
         text = _random_text(rng, rng.randrange(0, 200))
         max_tokens = rng.randrange(1, 12)
-        chunks = chunk_document(text, max_tokens=max_tokens)
+        chunks = document_windows(text, max_tokens=max_tokens)
         assert all(1 <= len(chunk) <= max_tokens for chunk in chunks)
         assert [t for chunk in chunks for t in chunk] == tokenize(text)
 
@@ -278,7 +278,7 @@ def test_split_sentences_of_nothing() -> None:
 def test_long_sentence_is_windowed_with_offsets_into_the_document() -> None:
     words = [f"W{i}" for i in range(300)]
     text = "Intro. " + " ".join(words) + ". Outro."
-    chunks = chunk_document(text, max_tokens=128)
+    chunks = document_windows(text, max_tokens=128)
     assert [len(c) for c in chunks] == [2, 128, 128, 45, 2]
     for chunk in chunks:
         _assert_offsets(text, chunk)
@@ -288,14 +288,14 @@ def test_long_sentence_is_windowed_with_offsets_into_the_document() -> None:
 def test_window_prefers_a_cut_after_a_comma() -> None:
     words = [f"w{i}" for i in range(20)]
     words[6] = ","
-    chunks = chunk_document(" ".join(words), max_tokens=8)
+    chunks = document_windows(" ".join(words), max_tokens=8)
     assert [len(c) for c in chunks] == [7, 8, 5]
     assert chunks[0][-1].text == ","
 
 
 def test_invalid_max_tokens() -> None:
     with pytest.raises(ValueError):
-        chunk_document("text", max_tokens=0)
+        document_windows("text", max_tokens=0)
 
 
 @pytest.mark.parametrize(
@@ -309,7 +309,7 @@ def test_invalid_max_tokens() -> None:
 )
 def test_one_megabyte_document(unit: str) -> None:
     text = (unit * (1_000_000 // len(unit) + 1))[:1_000_000]
-    chunks = chunk_document(text, max_tokens=128)
+    chunks = document_windows(text, max_tokens=128)
     assert chunks
     assert all(1 <= len(chunk) <= 128 for chunk in chunks)
     _assert_offsets(text, [token for chunk in chunks for token in chunk])
@@ -335,7 +335,7 @@ def test_one_megabyte_document(unit: str) -> None:
     ],
 )
 def test_pathological_inputs_finish(text: str) -> None:
-    chunks = chunk_document(text)
+    chunks = document_windows(text)
     assert chunks
     assert all(len(chunk) <= 128 for chunk in chunks)
     _assert_offsets(text, [token for chunk in chunks for token in chunk])
@@ -434,12 +434,12 @@ def test_sentence_line_breaks_lists_offsets_and_refuses_an_unknown_mode():
     with pytest.raises(ValueError, match="unknown line-break mode 'never'"):
         sentence_line_breaks("a\nb", "never")
     with pytest.raises(ValueError, match="unknown line-break mode"):
-        chunk_document("a\nb", line_breaks="lines")
+        document_windows("a\nb", line_breaks="lines")
 
 
 def test_a_line_break_never_joins_two_chunks_of_lines_text():
     # Each line ends without a period: as one sequence the tagger would read "Roe LONDON".
-    chunks = chunk_document(BYLINE_AND_DATELINE)
+    chunks = document_windows(BYLINE_AND_DATELINE)
     assert [[t.text for t in c] for c in chunks[:2]] == [["Jane", "Roe"], ["LONDON", "1996-08-30"]]
 
 
