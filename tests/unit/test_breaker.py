@@ -169,6 +169,33 @@ def test_backpressure_bounds_the_documents_held_when_every_document_is_long():
         assert running.stop() == 0
 
 
+class BrokenBackend:
+    """A runner (say ONNX Runtime) whose session is gone: every call raises the backend's own
+    error, as onnxruntime does after a CUDA fault."""
+
+    def __call__(self, batches, rows):
+        raise RuntimeError("onnxruntime: CUDA failure 700: an illegal memory access")
+
+
+def test_a_runner_that_fails_on_every_pass_does_not_dead_letter_the_whole_stream():
+    """Only `model_process.ModelProcessError` means "the runner died" to the tagging stage
+    (restart, one by one, a probe, `model_crash`, stop when it dies on any input). Any other
+    error from a runner is a batch failure: each document alone, then a `processing_error` dead
+    letter and a commit. A new runner (runner.py) whose backend is dead therefore dead-letters
+    and commits every document while the worker reports success, unless it raises an error class
+    from model_process.py."""
+    tagger = make_tagger("rigged", max_chunk_tokens=32, max_pass_tokens=256)
+    tagger.use_runner(BrokenBackend())
+    consumer, producer = FakeConsumer(partitions=1), FakeProducer()
+    for i in range(10):
+        consumer.append(0, doc(f"d{i}", "Peter went to Paris ."))
+    running = Running(Worker(CFG, tagger, consumer, producer, restart_model=lambda: None))
+    running.thread.join(3)
+    code = running.stop()
+    assert len(producer.delivered(DLQ)) < 10, "every document dead-lettered and committed"
+    assert code == 1
+
+
 # ------------------------------------------------------------------------------------------- cli
 
 
