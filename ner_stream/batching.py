@@ -26,6 +26,10 @@ T = TypeVar("T")
 # kernels are built and cached per shape, and a fresh shape costs about as much as running it,
 # so few distinct shapes pay for a few padded rows.
 ROW_MULTIPLE = 8
+# The padded lengths (tokens) of a pass, ascending. A sequence is padded to the smallest that
+# holds it, so that a pass's tensor shape repeats (the LSTM kernels are cached per shape) and
+# little is padded.
+DEFAULT_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128)
 
 
 def padded_rows(rows: int, length: int, budget: int, multiple: int = ROW_MULTIPLE) -> int:
@@ -201,12 +205,13 @@ class MicroBatcher(Generic[T]):
     def __len__(self) -> int:
         return len(self._items)
 
-    def fits(self, tokens: int) -> bool:
-        """Whether an item of `tokens` can join without passing the token budget.
+    def fits(self, tokens: int, reserved: int = 0) -> bool:
+        """Whether an item of `tokens` can join without passing the token budget, less `reserved`
+        tokens kept for an item that will join when the batch is taken.
 
         An empty batch takes any item, so that one large document still makes progress.
         """
-        return not self._items or self._tokens + tokens <= self.limits.max_tokens
+        return not self._items or self._tokens + tokens + reserved <= self.limits.max_tokens
 
     def add(self, item: T, tokens: int, now: float) -> None:
         """Add an item; the first item of a batch starts its wait clock."""
@@ -215,9 +220,19 @@ class MicroBatcher(Generic[T]):
         self._items.append(item)
         self._tokens += tokens
 
-    def full(self) -> bool:
-        """Whether the batch has reached its document or token limit."""
-        return len(self._items) >= self.limits.max_docs or self._tokens >= self.limits.max_tokens
+    def full(self, reserved_docs: int = 0, reserved_tokens: int = 0) -> bool:
+        """Whether the batch has reached its document or token limit, less the room reserved for
+        an item that will join when it is taken."""
+        limits = self.limits
+        return (
+            len(self._items) + reserved_docs >= limits.max_docs
+            or self._tokens + reserved_tokens >= limits.max_tokens
+        )
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of the items in the batch."""
+        return self._tokens
 
     def due(self, now: float) -> bool:
         """Whether the batch should run now: full, or waited long enough."""

@@ -411,3 +411,7 @@ def _pretty(value: str) -> str:
         return f"{out['id']}: {ents or '(no entities)'}"
     except (ValueError, KeyError, TypeError):
         return value
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,10 @@ acknowledged, and so is every offset before it (`offsets.OffsetTracker`).
 
 Records are sent from either of the worker's threads; the producer's delivery reports arrive on
 its I/O thread and only queue an `Ack`. The consumer thread applies them (`Delivery.apply_acks`)
-and commits, so only that thread touches the offset tracker and the consumer.
+and commits, so only that thread touches the offset tracker and the consumer; the rebalance
+listener too, which kafka-python 3 runs on its own I/O thread while the consumer thread waits in
+`poll`. The worker calls `tick` after each poll, `on_assigned` / `on_revoked` from the
+listener, and `finish` / `close` at shutdown: when and what is committed is decided here.
 """
 
 from __future__ import annotations
@@ -246,10 +249,12 @@ class Delivery:
             except queue.Empty:
                 return
             owner = self.owner(ack.tp)
-            if owner is not None and owner is not ack.part:
-                # Sent under an earlier assignment of a partition owned again now (the flush on
-                # revoke timed out): the record is read again, and its offset may not even be
-                # tracked again yet, so the report must not reach the new offset tracker.
+            if owner is not ack.part and (owner is not None or not ack.ok):
+                # Sent under an assignment that has ended. Owned again now (the flush on revoke
+                # timed out), the record is read again and its offset may not even be tracked
+                # again yet: the report must not reach the new offset tracker. Owned by another
+                # worker, a failed record is that worker's to answer: no dead letter or retry
+                # here. (A success still counts while the revoke commits what was delivered.)
                 log.debug("ignoring a late delivery report for %s/%d", ack.tp, ack.offset)
                 continue
             self._apply(ack, now_ms)
@@ -282,9 +287,56 @@ class Delivery:
             log.error("dead letter for %s/%d/%d failed: %r", *ack.tp, ack.offset, ack.error)
             self.fatal = ack.error or RuntimeError("dead-letter send failed")
 
-    def commit_due(self, now: float) -> bool:
-        """Whether the commit interval has passed since the last commit (`now` in seconds)."""
-        return (now - self.last_commit) * 1000 >= self.cfg.commit_interval_ms
+    def in_flight(self) -> int:
+        """Records consumed and not yet acknowledged (output or dead letter)."""
+        return self.tracker.in_flight()
+
+    def tick(self, now: float) -> None:
+        """The consumer thread's turn, after each poll: apply the acknowledgements that came, and
+        commit when the commit interval has passed since the last commit (`now` in seconds)."""
+        self.apply_acks()
+        if (now - self.last_commit) * 1000 >= self.cfg.commit_interval_ms:
+            self.commit()
+
+    def on_assigned(self, tps: Iterable[TopicPartition]) -> None:
+        """Partitions assigned: each starts afresh at the first record consumed."""
+        for tp in tps:
+            self.tracker.revoke(tp)
+
+    def on_revoked(self, tps: list[TopicPartition]) -> None:
+        """Partitions revoked: what was sent for them is worth committing, so wait (bounded) for
+        its acknowledgements, commit them, then rewind each partition to its first record without
+        an acknowledged output and forget it (see `revoke`)."""
+        try:
+            self.producer.flush(timeout=min(10.0, self.cfg.shutdown_timeout_s))
+        except Exception as e:
+            log.warning("flush on revoke failed: %s", e)
+        self.apply_acks()
+        self.commit(only=tps)
+        for tp in tps:
+            self.revoke(tp)
+
+    def finish(self, deadline: float) -> int:
+        """At shutdown, once nothing more is sent: wait for the acknowledgements until `deadline`
+        (the clock's seconds), commit them; returns the records left unacknowledged, which the
+        partitions' next owner reads again."""
+        try:
+            self.producer.flush(timeout=max(0.1, deadline - self.clock()))
+        except Exception as e:
+            log.warning("flush on shutdown failed: %s", e)
+        self.apply_acks()
+        self.commit()
+        left = self.tracker.in_flight()
+        if left:
+            log.warning("%d documents not acknowledged in time; they will be reprocessed", left)
+        return left
+
+    def close(self, deadline: float) -> None:
+        """Close the producer, waiting at most until `deadline` for what it still holds."""
+        try:
+            self.producer.close(timeout=max(0.1, deadline - self.clock()))
+        except Exception as e:
+            log.warning("closing the producer failed: %s", e)
 
     def commit(self, only: Iterable[TopicPartition] | None = None) -> None:
         """Commit the acknowledged prefix of each partition (of `only`, when given); a failed

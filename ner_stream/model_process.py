@@ -46,7 +46,7 @@ import torch
 
 from ner_stream.checkpoint import load
 from ner_stream.model import Batch
-from ner_stream.runner import Forwarded, LocalRunner
+from ner_stream.runner import Forwarded, LocalRunner, RunnerDied
 from ner_stream.vocab import Vocabularies, word_key
 
 # Testing hook (see the module docstring): read by the child only.
@@ -58,11 +58,11 @@ MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
 
 
-class ModelProcessError(RuntimeError):
+class ModelProcessError(RunnerDied):
     """The model process cannot serve: it failed to start, or it died.
 
-    Unlike an error in one batch, a death says nothing yet about the documents of the passes it
-    took: the worker restarts the model and tries them again (see `ner_stream.worker`).
+    Unlike an error in one pass, a death says nothing yet about the documents of the passes it
+    took: the tagging stage restarts the model and tries them again (see `ner_stream.tagging`).
     """
 
 

@@ -4,7 +4,13 @@ A runner takes the padded tensors of some forward passes (`batching.pad_pass`) a
 real rows in each, and answers the best tags and their confidences of those rows. `LocalRunner`
 runs them in this process; `ner_stream.model_process.ModelProcess` runs a `LocalRunner` built from
 the model file in a child process and answers later. The `Tagger` talks to either through
-`Runner`, and so does the worker.
+`Runner`.
+
+Errors: a runner raises `RunnerDied` (from the call or from `get`) when it cannot serve at all, it
+failed to start or its process died, and the passes it held are lost rather than failed: the
+tagging stage restarts it and tries them again. Any other exception means that these passes
+failed: their documents are tried one at a time, and one that fails alone while the runner still
+tags a one-word probe is dead-lettered (`ner_stream.tagging`).
 """
 
 from __future__ import annotations
@@ -23,19 +29,26 @@ from ner_stream.model import Batch, NerModel
 from ner_stream.precision import cast_network
 
 
+class RunnerDied(RuntimeError):
+    """The runner cannot serve: it failed to start, or it died with the passes it held."""
+
+
 @dataclass
 class Forwarded:
-    """Tags [N, T] and confidences [N, T] of the real rows of some passes, and the seconds the
-    runner spent on them (network and CRF)."""
+    """Tags [N, T] (int64) and confidences [N, T] (float32) of the real rows of some passes, and
+    the seconds the runner spent on them (network and CRF). Already there: a `PendingPass` that
+    is always ready."""
 
     tags: np.ndarray
     scores: np.ndarray
     seconds: float = 0.0
 
     def ready(self) -> bool:
+        """Always True: the answer is here."""
         return True
 
     def get(self) -> Forwarded:
+        """This answer."""
         return self
 
 
@@ -52,10 +65,15 @@ class PendingPass(Protocol):
 
 
 class Runner(Protocol):
-    """Runs padded passes: `runner(batches, rows)` -> the tags of the first `rows[i]` rows of
-    each batch, joined in order, now or later."""
+    """Runs padded passes, now or later (see the module docstring for its errors)."""
 
-    def __call__(self, batches: list[Batch], rows: list[int]) -> PendingPass: ...
+    def __call__(self, batches: list[Batch], rows: list[int]) -> PendingPass:
+        """Start the passes `batches` (one per length bucket: `Batch` tensors of [R_i, T_i] ids,
+        [R_i, T_i, C_i] character ids and an [R_i, T_i] mask, as `batching.pad_pass` makes them)
+        of which the first `rows[i]` rows are real. The answer (`Forwarded`) holds the tags and
+        confidences of the real rows only, batch after batch, [sum(rows), max T_i], each batch's
+        rows padded on the right past its T_i."""
+        ...
 
 
 @dataclass
@@ -102,6 +120,7 @@ class LocalRunner:
         return self._pin
 
     def __call__(self, batches: list[Batch], rows: list[int]) -> Forwarded:
+        """Run the passes here and now (see `Runner.__call__`)."""
         t0 = time.perf_counter()
         tags, scores = self.decode(self.run_network(batches, rows))
         return Forwarded(tags, scores, time.perf_counter() - t0)

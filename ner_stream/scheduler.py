@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from ner_stream.batching import BatchLimits, MicroBatcher
 
@@ -21,9 +21,10 @@ from ner_stream.batching import BatchLimits, MicroBatcher
 # waits for work when there is nothing to do, in seconds.
 MODEL_POLL_S = 0.002
 IDLE_POLL_S = 0.05
-# Passes submitted and not answered: the one the model runs and one waiting behind it, so that the
-# model never waits for the tagging thread, and a batch keeps growing while the model is busy.
-MAX_PASSES_IN_FLIGHT = 2
+# Micro-batches submitted and not answered: the one the model runs and one waiting behind it, so
+# that the model never waits for the tagging thread, and the next batch keeps growing while the
+# model is busy.
+MAX_BATCHES_IN_FLIGHT = 2
 
 
 class Tracked(Protocol):
@@ -35,22 +36,27 @@ class Tracked(Protocol):
         ...
 
 
-@dataclass(eq=False)
-class Piece:
-    """A run of one document's windows (indices into its windows) that go into one micro-batch."""
+J = TypeVar("J", bound=Tracked)
 
-    job: Tracked
+
+@dataclass(eq=False)
+class Piece(Generic[J]):
+    """A run of one document's windows (indices into its windows) that go into one micro-batch,
+    and their tokens."""
+
+    job: J
     windows: list[int]
     tokens: int
 
 
-def pieces_of(job: Tracked, window_lengths: Sequence[int], budget: int) -> list[Piece]:
-    """A document's windows cut into pieces of at most `budget` tokens (a longer window is a piece
-    on its own). A document without windows is one empty piece, so that it still gets an output.
+def pieces_of(job: J, window_lengths: Sequence[int], budget: int) -> list[Piece[J]]:
+    """A document's windows (their lengths in tokens) cut into pieces of at most `budget` tokens;
+    a longer window is a piece on its own. A document without windows is one empty piece, so that
+    it still gets an output.
     """
     if not window_lengths:
         return [Piece(job, [], 0)]
-    pieces: list[Piece] = []
+    pieces: list[Piece[J]] = []
     current: list[int] = []
     tokens = 0
     for i, n in enumerate(window_lengths):
@@ -63,15 +69,22 @@ def pieces_of(job: Tracked, window_lengths: Sequence[int], budget: int) -> list[
     return pieces
 
 
-class Scheduler:
+class Scheduler(Generic[J]):
     """Forms micro-batches of pieces under `BatchLimits` and decides when each goes to the model.
 
+    Times are seconds of one monotonic clock, passed by the caller.
+
+    - A micro-batch never holds more than `max_docs` pieces or `max_tokens` tokens, the piece of
+      a long document that rides along included.
     - A batch goes as soon as it is full, or when the worker is stopping.
-    - While the model is busy, a batch keeps growing past its wait limit, up to full: under load the
-      batches grow and the model works on large ones. When the model is free, the wait limit
+    - While the model is busy, a batch keeps growing past its wait limit, up to full: under load
+      the batches grow and the model works on large ones. When the model is free, the wait limit
       decides, so light load keeps low latency.
-    - The pieces of a long document join batches one at a time: one rides along with each batch
-      that goes, and one goes alone when the model is free and no new work came.
+    - The pieces of a document longer than `piece_tokens` (half a micro-batch) wait in a lane of
+      their own and join batches one at a time: the next one rides along with each batch that
+      goes (room is kept for it in the open batch), and one goes alone when the model is free and
+      no new work came. While the lane holds a micro-batch's worth of tokens, `accepts` is False:
+      the caller takes no more documents, so that backpressure bounds long documents too.
     - Pieces of documents no longer `live` are dropped when their batch is taken.
     """
 
@@ -80,48 +93,58 @@ class Scheduler:
         # A long document takes at most half a micro-batch, so that the other half serves the
         # documents queued behind it.
         self.piece_tokens = max(1, limits.max_tokens // 2)
-        self._batcher: MicroBatcher[Piece] = MicroBatcher(limits)
-        self._long: deque[Piece] = deque()
+        self._batcher: MicroBatcher[Piece[J]] = MicroBatcher(limits)
+        self._long: deque[Piece[J]] = deque()
+        self._long_tokens = 0
 
     def __len__(self) -> int:
         """Pieces waiting (in the open batch and the long lane)."""
         return len(self._batcher) + len(self._long)
 
-    def add(self, pieces: list[Piece], now: float) -> list[Piece] | None:
-        """Queue one document's pieces (see `pieces_of`) at `now` (seconds).
+    def accepts(self) -> bool:
+        """Whether the caller may add another document now (see the class docstring)."""
+        return self._long_tokens < self.limits.max_tokens
 
-        Returns a batch that must go now: the open one, when this document does not fit in it.
+    def add(self, pieces: list[Piece[J]], now: float) -> list[Piece[J]] | None:
+        """Queue one document's pieces (see `pieces_of`) at `now`.
+
+        Returns a batch that must go now: the open one, when it is full or this document does not
+        fit in it.
         """
         if len(pieces) > 1:
             self._long.extend(pieces)
+            self._long_tokens += sum(p.tokens for p in pieces)
             return None
         (piece,) = pieces
-        full = None
-        if not self._batcher.fits(piece.tokens):
-            full = self._live(self._batcher.take())
+        out = None
+        docs, tokens = self._reserved()
+        if len(self._batcher) and (
+            self._batcher.full(docs, tokens) or not self._batcher.fits(piece.tokens, tokens)
+        ):
+            out = self._take()
         self._batcher.add(piece, piece.tokens, now)
-        return full or None
+        return out
 
-    def take(self, now: float, model_free: bool, idle: bool, stopping: bool) -> list[Piece] | None:
-        """The batch to submit now, or None (see the class docstring).
+    def take(
+        self, now: float, model_free: bool, idle: bool, stopping: bool
+    ) -> list[Piece[J]] | None:
+        """The batch to submit at `now`, or None (see the class docstring).
 
-        `model_free`: no pass is in the model; `idle`: no new document came since the last call;
+        `model_free`: no batch is in the model; `idle`: no new document came since the last call;
         `stopping`: no more will come.
         """
         batcher = self._batcher
+        full = len(batcher) and batcher.full(*self._reserved())
         if not (
-            batcher.full()
-            or (stopping and (len(batcher) or self._long))
+            full
+            or (stopping and len(self))
             or (model_free and (batcher.due(now) or (self._long and idle)))
         ):
             return None
-        pieces = batcher.take()
-        if self._long:
-            pieces.append(self._long.popleft())
-        return self._live(pieces) or None
+        return self._take()
 
     def wait_s(self, now: float, model_free: bool) -> float:
-        """How long the tagging thread may wait for new work before calling `take` again."""
+        """Seconds the tagging thread may wait for new work before calling `take` again."""
         if not model_free:
             return MODEL_POLL_S
         if self._long:
@@ -129,14 +152,27 @@ class Scheduler:
         left = self._batcher.time_left(now)
         return IDLE_POLL_S if left is None else left
 
-    @staticmethod
-    def _live(pieces: list[Piece]) -> list[Piece]:
-        return [p for p in pieces if p.job.live]
+    def must_wait(self, batches_in_flight: int) -> bool:
+        """Whether the oldest batch in the model must be finished before another is submitted."""
+        return batches_in_flight > MAX_BATCHES_IN_FLIGHT
 
+    def _reserved(self) -> tuple[int, int]:
+        """Documents and tokens kept free in the open batch for the long lane's next piece."""
+        return (1, self._long[0].tokens) if self._long else (0, 0)
 
-def must_wait(passes_in_flight: int) -> bool:
-    """Whether the oldest pass must be finished before another is submitted."""
-    return passes_in_flight > MAX_PASSES_IN_FLIGHT
+    def _take(self) -> list[Piece[J]] | None:
+        """The open batch, with the long lane's next piece when it fits; None if nothing live."""
+        limits = self.limits
+        pieces = self._batcher.take()
+        if self._long:
+            head = self._long[0]
+            tokens = sum(p.tokens for p in pieces)
+            if not pieces or (
+                len(pieces) < limits.max_docs and tokens + head.tokens <= limits.max_tokens
+            ):
+                pieces.append(self._long.popleft())
+                self._long_tokens -= head.tokens
+        return [p for p in pieces if p.job.live] or None
 
 
 class Backpressure:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ner_stream.batching import pad_pass, plan_passes
+from ner_stream.batching import DEFAULT_BUCKETS, pad_pass, plan_passes
 from ner_stream.checkpoint import LoadedModel, default_model_path, load
 from ner_stream.config import WorkerConfig
 from ner_stream.messages import Entity
@@ -23,8 +23,6 @@ from ner_stream.runner import Forwarded, LocalRunner, PendingPass, Runner, resol
 from ner_stream.spans import OUTSIDE, spans_from_tags
 from ner_stream.text import LINE_BREAK_MODES, Token, document_windows
 from ner_stream.vocab import EncodedSentence
-
-DEFAULT_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128)
 
 Window = tuple["PreparedDoc", int]  # a document and the index of one of its windows
 
@@ -157,11 +155,11 @@ class Tagger:
     def tag_prepared(self, docs: Sequence[PreparedDoc]) -> tuple[list[list[Entity]], BatchStats]:
         """Entities of each prepared document, and the shapes of the passes that were run."""
         windows = [(doc, w) for doc in docs for w in range(len(doc.windows))]
+        owner = [i for i, doc in enumerate(docs) for _ in doc.windows]  # the doc of each window
         per_window, stats = self.submit(windows).result()
         out: list[list[Entity]] = [[] for _ in docs]
-        index = {id(doc): i for i, doc in enumerate(docs)}
-        for (doc, _), entities in zip(windows, per_window, strict=True):
-            out[index[id(doc)]].extend(entities)
+        for i, entities in zip(owner, per_window, strict=True):
+            out[i].extend(entities)
         return out, stats
 
     def submit(self, windows: Sequence[Window]) -> PendingTags:

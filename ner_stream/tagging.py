@@ -2,9 +2,9 @@
 entities -> outputs.
 
 `TaggingStage.run` takes the jobs the consumer thread queues, lets `scheduler.Scheduler` decide
-which pieces go to the model and when, submits them (at most one pass waits behind the one the
-model runs, `scheduler.must_wait`), puts the entities of each answered pass into their documents
-and hands every finished document to `delivery.Delivery.output`.
+which pieces go to the model and when, submits them (at most one micro-batch waits behind the
+one the model runs, `Scheduler.must_wait`), puts the entities of each answered micro-batch into
+their documents and hands every finished document to `delivery.Delivery.output`.
 
 When the model process dies (killed for memory, a native crash), the stage starts a fresh one and
 runs the documents of the passes it lost one at a time; a document that kills the model again on
@@ -26,7 +26,8 @@ from ner_stream.delivery import Delivery
 from ner_stream.messages import Entity, Rejection, RejectReason, processing_error
 from ner_stream.metrics import Health, Metrics
 from ner_stream.model_process import ModelProcessError, RestartWindow
-from ner_stream.scheduler import Piece, Scheduler, must_wait, pieces_of
+from ner_stream.runner import RunnerDied
+from ner_stream.scheduler import Piece, Scheduler, pieces_of
 from ner_stream.tagger import BatchStats, PendingTags, PreparedDoc, Tagger
 
 log = logging.getLogger(__name__)
@@ -95,9 +96,13 @@ class TaggingStage:
             model_free = not self._in_model
             wait = 0.0 if finished else scheduler.wait_s(self.clock(), model_free)
             job = None
-            if not stopping:
+            if not stopping and scheduler.accepts():
                 with contextlib.suppress(queue.Empty):
                     job = self.work.get(timeout=wait)
+            elif not stopping and wait:
+                # Long documents fill the scheduler: new work waits in the queue (and the consumer
+                # pauses) until the model has taken some of theirs.
+                time.sleep(wait)
             if job is STOP:
                 stopping, job = True, None
             elif job is not None:
@@ -125,7 +130,7 @@ class TaggingStage:
             try:
                 pending = self.tagger.submit(windows)
                 break
-            except ModelProcessError as e:
+            except RunnerDied as e:
                 # The model died before this pass reached it: recover, then send it to the new
                 # one (`_model_died` raises when the model cannot be restarted).
                 self._model_died(e, [])
@@ -133,7 +138,7 @@ class TaggingStage:
                 self._run_one_by_one(pieces)
                 return
         self._in_model.append((pieces, pending))
-        while must_wait(len(self._in_model)):
+        while self.scheduler.must_wait(len(self._in_model)):
             self._finish_done()  # older than any pass still in the model
             self._finish(*self._in_model.popleft())
 
@@ -145,7 +150,7 @@ class TaggingStage:
             try:
                 if not pending.ready():
                     break
-            except ModelProcessError as e:
+            except RunnerDied as e:
                 self._in_model.popleft()
                 self._model_died(e, pieces)
                 return True
@@ -166,7 +171,7 @@ class TaggingStage:
         """Entities and outputs of a submitted pass (waits for its result)."""
         try:
             per_window, stats = pending.result()
-        except ModelProcessError as e:
+        except RunnerDied as e:
             self._model_died(e, pieces)
             return
         except Exception:
@@ -187,7 +192,7 @@ class TaggingStage:
                 p.job.entities[w] = next(results)
             self._piece_done(p)
 
-    def _model_died(self, error: ModelProcessError, lost: list[Piece]) -> None:
+    def _model_died(self, error: RunnerDied, lost: list[Piece]) -> None:
         """Restart the model process, then run the pieces it took with it one at a time.
 
         `lost`: pieces of the pass that found the model dead (empty when it was found dead at
@@ -211,7 +216,7 @@ class TaggingStage:
         self._restart(error)
         self._run_one_by_one(suspects, after_crash=True)
 
-    def _restart(self, error: ModelProcessError) -> None:
+    def _restart(self, error: RunnerDied) -> None:
         """Start a fresh model process in place of the dead one.
 
         Raises `ModelProcessError` (fatal to the worker) when there is no way to restart it, when
@@ -228,7 +233,7 @@ class TaggingStage:
         self.health.model_loaded = False
         try:
             self._restart_model()
-        except ModelProcessError as e:
+        except RunnerDied as e:
             log.error("the model process could not be started again: %s", e)
             raise
         self.health.model_loaded = True
@@ -257,7 +262,7 @@ class TaggingStage:
                 per_window, _ = self.tagger.submit(
                     [(p.job.prepared, w) for w in p.windows]
                 ).result()
-            except ModelProcessError as e:
+            except RunnerDied as e:
                 if not after_crash:
                     self._model_died(e, pieces[i:])
                     return
@@ -268,6 +273,7 @@ class TaggingStage:
                 continue
             except Exception as e:
                 log.exception("document %s failed", p.job.doc.id)
+                self._check_runner(e)
                 self._reject(p, processing_error(p.job.doc.source, e))
                 continue
             for w, ents in zip(p.windows, per_window, strict=True):
@@ -281,16 +287,32 @@ class TaggingStage:
         on any input, and dead-lettering the document (and the next, and the next) would be
         wrong.
         """
-        if self._probe_doc is None:
-            self._probe_doc = self.tagger.prepare(PROBE_TEXT)
         try:
-            self.tagger.submit([(self._probe_doc, 0)]).result()
-        except ModelProcessError as e:
+            self._probe_pass()
+        except RunnerDied as e:
             raise ModelProcessError(
                 f"the model process dies on any input (a one-word probe killed it too): {e}"
             ) from e
         except Exception:  # the model answered: it is alive, which is all the probe asks
             log.debug("the probe pass failed", exc_info=True)
+
+    def _probe_pass(self) -> None:
+        """Tag a one-word document; raises what the runner raises."""
+        if self._probe_doc is None:
+            self._probe_doc = self.tagger.prepare(PROBE_TEXT)
+        self.tagger.submit([(self._probe_doc, 0)]).result()
+
+    def _check_runner(self, error: Exception) -> None:
+        """After a document failed alone: raise (fatal to the worker) unless the runner still
+        tags a one-word probe. A runner that fails on any input is broken, and dead-lettering
+        every document (and committing them) would hide that."""
+        try:
+            self._probe_pass()
+        except Exception as e:
+            raise RuntimeError(
+                f"the runner fails on any input (a one-word probe failed too: {e}); "
+                f"the document's error was: {error}"
+            ) from e
 
     def _reject(self, piece: Piece, rejection: Rejection) -> None:
         """Dead-letter the document of `piece`; none of its pieces produces an output after."""

@@ -1,4 +1,5 @@
-"""Tokenisation, sentence splitting and windows (what the tagger tags as one sequence) with character offsets.
+"""Tokenisation, sentence splitting and windows (what the tagger tags as one sequence), with
+character offsets.
 
 The tagger is trained on CoNLL-2003 English, so tokens follow its conventions: punctuation,
 quotes and brackets are split off; possessive ``'s`` and the contractions ``n't``, ``'re``,

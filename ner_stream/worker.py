@@ -77,7 +77,6 @@ class Worker(ConsumerRebalanceListener):
         self.cfg = cfg
         self.tagger = tagger
         self.consumer = InputConsumer(consumer)
-        self.producer = producer
         self.metrics = metrics or Metrics()
         self.health = health or Health()
         self.clock = clock
@@ -135,16 +134,14 @@ class Worker(ConsumerRebalanceListener):
         self._apply_backpressure()
         for record in self.consumer.poll(100, self.cfg.max_batch_docs * 4):
             self._consume(record)
-        self.delivery.apply_acks()
         now = self.clock()
-        if self.delivery.commit_due(now):
-            self.delivery.commit()
+        self.delivery.tick(now)
         if now - self._last_lag >= LAG_INTERVAL_S:
             for (topic, partition), lag in self.consumer.lag().items():
                 self.metrics.lag.labels(topic, str(partition)).set(lag)
             self._last_lag = now
         self.metrics.queue_depth.set(self.work.qsize() + len(self.overflow))
-        self.metrics.in_flight.set(self.delivery.tracker.in_flight())
+        self.metrics.in_flight.set(self.delivery.in_flight())
         self.health.progressed()
 
     def _consume(self, record: Any) -> None:
@@ -211,15 +208,8 @@ class Worker(ConsumerRebalanceListener):
                 part.active = False
         # Not started: the partitions' next owner reads them again.
         self.overflow = deque(j for j in self.overflow if j.live)
-        # Outputs already sent are worth committing: wait for their acknowledgements.
-        try:
-            self.producer.flush(timeout=min(10.0, self.cfg.shutdown_timeout_s))
-        except Exception as e:
-            log.warning("flush on revoke failed: %s", e)
-        self.delivery.apply_acks()
-        self.delivery.commit(only=tps)
+        self.delivery.on_revoked(tps)
         for tp in tps:
-            self.delivery.revoke(tp)
             with contextlib.suppress(KeyError):
                 self.metrics.lag.remove(tp[0], str(tp[1]))
         self._assigned_changed()
@@ -232,7 +222,7 @@ class Worker(ConsumerRebalanceListener):
         self.metrics.rebalances.labels("assigned").inc()
         for tp in tps:
             self.partitions[tp] = Partition(tp)
-            self.delivery.tracker.revoke(tp)  # start afresh at the first record consumed
+        self.delivery.on_assigned(tps)
         if self.backpressure.paused:
             self.consumer.pause(assigned)
         self._assigned_changed()
@@ -256,23 +246,12 @@ class Worker(ConsumerRebalanceListener):
         if self._tagging.is_alive():
             self._put_stop(deadline)
             self._tagging.join(timeout=max(0.0, deadline - self.clock()))
-        try:
-            self.producer.flush(timeout=max(0.1, deadline - self.clock()))
-        except Exception as e:
-            log.warning("flush on shutdown failed: %s", e)
-        self.delivery.apply_acks()
-        self.delivery.commit()
-        left = self.delivery.tracker.in_flight()
-        if left:
-            log.warning("%d documents not acknowledged in time; they will be reprocessed", left)
+        left = self.delivery.finish(deadline)
         try:
             self.consumer.close()
         except Exception as e:
             log.warning("closing the consumer failed: %s", e)
-        try:
-            self.producer.close(timeout=max(0.1, deadline - self.clock()))
-        except Exception as e:
-            log.warning("closing the producer failed: %s", e)
+        self.delivery.close(deadline)
         if self.fatal is not None:
             log.error("stopped on a fatal error: %s", self.fatal)
             return 1

@@ -13,10 +13,10 @@ import torch
 
 from ner_stream import __version__
 from ner_stream.checkpoint import CheckpointError, default_model_path, load, save
-from ner_stream.cli import tag_streams
+from ner_stream.cli import setting_option, tag_streams
 from ner_stream.config import WorkerConfig
 from ner_stream.model import ARCHS, CHAR_ENCODERS
-from ner_stream.precision import PrecisionCheck, with_check
+from ner_stream.precision import PRECISIONS, PrecisionCheck, with_check
 from ner_stream.spans import SCHEMES
 from ner_stream.tagger import TaggerOptions, resolve_device
 from ner_stream.text import LINE_BREAK_MODES
@@ -384,18 +384,23 @@ def check_precision_cmd(model_path, data, fmt, precision, device, write, as_json
 
 
 @main.command("predict")
-@click.option(
-    "--model",
-    "model_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Model file (default: the packaged English model).",
-)
-@click.option("--device", default=WorkerConfig.device, show_default=True)
+@setting_option("model", type=click.Path(dir_okay=False, path_type=Path))
+@setting_option("device")
+@setting_option("precision", type=click.Choice(PRECISIONS))
+@setting_option("max_f1_change", type=click.FloatRange(0))
+@setting_option("line_breaks", type=click.Choice(LINE_BREAK_MODES))
 @click.argument("inputs", nargs=-1, type=click.File("rb"))
-def predict_cmd(model_path, device, inputs) -> None:
+def predict_cmd(model, device, precision, max_f1_change, line_breaks, inputs) -> None:
     """Tag text lines (from files or stdin): `ner-stream tag --format text`, by another name.
 
-    One JSON object per line, {"id": the line's number, "entities": [...]}; the other settings
-    (precision, line breaks, batching) are `ner-stream tag`'s defaults.
+    One JSON object per line, {"id": the line's number, "entities": [...]}. The options, their
+    defaults and their NER_STREAM_* variables are `ner-stream tag`'s.
     """
-    tag_streams(model_path, TaggerOptions(device=device), inputs, fmt="text")
+    options = TaggerOptions(
+        device=device, precision=precision, max_f1_change=max_f1_change, line_breaks=line_breaks
+    )
+    tag_streams(model, options, inputs, fmt="text")
+
+
+if __name__ == "__main__":
+    main()

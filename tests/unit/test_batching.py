@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ner_stream.batching import (
+    DEFAULT_BUCKETS,
     BatchLimits,
     MicroBatcher,
     bucket_length,
@@ -15,7 +16,6 @@ from ner_stream.batching import (
     pad_pass,
     plan_passes,
 )
-from ner_stream.tagger import DEFAULT_BUCKETS
 from ner_stream.vocab import PAD_ID, EncodedSentence
 
 

@@ -160,7 +160,7 @@ def test_backpressure_bounds_the_documents_held_when_every_document_is_long():
     held = 0
     deadline = time.monotonic() + 2.0
     while time.monotonic() < deadline:
-        held = max(held, worker.delivery.tracker.in_flight())
+        held = max(held, worker.delivery.in_flight())
         time.sleep(0.01)
     runner.fast()
     try:

@@ -10,7 +10,6 @@ from ner_stream.scheduler import (
     MODEL_POLL_S,
     Backpressure,
     Scheduler,
-    must_wait,
     pieces_of,
 )
 
@@ -140,8 +139,8 @@ def test_an_idle_scheduler_waits_the_idle_poll():
 
 
 def test_one_pass_may_wait_behind_the_one_running():
-    assert not must_wait(2)
-    assert must_wait(3)
+    assert not scheduler().must_wait(2)
+    assert scheduler().must_wait(3)
 
 
 # ----------------------------------------------------------------------------------- backpressure
