@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -216,3 +218,11 @@ def test_ner_train_predict_is_ner_stream_tag_on_text_lines(model_path, tmp_path)
         )
         assert result.exit_code == 0, result.output
         assert [json.loads(line) for line in result.stdout.splitlines()] == expected
+
+
+def test_python_dash_m_ner_stream_cli_runs_the_command_line():
+    """`python -m ner_stream.cli` runs the command line."""
+    done = subprocess.run([sys.executable, "-m", "ner_stream.cli", "--help"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0
+    assert "Usage" in done.stdout, (done.stdout, done.stderr)

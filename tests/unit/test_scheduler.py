@@ -155,3 +155,26 @@ def test_backpressure_pauses_while_documents_wait_and_resumes_at_half_the_queue(
     assert b.paused
     assert b.update(waiting=0, queued=4) is False and not b.paused
     assert b.update(waiting=0, queued=0) is None
+
+
+def test_a_micro_batch_never_holds_more_than_its_limits_when_a_long_piece_rides_along():
+    """A long document's piece rides along with a batch only within the batch's limits: room
+    is kept for it while the batch fills."""
+    s = Scheduler(BatchLimits(max_docs=2, max_tokens=100, max_wait_s=0.5))
+    s.add(pieces_of(Doc("long"), [50] * 4, s.piece_tokens), 0.0)
+    for name in ("a", "b"):
+        s.add(pieces_of(Doc(name), [50], s.piece_tokens), 0.0)
+    batch = s.take(0.0, model_free=False, idle=False, stopping=False)
+    assert batch is not None
+    assert len(batch) <= 2, [p.job.name for p in batch]
+    assert sum(p.tokens for p in batch) <= 100
+
+
+def test_the_open_batch_never_grows_past_max_docs_whatever_the_caller_does():
+    """`add` closes the open batch at its document limit even when the caller adds several
+    documents before taking."""
+    s = Scheduler(BatchLimits(max_docs=2, max_tokens=100, max_wait_s=0.5))
+    fulls = [s.add(pieces_of(Doc(f"d{i}"), [5], s.piece_tokens), 0.0) for i in range(5)]
+    batch = s.take(0.0, model_free=True, idle=False, stopping=False)
+    sizes = [len(f) for f in fulls if f] + [len(batch or [])]
+    assert max(sizes) <= 2, sizes

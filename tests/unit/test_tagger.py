@@ -212,3 +212,11 @@ def test_entities_equal_span_decoding_of_every_tag_of_the_sentence(seed):
         assert [(e.start, e.end, e.type) for e in entities] == [x[:3] for x in expected]
         for e, x in zip(entities, expected, strict=True):
             assert e.score == pytest.approx(x[3], abs=1e-5)
+
+
+def test_tag_prepared_gives_each_document_its_own_entities_even_when_one_is_passed_twice():
+    """Results are mapped back by position, not by object identity."""
+    tagger = make_tagger("rigged")
+    d = tagger.prepare("Peter went to Paris .")
+    out, _ = tagger.tag_prepared([d, d])
+    assert [[e.text for e in x] for x in out] == [["Peter", "Paris"], ["Peter", "Paris"]]

@@ -10,10 +10,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from ner_stream import cli as stream_cli
 from ner_stream.checkpoint import load, save
 from ner_stream.model import ModelConfig
 from ner_stream.precision import checks_of
 from ner_stream.tagger import Tagger, TaggerOptions
+from tests.fakes import rigged_model
 from training import cli as train_cli
 from training.cli import main
 from training.trainer import DEFAULT_MODEL_NAME, TrainConfig, train
@@ -243,3 +245,18 @@ def test_line_breaks_without_raw_is_refused(trained):
     result = CliRunner().invoke(main, [*args, "--line-breaks", "space"])
     assert result.exit_code == 2
     assert "applies to --raw only" in result.output
+
+
+def test_ner_train_predict_is_ner_stream_tag_format_text_by_another_name(tmp_path):
+    """`ner-train predict` is `ner-stream tag --format text`, with the same NER_STREAM_* variables
+    (a worker's container, deploy/k8s's configmap)."""
+    loaded = rigged_model()
+    model = tmp_path / "rigged.nerm"
+    save(model, loaded.model, loaded.info)
+    text = tmp_path / "in.txt"
+    text.write_text("Peter went to Paris .\n", encoding="utf-8")
+    env = {"NER_STREAM_MODEL": str(model)}
+    tagged = CliRunner().invoke(stream_cli.main, ["tag", "--format", "text", str(text)], env=env)
+    predicted = CliRunner().invoke(train_cli.main, ["predict", str(text)], env=env)
+    assert tagged.exit_code == 0 and predicted.exit_code == 0
+    assert predicted.output == tagged.output

@@ -780,3 +780,111 @@ def test_work_waiting_for_room_is_dropped_when_its_partition_is_revoked():
     wait_for(lambda: depth("ner_stream_queue_depth") <= 2, what="the waiting work dropped")
     runner.release.set()
     assert running.stop() == 0
+
+
+def test_a_failed_output_of_a_partition_that_moved_away_is_not_dead_lettered_here():
+    """A failed output whose report comes after its partition went to another worker is that
+    worker's to answer: no dead letter here for a record this worker no longer owns."""
+    tagger = make_tagger("rigged", max_chunk_tokens=32, max_pass_tokens=256)
+
+    def fail(topic: str, value: bytes | None) -> BaseException | None:
+        return MessageSizeTooLargeError("too large for the topic") if topic == OUT else None
+
+    consumer, producer = FakeConsumer(partitions=2), FakeProducer(hold=True, fail=fail)
+    consumer.append(0, doc("moved", "Peter ."))
+    running = Running(Worker(CFG, tagger, consumer, producer))
+    wait_for(lambda: producer.pending() == 1, what="the output sent (held)")
+    consumer.rebalance(revoke=[0], assign=[1])  # partition 0 goes to another worker
+    wait_for(lambda: consumer.assignment() == {(IN, 1)}, what="partition 0 to go")
+    producer.hold = False
+    producer.release()  # the report of the output comes now: refused, too large
+    time.sleep(0.2)
+    assert running.stop() == 0
+    assert producer.delivered(DLQ) == [], "dead letter sent for a partition owned by another worker"
+
+
+def test_a_refused_dead_letter_of_a_partition_that_moved_away_is_not_sent_again_here():
+    """Likewise a dead letter refused as too large after its partition was revoked (and not
+    given back) is not sent again, cut short, by a worker that no longer owns the record."""
+    tagger = make_tagger("rigged", max_chunk_tokens=32, max_pass_tokens=256)
+    consumer = FakeConsumer(partitions=2)
+    producer = FakeProducer(hold=True, max_request_size=2_000_000, topic_limits={DLQ: 50_000})
+    consumer.append(0, b"\xff" + b"y" * 200_000)  # invalid UTF-8: a dead letter of ~200 kB
+    cfg = replace(CFG, max_doc_bytes=1_500_000)
+    running = Running(Worker(cfg, tagger, consumer, producer))
+    wait_for(lambda: producer.pending() == 1, what="the dead letter sent (held)")
+    consumer.rebalance(revoke=[0], assign=[1])
+    wait_for(lambda: consumer.assignment() == {(IN, 1)}, what="partition 0 to go")
+    producer.hold = False
+    producer.release()  # refused by the topic: too large
+    time.sleep(0.2)
+    assert running.stop() == 0
+    assert [s.topic for s in producer.sent] == [DLQ], "dead letter re-sent for a revoked partition"
+
+
+class SlowRunner:
+    """Runs each call in this process after `delay_s` (a slow model); `fast()` drops the delay."""
+
+    def __init__(self, tagger, delay_s: float) -> None:
+        self.tagger, self.delay_s, self.calls = tagger, delay_s, 0
+
+    def __call__(self, batches, rows):
+        self.calls += 1
+        time.sleep(self.delay_s)
+        return self.tagger.local(batches, rows)
+
+    def fast(self) -> None:
+        self.delay_s = 0.0
+
+
+def test_backpressure_bounds_the_documents_held_when_every_document_is_long():
+    """Under a stream of documents of more than one piece, the long-document lane counts against
+    backpressure: the worker holds a bounded number of unanswered documents instead of draining
+    its partitions into the lane while the model gets one half-empty micro-batch per pass."""
+    tagger = make_tagger("rigged", max_chunk_tokens=32, max_pass_tokens=256)
+    runner = SlowRunner(tagger, delay_s=0.02)
+    tagger.use_runner(runner)
+    consumer, producer = FakeConsumer(partitions=1), FakeProducer()
+    text = " ".join(["Peter went to Paris ."] * 6)  # 6 windows of 5 tokens: two pieces of <= 24
+    n = 300
+    for i in range(n):
+        consumer.append(0, doc(f"d{i}", text))
+    cfg = replace(CFG, queue_docs=4, max_batch_docs=2, max_batch_tokens=48)
+    worker = Worker(cfg, tagger, consumer, producer)
+    running = Running(worker)
+    # Bound: the queue, one poll read ahead (4 x max_batch_docs), two micro-batches in the model.
+    bound = cfg.queue_docs + 4 * cfg.max_batch_docs + 2 * cfg.max_batch_docs
+    held = 0
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        held = max(held, worker.delivery.in_flight())
+        time.sleep(0.01)
+    runner.fast()
+    try:
+        assert held <= bound, f"{held} documents consumed and not answered (bound {bound})"
+    finally:
+        assert running.stop() == 0
+
+
+class BrokenBackend:
+    """A runner (say ONNX Runtime) whose session is gone: every call raises the backend's own
+    error, as onnxruntime does after a CUDA fault."""
+
+    def __call__(self, batches, rows):
+        raise RuntimeError("onnxruntime: CUDA failure 700: an illegal memory access")
+
+
+def test_a_runner_that_fails_on_every_pass_does_not_dead_letter_the_whole_stream():
+    """A runner whose backend is broken (every pass raises its own error, not `RunnerDied`) is
+    caught by the probe after the first lone failure: the worker stops (exit 1) instead of
+    dead-lettering and committing every document."""
+    tagger = make_tagger("rigged", max_chunk_tokens=32, max_pass_tokens=256)
+    tagger.use_runner(BrokenBackend())
+    consumer, producer = FakeConsumer(partitions=1), FakeProducer()
+    for i in range(10):
+        consumer.append(0, doc(f"d{i}", "Peter went to Paris ."))
+    running = Running(Worker(CFG, tagger, consumer, producer, restart_model=lambda: None))
+    running.thread.join(3)
+    code = running.stop()
+    assert len(producer.delivered(DLQ)) < 10, "every document dead-lettered and committed"
+    assert code == 1
