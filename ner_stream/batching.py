@@ -73,31 +73,28 @@ def plan_passes(
     Sequences of no tokens are in no pass. Every other index appears in exactly one pass.
     """
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    passes: list[Pass] = []
-    group: list[int] = []
+    runs: list[tuple[list[int], int]] = []  # the sequences of each pass, and its length
+    current: list[int] = []
     pad_to = 0
-
-    def close() -> None:
-        passes.append(
-            Pass(group, pad_to, padded_rows(len(group), pad_to, max_pass_tokens, multiple))
-        )
-
     for i in order:
         n = lengths[i]
         if n == 0:
             continue
         # A bucket never pads a lone sequence past the pass budget.
         length = min(bucket_length(n, buckets), max(n, max_pass_tokens))
-        small = len(group) < multiple
-        if group and (
-            (length != pad_to and not small) or (len(group) + 1) * length > max_pass_tokens
+        small = len(current) < multiple
+        if current and (
+            (length != pad_to and not small) or (len(current) + 1) * length > max_pass_tokens
         ):
-            close()
-            group = []
-        group.append(i)
-        pad_to = length  # sorted ascending: the group's longest so far
-    if group:
-        close()
+            runs.append((current, pad_to))
+            current = []
+        current.append(i)
+        pad_to = length  # sorted ascending: the longest of the pass so far
+    if current:
+        runs.append((current, pad_to))
+    passes = [
+        Pass(seqs, t, padded_rows(len(seqs), t, max_pass_tokens, multiple)) for seqs, t in runs
+    ]
     return passes
 
 

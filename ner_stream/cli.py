@@ -249,7 +249,7 @@ def read_documents(streams, fmt: str) -> Iterator[tuple[str, str, dict]]:
             yield doc_id or str(n), obj["text"], pass_through(obj)
 
 
-def _chunks(items: Iterable, size: int) -> Iterator[list]:
+def _runs(items: Iterable, size: int) -> Iterator[list]:
     batch = []
     for item in items:
         batch.append(item)
@@ -286,7 +286,7 @@ def tag_documents(
     """
     if batch_docs < 1:
         raise ValueError("batch_docs must be at least 1")
-    for batch in _chunks(documents, batch_docs):
+    for batch in _runs(documents, batch_docs):
         results = tagger.tag([text for _, text, _ in batch])
         for (doc_id, _, meta), entities in zip(batch, results, strict=True):
             yield output_object(doc_id, entities, meta)

@@ -216,7 +216,7 @@ def validate(cfg: WorkerConfig) -> list[str]:
         problems.append("--fetch-max-wait-ms must be between 0 and 10000")
     if cfg.line_breaks not in LINE_BREAK_MODES:
         problems.append(f"--line-breaks must be one of {', '.join(LINE_BREAK_MODES)}")
-    if cfg.max_chunk_tokens > cfg.max_pass_tokens:  # one chunk must fit one forward pass
+    if cfg.max_chunk_tokens > cfg.max_pass_tokens:  # one window must fit one forward pass
         problems.append("--max-chunk-tokens must not exceed --max-pass-tokens")
     if cfg.shutdown_timeout_s <= 0 or cfg.connect_timeout_s <= 0:
         problems.append("--shutdown-timeout-s and --connect-timeout-s must be positive")

@@ -238,6 +238,7 @@ class InputConsumer:
             yield from records
 
     def assignment(self) -> list[KafkaTP]:
+        """The partitions assigned to this consumer now."""
         return list(self.client.assignment())
 
     def pause(self, partitions: Iterable[Any] | None = None) -> int:

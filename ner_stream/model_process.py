@@ -159,6 +159,7 @@ class ModelProcess:
 
     @property
     def pid(self) -> int:
+        """The process id of the current child (a restart changes it)."""
         return self._process.pid
 
     def __call__(self, batches: list[Batch], rows: list[int]) -> Reply:
@@ -246,6 +247,7 @@ class Reply:
         self.message: tuple | None = None
 
     def ready(self) -> bool:
+        """Whether the answer has come (or the child is gone): `get` then does not wait."""
         while self.message is None:
             if not self._process._receive(block=False):
                 return False
@@ -262,7 +264,7 @@ class Reply:
         if self.message[0] == "lost":
             raise ModelProcessError(self.message[1])
         if self.message[0] != "ok":
-            raise RuntimeError(f"the model process failed on a batch: {self.message[1]}")
+            raise RuntimeError(f"the model process failed on a pass: {self.message[1]}")
         _, tags, scores, seconds = self.message
         return Forwarded(tags, scores, seconds)
 
@@ -302,7 +304,7 @@ def serve(conn: Connection, model_path: str, precision: str, threads: int) -> No
             if message is None:  # asked to stop, or the parent is gone
                 return
             arrays, rows = message
-            # fields[0] of each batch: its word ids.
+            # fields[0] of each pass: its word ids.
             if crash_id is not None and any((fields[0] == crash_id).any() for fields in arrays):
                 os.kill(os.getpid(), signal.SIGKILL)  # the testing hook: die as an OOM kill does
             t0 = time.perf_counter()

@@ -272,6 +272,7 @@ class PendingTags:
     _pending: PendingPass
 
     def ready(self) -> bool:
+        """Whether the passes are answered: `result` then waits for nothing but span decoding."""
         return self._pending.ready()
 
     def result(self) -> tuple[list[list[Entity]], BatchStats]:

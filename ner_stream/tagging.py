@@ -65,7 +65,7 @@ class TaggingStage:
         self.metrics = metrics
         self.health = health
         self.clock = clock
-        # Submitted to the runner, oldest first.
+        # Submitted to the runner, oldest first: a runner answers in the order it was given.
         self._in_model: deque[tuple[list[Piece], PendingTags]] = deque()
         # Answered (or lost with a dead model), taken off `_in_model`, not yet finished: kept
         # here rather than in a local list so that a model death can account for them.

@@ -301,7 +301,7 @@ def evaluate_cmd(model_path, data, fmt, device, layout, line_breaks, as_json) ->
     """Entity P/R/F1 per type (conlleval rules) and masked token accuracy on labelled data.
 
     With --raw LAYOUT the documents go through the worker's text path (tokenizer, sentence
-    splitting, chunking, tagger) as raw text, and the report adds the token-level F1 of the same
+    splitting, windows, tagger) as raw text, and the report adds the token-level F1 of the same
     data, the kinds of error and the entities that cross a line break.
     """
     if layout is None and line_breaks is not None:

@@ -1,7 +1,7 @@
 """The raw-text evaluation: labelled documents through the worker's text path, scored on spans.
 
 Documents are written out as raw text (`training.raw_text`), tagged exactly as `ner-stream run`
-tags a message (`Tagger.prepare` then `Tagger.tag_prepared`, with the worker's chunking and
+tags a message (`Tagger.tag`: `prepare`, then the passes, with the worker's windows and
 batching defaults), and scored on entity character spans (`training.evaluate.span_scores`).
 """
 
@@ -58,8 +58,8 @@ def raw_evaluation(
 ) -> RawEvaluation:
     """Tag ``documents`` written out in ``layout`` through the worker's text path and score them.
 
-    The path is `Tagger.prepare` (tokenizer, sentence splitting with ``line_breaks``, chunking
-    at the worker's ``--max-chunk-tokens``) and `Tagger.tag_prepared` with the worker's batching
+    The path is `Tagger.tag`: `prepare` (tokenizer, sentence splitting with ``line_breaks``,
+    windows of the worker's ``--max-chunk-tokens``), then the passes with the worker's batching
     and precision defaults, as ``ner-stream run`` tags a message. The token-level scores come
     first, from the model on the gold tokens, because the tagger may cast the network. Raises
     ``ValueError`` for an unknown layout or line-break mode.
@@ -69,7 +69,7 @@ def raw_evaluation(
         loaded.model.to(device), loaded.info.vocabs, sentences, loaded.info.config.tag_scheme,
         device,
     )  # fmt: skip
-    # TaggerOptions' defaults are the worker's (chunk size, forward-pass budget, precision).
+    # TaggerOptions' defaults are the worker's (window size, forward-pass budget, precision).
     tagger = Tagger(loaded, TaggerOptions(device=str(device), line_breaks=line_breaks))
     raw = [render(document, layout) for document in documents]
     predicted: list[list[tuple[int, int, str]]] = []

@@ -64,7 +64,7 @@ class TrainConfig:
     # Chance, per epoch, that a group of sentences which the raw-text path reads as one sequence
     # (`training.raw_text.paragraph_groups`) is trained as one sequence.
     paragraph_merge: float = 0.5
-    merge_max_tokens: int = 128  # a merged sequence stays within the worker's chunk size
+    merge_max_tokens: int = 128  # a merged sequence stays within the worker's window size
 
 
 @dataclass
