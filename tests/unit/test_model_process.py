@@ -112,7 +112,7 @@ def test_a_pass_that_fails_in_the_child_fails_alone(model_file, process):
     tagger.use_runner(process)
     batch = pad_batch([tagger.vocabs.encode(["Peter", "went"])], pad_to=8)
     batch.words[0, 0] = 10**6  # no such word id: the embedding lookup fails
-    with pytest.raises(RuntimeError, match="failed on a batch") as failure:
+    with pytest.raises(RuntimeError, match="failed on a pass") as failure:
         process([batch], [1]).get()
     assert not isinstance(failure.value, ModelProcessError)
     assert tagger.tag(["Peter went to Paris ."]) == Tagger.from_file(model_file, OPTIONS).tag(
