@@ -216,8 +216,11 @@ def validate(cfg: WorkerConfig) -> list[str]:
         problems.append("--fetch-max-wait-ms must be between 0 and 10000")
     if cfg.line_breaks not in LINE_BREAK_MODES:
         problems.append(f"--line-breaks must be one of {', '.join(LINE_BREAK_MODES)}")
-    if cfg.max_chunk_tokens > cfg.max_pass_tokens:  # one window must fit one forward pass
-        problems.append("--max-chunk-tokens must not exceed --max-pass-tokens")
+    # One window must fit one forward pass, and one micro-batch.
+    if cfg.max_chunk_tokens > min(cfg.max_pass_tokens, cfg.max_batch_tokens):
+        problems.append(
+            "--max-chunk-tokens must not exceed --max-pass-tokens or --max-batch-tokens"
+        )
     if cfg.shutdown_timeout_s <= 0 or cfg.connect_timeout_s <= 0:
         problems.append("--shutdown-timeout-s and --connect-timeout-s must be positive")
     if cfg.security_protocol not in PROTOCOLS:

@@ -21,6 +21,9 @@ from ner_stream.batching import BatchLimits, MicroBatcher
 # waits for work when there is nothing to do, in seconds.
 MODEL_POLL_S = 0.002
 IDLE_POLL_S = 0.05
+# Long documents the lane may hold before the caller takes no more work: one being tagged, and
+# the next, so that short documents keep flowing beside a long one while memory stays bounded.
+MAX_LONG_DOCUMENTS = 2
 # Micro-batches submitted and not answered: the one the model runs and one waiting behind it, so
 # that the model never waits for the tagging thread, and the next batch keeps growing while the
 # model is busy.
@@ -82,9 +85,11 @@ class Scheduler(Generic[J]):
       decides, so light load keeps low latency.
     - The pieces of a document longer than `piece_tokens` (half a micro-batch) wait in a lane of
       their own and join batches one at a time: the next one rides along with each batch that
-      goes (room is kept for it in the open batch), and one goes alone when the model is free and
-      no new work came. While the lane holds a micro-batch's worth of tokens, `accepts` is False:
-      the caller takes no more documents, so that backpressure bounds long documents too.
+      goes (room is kept for it in the open batch), one goes alone when the model is free and no
+      new work came, and one that does not fit beside a batch goes alone right after it. A long
+      document thus gets a pass at least every other batch, however busy the stream.
+    - While the lane holds `MAX_LONG_DOCUMENTS` documents, `accepts` is False: the caller takes
+      no more documents, so that backpressure bounds long documents too.
     - Pieces of documents no longer `live` are dropped when their batch is taken.
     """
 
@@ -95,7 +100,8 @@ class Scheduler(Generic[J]):
         self.piece_tokens = max(1, limits.max_tokens // 2)
         self._batcher: MicroBatcher[Piece[J]] = MicroBatcher(limits)
         self._long: deque[Piece[J]] = deque()
-        self._long_tokens = 0
+        self._long_docs = 0  # documents with pieces in the lane
+        self._head_owed = False  # the lane's next piece was passed over by the last batch
 
     def __len__(self) -> int:
         """Pieces waiting (in the open batch and the long lane)."""
@@ -103,7 +109,7 @@ class Scheduler(Generic[J]):
 
     def accepts(self) -> bool:
         """Whether the caller may add another document now (see the class docstring)."""
-        return self._long_tokens < self.limits.max_tokens
+        return self._long_docs < MAX_LONG_DOCUMENTS
 
     def add(self, pieces: list[Piece[J]], now: float) -> list[Piece[J]] | None:
         """Queue one document's pieces (see `pieces_of`) at `now`.
@@ -113,7 +119,7 @@ class Scheduler(Generic[J]):
         """
         if len(pieces) > 1:
             self._long.extend(pieces)
-            self._long_tokens += sum(p.tokens for p in pieces)
+            self._long_docs += 1
             return None
         (piece,) = pieces
         out = None
@@ -133,6 +139,9 @@ class Scheduler(Generic[J]):
         `model_free`: no batch is in the model; `idle`: no new document came since the last call;
         `stopping`: no more will come.
         """
+        if self._head_owed and self._long:
+            self._head_owed = False
+            return [p for p in [self._pop_head()] if p.job.live] or None
         batcher = self._batcher
         full = len(batcher) and batcher.full(*self._reserved())
         if not (
@@ -157,8 +166,19 @@ class Scheduler(Generic[J]):
         return batches_in_flight > MAX_BATCHES_IN_FLIGHT
 
     def _reserved(self) -> tuple[int, int]:
-        """Documents and tokens kept free in the open batch for the long lane's next piece."""
-        return (1, self._long[0].tokens) if self._long else (0, 0)
+        """Documents and tokens kept free in the open batch for the long lane's next piece: none
+        when it could not share a batch anyway (one document per batch, or a piece of a window
+        longer than half a batch), so that batches are not shrunk for nothing."""
+        if not self._long or self.limits.max_docs < 2:
+            return (0, 0)
+        head = self._long[0].tokens
+        return (1, head) if head <= self.piece_tokens else (0, 0)
+
+    def _pop_head(self) -> Piece[J]:
+        head = self._long.popleft()
+        if not self._long or self._long[0].job is not head.job:
+            self._long_docs -= 1  # its last piece has left the lane
+        return head
 
     def _take(self) -> list[Piece[J]] | None:
         """The open batch, with the long lane's next piece when it fits; None if nothing live."""
@@ -170,8 +190,9 @@ class Scheduler(Generic[J]):
             if not pieces or (
                 len(pieces) < limits.max_docs and tokens + head.tokens <= limits.max_tokens
             ):
-                pieces.append(self._long.popleft())
-                self._long_tokens -= head.tokens
+                pieces.append(self._pop_head())
+            else:
+                self._head_owed = True
         return [p for p in pieces if p.job.live] or None
 
 

@@ -308,6 +308,11 @@ class TaggingStage:
         every document (and committing them) would hide that."""
         try:
             self._probe_pass()
+        except RunnerDied as e:
+            # Dead just now: not a sign that it fails on any input. Restart it (fatal when it
+            # cannot be) and settle what else it held; the document, which failed alone before,
+            # is still dead-lettered by the caller.
+            self._model_died(e, [])
         except Exception as e:
             raise RuntimeError(
                 f"the runner fails on any input (a one-word probe failed too: {e}); "

@@ -117,6 +117,10 @@ def test_the_flags_tag_shares_with_run_come_from_the_same_settings():
             {"max_chunk_tokens": 512, "max_pass_tokens": 256},
             "--max-chunk-tokens must not exceed --max-pass-tokens",
         ),
+        (
+            {"max_chunk_tokens": 512, "max_batch_tokens": 256},
+            "--max-chunk-tokens must not exceed --max-pass-tokens or --max-batch-tokens",
+        ),
         ({"line_breaks": "never"}, "--line-breaks"),
         ({"shutdown_timeout_s": 0}, "--shutdown-timeout-s"),
         ({"connect_timeout_s": -1.0}, "--connect-timeout-s"),
@@ -150,11 +154,11 @@ def test_valid_edge_values_are_accepted():
 
 def test_the_two_token_budgets_are_separate_settings():
     """--max-batch-tokens counts real tokens per micro-batch, --max-pass-tokens padded positions
-    per forward pass; only the pass must hold a whole chunk."""
+    per forward pass; each must hold a whole window."""
     default = WorkerConfig()
     assert default.max_batch_tokens == default.max_pass_tokens == 8192
-    cfg = WorkerConfig(max_batch_tokens=64, max_chunk_tokens=128, max_pass_tokens=128)
-    assert (cfg.max_batch_tokens, cfg.max_pass_tokens) == (64, 128)
+    cfg = WorkerConfig(max_batch_tokens=128, max_chunk_tokens=64, max_pass_tokens=256)
+    assert (cfg.max_batch_tokens, cfg.max_pass_tokens) == (128, 256)
     with pytest.raises(ValueError, match="--max-chunk-tokens must not exceed --max-pass-tokens"):
         WorkerConfig(max_chunk_tokens=129, max_pass_tokens=128)
     result = CliRunner().invoke(main, ["run"], env={"NER_STREAM_MAX_PASS_TOKENS": "100"})

@@ -888,3 +888,112 @@ def test_a_runner_that_fails_on_every_pass_does_not_dead_letter_the_whole_stream
     code = running.stop()
     assert len(producer.delivered(DLQ)) < 10, "every document dead-lettered and committed"
     assert code == 1
+
+
+class BusyRunner:
+    """Runs each pass in this process after `delay_s`: a busy model, so the queue stays full."""
+
+    def __init__(self, tagger, delay_s: float) -> None:
+        self.tagger, self.delay_s = tagger, delay_s
+
+    def __call__(self, batches, rows):
+        time.sleep(self.delay_s)
+        return self.tagger.local(batches, rows)
+
+
+SENTENCE = "Peter went to Paris and the Peter went to Paris and the Peter ."  # 14 tokens
+
+
+BACKLOG_CASES = {
+    # --max-batch-docs 1; the long document: 168 tokens, pieces of <= 128 (of 256 a batch).
+    "max-batch-docs-1": (dict(max_batch_docs=1), " ".join([SENTENCE] * 12), "Paris ."),
+    # test_worker's long-document limits (48 tokens a batch, windows of up to 32); the long
+    # document: a window of 30 tokens and one of 9 (39 < 48: accepts() stays True); short
+    # documents of 20 tokens.
+    "window-over-half-a-batch": (
+        dict(max_batch_tokens=48, max_pass_tokens=48, max_chunk_tokens=32),
+        " ".join(["Paris"] * 29) + " . Peter went to Paris and the Peter went .",
+        " ".join(["Peter"] * 19) + " .",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BACKLOG_CASES))
+def test_a_long_document_ahead_of_a_backlog_is_tagged_while_the_backlog_flows(case):
+    """End to end: a long document consumed ahead of a backlog is tagged while the backlog flows
+    (among the first 100 outputs), so its partition's commits do not stall behind it."""
+    overrides, long_text, short_text = BACKLOG_CASES[case]
+    cfg = replace(CFG, **overrides)
+    tagger = make_tagger("rigged", max_chunk_tokens=cfg.max_chunk_tokens,
+                         max_pass_tokens=cfg.max_pass_tokens)  # fmt: skip
+    tagger.use_runner(BusyRunner(tagger, delay_s=0.004))
+    consumer, producer = FakeConsumer(partitions=1), FakeProducer()
+    for i in range(5):
+        consumer.append(0, doc(f"a{i}", short_text))
+    consumer.append(0, doc("long", long_text))
+    n = 300
+    for i in range(n):
+        consumer.append(0, doc(f"s{i}", short_text))
+    running = Running(Worker(cfg, tagger, consumer, producer))
+    try:
+        wait_for(lambda: len(producer.delivered(OUT)) >= 100, what="100 outputs")
+        ids = output_ids(producer)
+        committed = consumer.committed_offset(0)
+        assert "long" in ids, f"{len(ids)} outputs, not the long document's; committed: {committed}"
+    finally:
+        wait_for(lambda: len(producer.delivered(OUT)) == n + 6, timeout=30, what="all outputs")
+        assert running.stop() == 0
+
+
+class ErrorThenOomRunner:
+    """A model process that answers an error for a pass holding "and" (say, an allocation that
+    failed in the network) and, after that failure alone, is killed by the kernel a moment later
+    (the memory it grabbed): its next pass is lost (`ModelProcessError`, a `RunnerDied`). A
+    restart brings a healthy process."""
+
+    def __init__(self, tagger) -> None:
+        self.tagger = tagger
+        self.and_id = tagger.vocabs.words.stoi["and"]
+        self.dying = False
+        self.restarts = 0
+
+    def __call__(self, batches, rows):
+        if self.dying:
+            raise ModelProcessError("the model process stopped (exit code -9)")
+        if any((b.words == self.and_id).any() for b in batches):
+            if sum(rows) == 1:
+                self.dying = True
+            raise RuntimeError("the model process failed on a pass: RuntimeError: out of memory")
+        return self.tagger.local(batches, rows)
+
+    def restart(self) -> None:
+        self.dying = False
+        self.restarts += 1
+
+
+def test_a_model_process_that_dies_during_the_probe_is_restarted_not_declared_broken():
+    """A model process that dies while it runs the probe after a document failed alone is
+    restarted, as any death is; the document, which failed alone, is dead-lettered and the stream
+    goes on (no crash loop on one record)."""
+    tagger = make_tagger("rigged", max_chunk_tokens=32, max_pass_tokens=256)
+    runner = ErrorThenOomRunner(tagger)
+    tagger.use_runner(runner)
+    consumer, producer = FakeConsumer(partitions=1), FakeProducer()
+    consumer.append(0, doc("d0", "Peter went to Paris ."))
+    consumer.append(0, doc("bad", "Peter and Paris ."))
+    consumer.append(0, doc("d2", "Peter went to Paris ."))
+    worker = Worker(CFG, tagger, consumer, producer, restart_model=runner.restart)
+    running = Running(worker)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and running.thread.is_alive():
+        if output_ids(producer) == {"d0", "d2"} and committed_all(consumer):
+            break
+        time.sleep(0.01)
+    fatal = worker.fatal
+    code = running.stop()
+    assert fatal is None, f"stopped on: {fatal}"
+    assert code == 0
+    assert runner.restarts == 1
+    assert output_ids(producer) == {"d0", "d2"}
+    assert len(producer.delivered(DLQ)) == 1
+    assert consumer.committed_offset(0) == 3
