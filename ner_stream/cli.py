@@ -134,7 +134,10 @@ def _start_model_process(cfg: WorkerConfig, tagger: Tagger) -> ModelProcess:
     """Move the model's forward pass into a child process; this one keeps a thread for padding."""
     # The precision already chosen, so that the child cannot decide otherwise.
     proc = ModelProcess(
-        cfg.model or default_model_path(), tagger.precision.precision, cfg.model_threads()
+        cfg.model or default_model_path(),
+        tagger.precision.precision,
+        cfg.model_threads(),
+        pass_timeout_s=cfg.model_timeout_s,
     )
     tagger.use_runner(proc)
     torch.set_num_threads(1)

@@ -80,6 +80,11 @@ class WorkerConfig:
     )
     torch_threads: int = setting(0, "CPU threads for the model (0: every core but one).")
     model_process: bool = setting(True, "On the CPU, run the model in a child process of its own.")
+    model_timeout_s: float = setting(
+        60.0,
+        "Longest the model process may take to answer a pass before it counts as hung: it is "
+        "then stopped and restarted like one that died.",
+    )
     max_batch_docs: int = setting(128, "Most documents in one micro-batch.")
     max_batch_tokens: int = setting(8192, "Most real tokens in one micro-batch.")
     max_pass_tokens: int = setting(
@@ -206,6 +211,8 @@ def validate(cfg: WorkerConfig) -> list[str]:
         problems.append("--session-timeout-ms must be between 6000 and 300000")
     if cfg.torch_threads < 0:
         problems.append("--torch-threads must not be negative")
+    if cfg.model_timeout_s <= 0:
+        problems.append("--model-timeout-s must be positive")
     if cfg.precision not in PRECISIONS:
         problems.append(f"--precision must be one of {', '.join(PRECISIONS)}")
     if cfg.max_f1_change < 0:

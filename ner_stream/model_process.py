@@ -14,12 +14,16 @@ child, passes flow through two stages on two threads, the network (torch, `--tor
 threads) and then the CRF, so that one pass is decoded while the next one's network runs.
 
 A child that dies (killed for memory, a native crash) loses the passes it had: their replies raise
-`ModelProcessError`, and `ModelProcess.restart` starts a fresh child in its place. How often that
-may happen is `RestartWindow`'s decision; what becomes of the lost documents is the worker's.
+`ModelProcessError`, and `ModelProcess.restart` starts a fresh child in its place. A child that
+hangs (a deadlock, a pass that never ends) is treated the same way: when the oldest pass it holds
+has not been answered within `pass_timeout_s`, the child is killed and its passes are lost. How
+often that may happen is `RestartWindow`'s decision; what becomes of the lost documents is the
+tagging stage's (`ner_stream.tagging`).
 
-Testing hook: when the environment variable named by `CRASH_WORD_ENV` is set in the child's
+Testing hooks: when the environment variable named by `CRASH_WORD_ENV` is set in the child's
 environment, the child kills itself (SIGKILL, as the kernel's OOM killer would) on any pass that
-contains that word, looked up as the model's vocabulary looks words up. It lets the tests make a
+contains that word, looked up as the model's vocabulary looks words up; with `HANG_WORD_ENV`, it
+stops answering (sleeps) on such a pass instead. It lets the tests make a
 marked document kill the model; unset, nothing changes. A word the vocabulary does not know is
 refused at start, so that a misspelt hook cannot pass a test by never firing.
 """
@@ -51,6 +55,8 @@ from ner_stream.vocab import Vocabularies, word_key
 
 # Testing hook (see the module docstring): read by the child only.
 CRASH_WORD_ENV = "NER_STREAM_TEST_CRASH_WORD"
+HANG_WORD_ENV = "NER_STREAM_TEST_HANG_WORD"
+DEFAULT_PASS_TIMEOUT_S = 60.0
 
 # A worker gives up when the model process dies more often than this: a model that dies on
 # (nearly) every pass would otherwise be restarted forever, one document at a time.
@@ -102,7 +108,9 @@ class ModelProcess:
     `ner_stream.runner`, for `Tagger.use_runner`).
 
     The child runs the network on the CPU at `precision` (the one the parent's `Tagger` chose),
-    with `threads` torch threads. `restart` replaces a child that died, `close` stops the child.
+    with `threads` torch threads. A child that leaves its oldest pass unanswered for
+    `pass_timeout_s` seconds counts as hung: it is killed, and its passes are lost as with a
+    death. `restart` replaces a child that died, `close` stops the child.
     """
 
     def __init__(
@@ -111,9 +119,14 @@ class ModelProcess:
         precision: str,
         threads: int,
         start_timeout_s: float = 120.0,
+        pass_timeout_s: float = DEFAULT_PASS_TIMEOUT_S,
     ) -> None:
         self._spec = {"model": str(model_path), "precision": precision, "threads": threads}
         self._start_timeout_s = start_timeout_s
+        self._pass_timeout_s = pass_timeout_s
+        # When the oldest waiting pass became the oldest: the child has had its whole attention
+        # for it since then (the passes behind it wait their turn).
+        self._oldest_since = 0.0
         self._lock = threading.Lock()
         self._waiting: deque[Reply] = deque()
         self._digest: str | None = None  # of the model file the first child loaded
@@ -177,26 +190,46 @@ class ModelProcess:
                 self._conn.send((payload, rows))
             except OSError:
                 raise ModelProcessError(self._stopped_message()) from None
+            if not self._waiting:
+                self._oldest_since = time.monotonic()
             self._waiting.append(reply)
         return reply
 
     def _receive(self, block: bool) -> bool:
         """Take the next answer off the pipe for the oldest waiting reply; False if none came.
 
-        When the child is gone, every waiting reply is answered as lost (see `Reply.get`).
+        When the child is gone, or has left the oldest reply unanswered for the pass timeout (it
+        is then killed), every waiting reply is answered as lost (see `Reply.get`). `block`
+        waits at most until that timeout.
         """
         with self._lock:
             if not self._waiting:
                 return False
             try:
-                if not block and not self._conn.poll(0):
-                    return False
+                left = self._oldest_since + self._pass_timeout_s - time.monotonic()
+                if not self._conn.poll(max(0.0, left) if block else 0):
+                    if not block and left > 0:
+                        return False
+                    self._kill_hung()
+                    return True
                 message = self._conn.recv()
             except (EOFError, OSError):
                 self._lose_waiting(self._stopped_message())
                 return True
             self._waiting.popleft().message = message
+            self._oldest_since = time.monotonic()
             return True
+
+    def _kill_hung(self) -> None:
+        """Kill a child that did not answer in time (the lock held); its passes are lost."""
+        with contextlib.suppress(OSError):
+            self._process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(5.0)
+        self._lose_waiting(
+            f"the model process did not answer a pass in {self._pass_timeout_s:g} s "
+            "and was stopped (hung)"
+        )
 
     def _lose_waiting(self, why: str) -> None:
         """Answer every waiting reply as lost (the lock held): its child will never answer."""
@@ -278,7 +311,8 @@ def serve(conn: Connection, model_path: str, precision: str, threads: int) -> No
     try:
         loaded = load(model_path)
         runner = LocalRunner(loaded.model, torch.device("cpu"), precision)
-        crash_id = _crash_word_id(loaded.info.vocabs)
+        crash_id = _hook_word_id(loaded.info.vocabs, CRASH_WORD_ENV)
+        hang_id = _hook_word_id(loaded.info.vocabs, HANG_WORD_ENV)
     except Exception as e:  # reported to the parent, which fails with the message
         conn.send(("error", str(e)))
         return
@@ -307,6 +341,8 @@ def serve(conn: Connection, model_path: str, precision: str, threads: int) -> No
             # fields[0] of each pass: its word ids.
             if crash_id is not None and any((fields[0] == crash_id).any() for fields in arrays):
                 os.kill(os.getpid(), signal.SIGKILL)  # the testing hook: die as an OOM kill does
+            if hang_id is not None and any((fields[0] == hang_id).any() for fields in arrays):
+                time.sleep(3600)  # the testing hook: never answer, as a deadlocked pass would
             t0 = time.perf_counter()
             try:
                 batches = [Batch(*(torch.from_numpy(a) for a in fields)) for fields in arrays]
@@ -318,14 +354,14 @@ def serve(conn: Connection, model_path: str, precision: str, threads: int) -> No
         decoder.join()  # the answers to passes already run still go out
 
 
-def _crash_word_id(vocabs: Vocabularies) -> int | None:
-    """The word id of the testing hook's word (see the module docstring), None when unset."""
-    word = os.environ.get(CRASH_WORD_ENV)
+def _hook_word_id(vocabs: Vocabularies, env: str) -> int | None:
+    """The word id of a testing hook's word (see the module docstring), None when unset."""
+    word = os.environ.get(env)
     if not word:
         return None
     key = word_key(word, vocabs.lowercase)
     if key not in vocabs.words:
-        raise ValueError(f"{CRASH_WORD_ENV}={word!r} is not in the model's vocabulary")
+        raise ValueError(f"{env}={word!r} is not in the model's vocabulary")
     return vocabs.words.stoi[key]
 
 

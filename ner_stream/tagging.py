@@ -268,7 +268,7 @@ class TaggingStage:
                     return
                 self._restart(e)
                 self._probe()
-                detail = f"it killed the model process twice, alone the second time: {e}"
+                detail = f"it stopped the model process twice, alone the second time: {e}"
                 self._reject(p, Rejection(RejectReason.MODEL_CRASH, detail, p.job.doc.source))
                 continue
             except Exception as e:

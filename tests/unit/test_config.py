@@ -109,6 +109,7 @@ def test_the_flags_tag_shares_with_run_come_from_the_same_settings():
         ({"commit_interval_ms": 0}, "--commit-interval-ms"),
         ({"topic_partitions": 0}, "--topic-partitions"),
         ({"max_wait_ms": -1}, "--max-wait-ms"),
+        ({"model_timeout_s": 0.0}, "--model-timeout-s"),
         ({"fetch_max_wait_ms": -1}, "--fetch-max-wait-ms"),
         ({"fetch_max_wait_ms": 60_000}, "--fetch-max-wait-ms"),
         ({"precision": "fp8"}, "--precision"),

@@ -15,6 +15,7 @@ from ner_stream.batching import pad_batch
 from ner_stream.checkpoint import save
 from ner_stream.model_process import (
     CRASH_WORD_ENV,
+    HANG_WORD_ENV,
     MAX_RESTARTS,
     RESTART_WINDOW_S,
     ModelProcess,
@@ -237,3 +238,35 @@ def test_the_default_restart_window_and_its_limits():
     assert not RestartWindow(limit=0).allow(0.0)  # no restart at all
     with pytest.raises(ValueError):
         RestartWindow(window_s=0)
+
+
+def test_a_child_that_leaves_a_pass_unanswered_is_killed_and_its_passes_lost(
+    model_file, monkeypatch
+):
+    monkeypatch.setenv(HANG_WORD_ENV, "and")
+    proc = ModelProcess(model_file, "fp32", threads=1, pass_timeout_s=1.0)
+    try:
+        tagger = Tagger.from_file(model_file, OPTIONS)
+        expected = tagger.tag(["Peter went to Paris ."])
+        tagger.use_runner(proc)
+        assert tagger.tag(["Peter went to Paris ."]) == expected
+        hung_pid = proc.pid
+        marked = pad_batch([tagger.vocabs.encode(["Peter", "and"])], pad_to=8)
+        hung, behind = proc([marked], [1]), proc([marked], [1])
+        assert not hung.ready()  # not yet overdue
+        # The blocking wait ends at the timeout, not never: the child is killed, both passes lost.
+        with pytest.raises(ModelProcessError, match=r"did not answer a pass in 1 s"):
+            hung.get()
+        with pytest.raises(ModelProcessError, match="hung"):
+            behind.get()
+        assert proc._process.poll() is not None, "the hung child was not stopped"
+        proc.restart()
+        assert proc.pid != hung_pid
+        assert tagger.tag(["Peter went to Paris ."]) == expected
+        # Found overdue by the non-blocking check too, as the tagging thread polls.
+        late = proc([marked], [1])
+        wait_for(late.ready, timeout=10, what="the overdue pass to settle")
+        with pytest.raises(ModelProcessError, match="hung"):
+            late.get()
+    finally:
+        proc.close()

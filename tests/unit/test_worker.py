@@ -23,7 +23,13 @@ from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 
 from ner_stream.checkpoint import save
 from ner_stream.config import WorkerConfig
-from ner_stream.model_process import CRASH_WORD_ENV, ModelProcess, ModelProcessError, RestartWindow
+from ner_stream.model_process import (
+    CRASH_WORD_ENV,
+    HANG_WORD_ENV,
+    ModelProcess,
+    ModelProcessError,
+    RestartWindow,
+)
 from ner_stream.tagger import Tagger, TaggerOptions
 from ner_stream.worker import Worker
 from tests.fakes import FakeConsumer, FakeProducer, make_tagger, rigged_model, wait_for
@@ -997,3 +1003,33 @@ def test_a_model_process_that_dies_during_the_probe_is_restarted_not_declared_br
     assert output_ids(producer) == {"d0", "d2"}
     assert len(producer.delivered(DLQ)) == 1
     assert consumer.committed_offset(0) == 3
+
+
+@pytest.fixture
+def hanging_process(rigged_file, monkeypatch) -> Iterator[ModelProcess]:
+    """A model process whose child stops answering on the word "and", found hung after 1 s."""
+    monkeypatch.setenv(HANG_WORD_ENV, "and")
+    proc = ModelProcess(rigged_file, "fp32", threads=1, pass_timeout_s=1.0)
+    yield proc
+    proc.close()
+
+
+def test_a_document_that_hangs_the_model_process_is_dead_lettered_and_the_rest_go_on(
+    hanging_process,
+):
+    consumer, producer = FakeConsumer(partitions=1), FakeProducer()
+    for i in range(8):
+        consumer.append(0, doc(f"d{i}", MARKED if i == 3 else "Peter went to Paris ."))
+    running = start_with(hanging_process, consumer, producer, max_batch_docs=4)
+    wait_for(lambda: len(producer.delivered(OUT)) + len(producer.delivered(DLQ)) >= 8,
+             timeout=90, what="an output or a dead letter for each document")  # fmt: skip
+    wait_for(lambda: committed_all(consumer), timeout=10, what="commits of every offset")
+    assert running.thread.is_alive() and running.worker.fatal is None
+    assert running.stop() == 0
+    (dead,) = producer.delivered(DLQ)
+    assert dead.header("ner_stream.reason") == b"model_crash"
+    assert dead.header("ner_stream.source.offset") == b"3"
+    assert b"did not answer a pass in 1 s" in dead.header("ner_stream.detail")
+    assert sorted(offsets_of(producer.delivered(OUT))) == [i for i in range(8) if i != 3]
+    value = running.worker.metrics.registry.get_sample_value
+    assert value("ner_stream_model_restarts_total") == 2  # with the batch, then alone
