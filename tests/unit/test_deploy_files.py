@@ -204,6 +204,13 @@ RULE_CASES = {
         [series("ner_stream_paused_partitions", "2x20")],
         [("NerStreamBackpressure", "20m", [({"instance": "w1:9400"}, 2)])],
     ),
+    "model process restarting": (
+        # w1: 3 restarts in 30 minutes; w2: 2 (under the threshold).
+        [series("ner_stream_model_restarts_total", "0 0 1 1 2 2 3 3 3 3"),
+         series("ner_stream_model_restarts_total", "0 0 1 1 2 2 2 2 2 2", instance="w2:9400")],
+        [("NerStreamModelRestarting", "9m", [({"instance": "w1:9400"}, 3)]),
+         ("NerStreamModelRestarting", "1m", [])],
+    ),
 }  # fmt: skip
 
 
