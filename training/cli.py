@@ -22,7 +22,7 @@ from ner_stream.tagger import TaggerOptions, resolve_device
 from ner_stream.text import LINE_BREAK_MODES
 from training.datasets import FORMATS, DatasetError, load_corpus, read_conll_documents
 from training.embeddings import load_embeddings
-from training.evaluate import format_report
+from training.evaluate import GMB_TO_CONLL, UNMAPPED_PREDICTIONS, format_report
 from training.raw_evaluation import format_raw_report, raw_evaluation
 from training.raw_text import LAYOUTS, paragraph_groups
 from training.trainer import (
@@ -30,6 +30,7 @@ from training.trainer import (
     TrainConfig,
     evaluate_model,
     fingerprint,
+    out_of_domain_report,
     precision_check,
     train,
 )
@@ -296,8 +297,16 @@ def train_cmd(
     type=click.Choice(LINE_BREAK_MODES),
     help=f"With --raw: the worker's --line-breaks setting [default: {WorkerConfig.line_breaks}].",
 )
+@click.option(
+    "--out-of-domain",
+    "ood_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Also score a CoNLL-typed model on this GMB-format file (e.g. GMB's val.csv), its "
+    "types mapped: per -> PER, geo and gpe -> LOC, org -> ORG, other GMB types as O, predicted "
+    "MISC ignored. Reported beside the --data scores.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def evaluate_cmd(model_path, data, fmt, device, layout, line_breaks, as_json) -> None:
+def evaluate_cmd(model_path, data, fmt, device, layout, line_breaks, ood_path, as_json) -> None:
     """Entity P/R/F1 per type (conlleval rules) and masked token accuracy on labelled data.
 
     With --raw LAYOUT the documents go through the worker's text path (tokenizer, sentence
@@ -306,17 +315,39 @@ def evaluate_cmd(model_path, data, fmt, device, layout, line_breaks, as_json) ->
     """
     if layout is None and line_breaks is not None:
         raise click.BadParameter("applies to --raw only", param_hint="--line-breaks")
+    if layout is not None and ood_path is not None:
+        raise click.BadParameter("does not apply with --raw", param_hint="--out-of-domain")
     loaded = _load_model(model_path)
     dev = _device(device)
     if layout is None:
         sentences = _read(data, fmt)
-        report, accuracy = evaluate_model(
-            loaded.model.to(dev), loaded.info.vocabs, sentences, loaded.info.config.tag_scheme, dev
+        model, vocabs, scheme = (
+            loaded.model.to(dev),
+            loaded.info.vocabs,
+            loaded.info.config.tag_scheme,
         )
+        if ood_path is not None:
+            types = {t.partition("-")[2] for t in vocabs.tags.itos} - {""}
+            conll = set(GMB_TO_CONLL.values())
+            if not types & conll or not types <= conll | UNMAPPED_PREDICTIONS:
+                raise click.ClickException(
+                    "--out-of-domain needs a CoNLL-typed model (PER, LOC, ORG, MISC); this one "
+                    f"tags {', '.join(sorted(types))}"
+                )
+        report, accuracy = evaluate_model(model, vocabs, sentences, scheme, dev)
+        ood = None
+        if ood_path is not None:
+            ood = out_of_domain_report(model, vocabs, _read(ood_path, "gmb"), scheme, dev)
         if as_json:
-            click.echo(json.dumps({**report.to_dict(), "accuracy": accuracy}, indent=2))
+            out = {**report.to_dict(), "accuracy": accuracy}
+            if ood is not None:
+                out["out_of_domain"] = {"data": ood_path.name, **ood.to_dict()}
+            click.echo(json.dumps(out, indent=2))
         else:
             click.echo(format_report(report, accuracy))
+            if ood is not None:
+                click.echo(f"\nout of domain: {ood_path.name}, GMB types mapped to CoNLL's")
+                click.echo(format_report(ood))
         return
     if fmt != "conll":
         raise click.BadParameter(

@@ -107,6 +107,36 @@ def entity_scores(
     return _report(_typed_spans(gold, scheme), _typed_spans(pred, scheme), _span_type)
 
 
+# The out-of-domain check of a CoNLL-typed model on GMB-style data: GMB's person, geographical
+# and geopolitical entities and organisations have CoNLL counterparts; its other types (time,
+# artifact, event, natural phenomenon) do not, and CoNLL's MISC has no GMB counterpart.
+GMB_TO_CONLL = {"per": "PER", "geo": "LOC", "gpe": "LOC", "org": "ORG"}
+UNMAPPED_PREDICTIONS = frozenset({"MISC"})
+
+
+def mapped_entity_scores(
+    gold: Sequence[Sequence[str]],
+    pred: Sequence[Sequence[str]],
+    gold_types: dict[str, str],
+    ignored_predictions: frozenset[str] = UNMAPPED_PREDICTIONS,
+) -> EntityReport:
+    """conlleval entity scores across two type sets: each gold entity's type is mapped through
+    ``gold_types`` (a type it lacks counts as "O": the entity is dropped), and predicted entities
+    of ``ignored_predictions`` types are dropped. Both sides are IOB2 tag sequences, one per
+    sentence. Raises ``ValueError`` when the sentences or their lengths do not line up.
+    """
+    _check_aligned(gold, pred)
+    gold_spans = {
+        (i, Span(s.start, s.end, gold_types[s.type]))
+        for i, s in _typed_spans(gold, "iob2")
+        if s.type in gold_types
+    }
+    pred_spans = {
+        (i, s) for i, s in _typed_spans(pred, "iob2") if s.type not in ignored_predictions
+    }
+    return _report(gold_spans, pred_spans, _span_type)
+
+
 def _span_type(keyed: tuple[int, Span]) -> str:
     return keyed[1].type
 

@@ -25,7 +25,13 @@ from ner_stream.text import visible_form
 from ner_stream.vocab import UNK_ID, EncodedSentence, Vocab, Vocabularies, word_key
 from training.datasets import Sentence
 from training.embeddings import Embeddings
-from training.evaluate import EntityReport, entity_scores, masked_token_accuracy
+from training.evaluate import (
+    GMB_TO_CONLL,
+    EntityReport,
+    entity_scores,
+    mapped_entity_scores,
+    masked_token_accuracy,
+)
 
 DEFAULT_MODEL_NAME = "ner-stream-model"  # stored in the model file when no name is given
 
@@ -271,6 +277,23 @@ def evaluate_model(
     report = entity_scores([s.tags for s in sentences], pred, scheme="iob2")
     accuracy = masked_token_accuracy(*_flat_with_mask(pred_ids, gold_ids))
     return report, accuracy
+
+
+def out_of_domain_report(
+    model: NerModel,
+    vocabs: Vocabularies,
+    sentences: Sequence[Sentence],
+    scheme: str,
+    device: torch.device,
+    gold_types: dict[str, str] = GMB_TO_CONLL,
+) -> EntityReport:
+    """Entity P/R/F1 of a model on labelled sentences of another type set (GMB's, by default),
+    each gold type mapped to the model's through `gold_types` and predicted MISC ignored (see
+    `training.evaluate.mapped_entity_scores`). The sentences' tags are IOB2."""
+    encoded = [vocabs.encode(s.tokens) for s in sentences]
+    pred_ids = predict_tags(model, encoded, device)
+    pred = [convert_tags([vocabs.tags.itos[i] for i in p], scheme, "iob2") for p in pred_ids]
+    return mapped_entity_scores([s.tags for s in sentences], pred, gold_types)
 
 
 def precision_check(

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 from training.evaluate import (
+    GMB_TO_CONLL,
     EntityReport,
     Scores,
     entity_scores,
     format_report,
+    mapped_entity_scores,
     masked_token_accuracy,
 )
 
@@ -228,3 +230,16 @@ def test_masked_accuracy_edge_cases() -> None:
         masked_token_accuracy([[1, 2]], [[1, 2, 3]], [[1, 1, 1]])
     with pytest.raises(ValueError, match="rectangular"):
         masked_token_accuracy([[1, 2], [1]], [[1, 2], [1]], [[1, 1], [1]])
+
+
+def test_mapped_scores_map_gold_types_and_ignore_unmapped_ones_on_both_sides():
+    gold = [["B-per", "I-per", "O", "B-gpe", "B-geo", "O", "B-tim", "B-org"]]
+    pred = [["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "B-MISC", "B-LOC", "B-ORG"]]
+    report = mapped_entity_scores(gold, pred, GMB_TO_CONLL)
+    # gpe and geo both count as LOC; the gold time expression is O, so the LOC predicted there
+    # is a false positive; the predicted MISC is ignored.
+    assert (report.micro.gold, report.micro.predicted, report.micro.correct) == (4, 5, 4)
+    assert set(report.per_type) == {"PER", "LOC", "ORG"}
+    assert report.per_type["LOC"].predicted == 3 and report.per_type["LOC"].correct == 2
+    with pytest.raises(ValueError):
+        mapped_entity_scores(gold, [pred[0][:-1]], GMB_TO_CONLL)

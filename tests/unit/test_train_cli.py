@@ -15,7 +15,7 @@ from ner_stream.checkpoint import load, save
 from ner_stream.model import ModelConfig
 from ner_stream.precision import checks_of
 from ner_stream.tagger import Tagger, TaggerOptions
-from tests.fakes import rigged_model
+from tests.fakes import random_model, rigged_model
 from training import cli as train_cli
 from training.cli import main
 from training.trainer import DEFAULT_MODEL_NAME, TrainConfig, train
@@ -260,3 +260,48 @@ def test_ner_train_predict_is_ner_stream_tag_format_text_by_another_name(tmp_pat
     predicted = CliRunner().invoke(train_cli.main, ["predict", str(text)], env=env)
     assert tagged.exit_code == 0 and predicted.exit_code == 0
     assert predicted.output == tagged.output
+
+
+GMB_VAL = (
+    "Sentence #,Word,POS,Tag\r\n"
+    "Sentence: 1,Peter,NNP,B-per\r\n,went,VBD,O\r\n,to,TO,O\r\n,Paris,NNP,B-geo\r\n,.,.,O\r\n"
+    "Sentence: 2,Paris,NNP,B-gpe\r\n,and,CC,O\r\n,the,DT,B-tim\r\n,.,.,O\r\n"
+    "Sentence: 3,the,DT,B-org\r\n,Peter,NNP,I-org\r\n,.,.,O\r\n"
+)
+
+
+def test_evaluate_reports_an_out_of_domain_estimate_with_gmb_types_mapped(tmp_path):
+    loaded = rigged_model()  # tags Peter as PER and Paris as LOC, nothing else
+    model = tmp_path / "rigged.nerm"
+    save(model, loaded.model, loaded.info)
+    dev = tmp_path / "dev.txt"
+    dev.write_text("Peter B-PER\nwent O\nto O\nParis B-LOC\n. O\n", encoding="utf-8")
+    gmb = tmp_path / "val.csv"
+    gmb.write_bytes(GMB_VAL.encode("latin-1"))
+    args = ["evaluate", "--model", str(model), "--data", str(dev), "--out-of-domain", str(gmb)]
+    result = CliRunner().invoke(main, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["f1"] == 100.0
+    ood = report["out_of_domain"]
+    assert ood["data"] == "val.csv"
+    # Gold, mapped: PER (Peter), LOC (Paris, geo), LOC (Paris, gpe), ORG (the Peter); the time
+    # expression counts as O. Predicted: Peter, Paris, Paris, and the Peter inside the ORG.
+    assert (ood["gold"], ood["predicted"], ood["correct"]) == (4, 4, 3)
+    assert ood["per_type"]["LOC"]["f1"] == 100.0
+    assert ood["per_type"]["ORG"]["recall"] == 0.0
+    table = CliRunner().invoke(main, args)
+    assert "out of domain: val.csv, GMB types mapped to CoNLL's" in table.output
+
+
+def test_out_of_domain_needs_a_conll_typed_model_and_no_raw(tmp_path):
+    gmb = tmp_path / "val.csv"
+    gmb.write_bytes(GMB_VAL.encode("latin-1"))
+    loaded = random_model(tags=["O", "B-geo", "I-geo", "E-geo", "S-geo"])
+    model = tmp_path / "gmb.nerm"
+    save(model, loaded.model, loaded.info)
+    args = ["evaluate", "--model", str(model), "--data", str(gmb), "--format", "gmb"]
+    result = CliRunner().invoke(main, [*args, "--out-of-domain", str(gmb)])
+    assert result.exit_code != 0 and "needs a CoNLL-typed model" in result.output
+    raw = CliRunner().invoke(main, [*args, "--raw", "lines", "--out-of-domain", str(gmb)])
+    assert raw.exit_code != 0 and "--out-of-domain" in raw.output
