@@ -26,12 +26,14 @@ from training.evaluate import GMB_TO_CONLL, UNMAPPED_PREDICTIONS, format_report
 from training.raw_evaluation import format_raw_report, raw_evaluation
 from training.raw_text import LAYOUTS, paragraph_groups
 from training.trainer import (
+    CASINGS,
     DEFAULT_MODEL_NAME,
     TrainConfig,
     evaluate_model,
     fingerprint,
     out_of_domain_report,
     precision_check,
+    recased,
     train,
 )
 
@@ -305,8 +307,19 @@ def train_cmd(
     "types mapped: per -> PER, geo and gpe -> LOC, org -> ORG, other GMB types as O, predicted "
     "MISC ignored. Reported beside the --data scores.",
 )
+@click.option(
+    "--case",
+    "casing",
+    type=click.Choice(CASINGS),
+    default="as-is",
+    show_default=True,
+    help="Score a copy of --data with every token upper- or lower-cased (ALL-CAPS headlines and "
+    "lowercased feeds): how much the model leans on capitals.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def evaluate_cmd(model_path, data, fmt, device, layout, line_breaks, ood_path, as_json) -> None:
+def evaluate_cmd(
+    model_path, data, fmt, device, layout, line_breaks, ood_path, casing, as_json
+) -> None:
     """Entity P/R/F1 per type (conlleval rules) and masked token accuracy on labelled data.
 
     With --raw LAYOUT the documents go through the worker's text path (tokenizer, sentence
@@ -317,10 +330,12 @@ def evaluate_cmd(model_path, data, fmt, device, layout, line_breaks, ood_path, a
         raise click.BadParameter("applies to --raw only", param_hint="--line-breaks")
     if layout is not None and ood_path is not None:
         raise click.BadParameter("does not apply with --raw", param_hint="--out-of-domain")
+    if layout is not None and casing != "as-is":
+        raise click.BadParameter("does not apply with --raw", param_hint="--case")
     loaded = _load_model(model_path)
     dev = _device(device)
     if layout is None:
-        sentences = _read(data, fmt)
+        sentences = recased(_read(data, fmt), casing)
         model, vocabs, scheme = (
             loaded.model.to(dev),
             loaded.info.vocabs,

@@ -279,6 +279,20 @@ def evaluate_model(
     return report, accuracy
 
 
+CASINGS = ("as-is", "upper", "lower")
+
+
+def recased(sentences: Sequence[Sentence], casing: str) -> list[Sentence]:
+    """`sentences` with every token upper- or lower-cased (`casing` one of `CASINGS`; "as-is"
+    returns them unchanged), tags kept. Raises ValueError for another casing."""
+    if casing not in CASINGS:
+        raise ValueError(f"unknown casing {casing!r}: use {', '.join(CASINGS)}")
+    if casing == "as-is":
+        return list(sentences)
+    change = str.upper if casing == "upper" else str.lower
+    return [Sentence([change(t) for t in s.tokens], list(s.tags)) for s in sentences]
+
+
 def out_of_domain_report(
     model: NerModel,
     vocabs: Vocabularies,

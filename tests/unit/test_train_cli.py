@@ -305,3 +305,40 @@ def test_out_of_domain_needs_a_conll_typed_model_and_no_raw(tmp_path):
     assert result.exit_code != 0 and "needs a CoNLL-typed model" in result.output
     raw = CliRunner().invoke(main, [*args, "--raw", "lines", "--out-of-domain", str(gmb)])
     assert raw.exit_code != 0 and "--out-of-domain" in raw.output
+
+
+def test_evaluate_scores_an_upper_or_lower_cased_copy_of_the_data(tmp_path, monkeypatch):
+    loaded = rigged_model()  # looks words up lowercased: its entities do not depend on case
+    model = tmp_path / "rigged.nerm"
+    save(model, loaded.model, loaded.info)
+    dev = tmp_path / "dev.txt"
+    dev.write_text("Peter B-PER\nwent O\nto O\nParis B-LOC\n. O\n", encoding="utf-8")
+    args = ["evaluate", "--model", str(model), "--data", str(dev), "--json"]
+    scored: list[list[str]] = []
+    real = train_cli.evaluate_model
+
+    def spy(model, vocabs, sentences, scheme, device):
+        scored.append([t for s in sentences for t in s.tokens])
+        return real(model, vocabs, sentences, scheme, device)
+
+    monkeypatch.setattr(train_cli, "evaluate_model", spy)
+    for casing in ("upper", "lower"):
+        result = CliRunner().invoke(main, [*args, "--case", casing])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["f1"] == 100.0
+    assert scored == [["PETER", "WENT", "TO", "PARIS", "."], ["peter", "went", "to", "paris", "."]]
+    raw = CliRunner().invoke(main, [*args, "--case", "upper", "--raw", "lines"])
+    assert raw.exit_code != 0 and "--case" in raw.output
+
+
+def test_recased_changes_tokens_only():
+    from training.datasets import Sentence
+    from training.trainer import recased
+
+    (upper,) = recased([Sentence(["Peter", "went", "to", "Paris"], ["B-PER", "O", "O", "B-LOC"])],
+                       "upper")  # fmt: skip
+    assert upper.tokens == ["PETER", "WENT", "TO", "PARIS"]
+    assert upper.tags == ["B-PER", "O", "O", "B-LOC"]
+    assert recased([upper], "lower")[0].tokens == ["peter", "went", "to", "paris"]
+    with pytest.raises(ValueError):
+        recased([upper], "title")
