@@ -183,10 +183,10 @@ class Scheduler(Generic[J]):
     def _take(self) -> list[Piece[J]] | None:
         """The open batch, with the long lane's next piece when it fits; None if nothing live."""
         limits = self.limits
+        tokens = self._batcher.tokens
         pieces = self._batcher.take()
         if self._long:
             head = self._long[0]
-            tokens = sum(p.tokens for p in pieces)
             if not pieces or (
                 len(pieces) < limits.max_docs and tokens + head.tokens <= limits.max_tokens
             ):

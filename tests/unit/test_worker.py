@@ -634,29 +634,36 @@ def offsets_of(sent) -> list[int]:
             else s.json()["source"]["offset"] for s in sent]  # fmt: skip
 
 
-def test_a_document_that_kills_the_model_process_is_dead_lettered_and_the_rest_go_on(
-    model_process,
-):
+def run_with_a_marked_document(proc: ModelProcess, n: int, marked: int) -> tuple:
+    """`n` documents through a worker on `proc`, the one at offset `marked` MARKED, until each
+    has an output or a dead letter and every offset is committed; the others' outputs are
+    checked. Returns the stopped worker (exit 0), its producer and its consumer."""
     consumer, producer = FakeConsumer(partitions=1), FakeProducer()
-    for i in range(12):
-        consumer.append(0, doc(f"d{i}", MARKED if i == 5 else "Peter went to Paris ."))
-    running = start_with(model_process, consumer, producer, max_batch_docs=4)
-    wait_for(lambda: len(producer.delivered(OUT)) + len(producer.delivered(DLQ)) >= 12,
+    for i in range(n):
+        consumer.append(0, doc(f"d{i}", MARKED if i == marked else "Peter went to Paris ."))
+    running = start_with(proc, consumer, producer, max_batch_docs=4)
+    wait_for(lambda: len(producer.delivered(OUT)) + len(producer.delivered(DLQ)) >= n,
              timeout=90, what="an output or a dead letter for each document")  # fmt: skip
     wait_for(lambda: committed_all(consumer), timeout=10, what="commits of every offset")
     assert running.thread.is_alive() and running.worker.fatal is None
     assert running.stop() == 0
+    assert sorted(offsets_of(producer.delivered(OUT))) == [i for i in range(n) if i != marked]
+    for out in outputs(producer):
+        assert [e["text"] for e in out["entities"]] == ["Peter", "Paris"]
+    assert consumer.committed_offset(0) == n
+    return running.worker, producer, consumer
 
+
+def test_a_document_that_kills_the_model_process_is_dead_lettered_and_the_rest_go_on(
+    model_process,
+):
+    worker, producer, _ = run_with_a_marked_document(model_process, 12, marked=5)
     (dead,) = producer.delivered(DLQ)
     assert dead.value == doc("d5", MARKED)
     assert dead.header("ner_stream.reason") == b"model_crash"
     assert dead.header("ner_stream.source.offset") == b"5"
     assert b"exit code -9" in dead.header("ner_stream.detail")
-    assert sorted(offsets_of(producer.delivered(OUT))) == [i for i in range(12) if i != 5]
-    for out in outputs(producer):
-        assert [e["text"] for e in out["entities"]] == ["Peter", "Paris"]
-    assert consumer.committed_offset(0) == 12
-    value = running.worker.metrics.registry.get_sample_value
+    value = worker.metrics.registry.get_sample_value
     # Once with the document in a batch, once with it alone.
     assert value("ner_stream_model_restarts_total") == 2
     assert value("ner_stream_dead_letters_total", {"reason": "model_crash"}) == 1
@@ -896,17 +903,6 @@ def test_a_runner_that_fails_on_every_pass_does_not_dead_letter_the_whole_stream
     assert code == 1
 
 
-class BusyRunner:
-    """Runs each pass in this process after `delay_s`: a busy model, so the queue stays full."""
-
-    def __init__(self, tagger, delay_s: float) -> None:
-        self.tagger, self.delay_s = tagger, delay_s
-
-    def __call__(self, batches, rows):
-        time.sleep(self.delay_s)
-        return self.tagger.local(batches, rows)
-
-
 SENTENCE = "Peter went to Paris and the Peter went to Paris and the Peter ."  # 14 tokens
 
 
@@ -914,8 +910,8 @@ BACKLOG_CASES = {
     # --max-batch-docs 1; the long document: 168 tokens, pieces of <= 128 (of 256 a batch).
     "max-batch-docs-1": (dict(max_batch_docs=1), " ".join([SENTENCE] * 12), "Paris ."),
     # test_worker's long-document limits (48 tokens a batch, windows of up to 32); the long
-    # document: a window of 30 tokens and one of 9 (39 < 48: accepts() stays True); short
-    # documents of 20 tokens.
+    # document: a window of 30 tokens (over half a batch: it cannot share one) and one of 9;
+    # short documents of 20 tokens.
     "window-over-half-a-batch": (
         dict(max_batch_tokens=48, max_pass_tokens=48, max_chunk_tokens=32),
         " ".join(["Paris"] * 29) + " . Peter went to Paris and the Peter went .",
@@ -932,7 +928,7 @@ def test_a_long_document_ahead_of_a_backlog_is_tagged_while_the_backlog_flows(ca
     cfg = replace(CFG, **overrides)
     tagger = make_tagger("rigged", max_chunk_tokens=cfg.max_chunk_tokens,
                          max_pass_tokens=cfg.max_pass_tokens)  # fmt: skip
-    tagger.use_runner(BusyRunner(tagger, delay_s=0.004))
+    tagger.use_runner(SlowRunner(tagger, delay_s=0.004))
     consumer, producer = FakeConsumer(partitions=1), FakeProducer()
     for i in range(5):
         consumer.append(0, doc(f"a{i}", short_text))
@@ -1017,19 +1013,10 @@ def hanging_process(rigged_file, monkeypatch) -> Iterator[ModelProcess]:
 def test_a_document_that_hangs_the_model_process_is_dead_lettered_and_the_rest_go_on(
     hanging_process,
 ):
-    consumer, producer = FakeConsumer(partitions=1), FakeProducer()
-    for i in range(8):
-        consumer.append(0, doc(f"d{i}", MARKED if i == 3 else "Peter went to Paris ."))
-    running = start_with(hanging_process, consumer, producer, max_batch_docs=4)
-    wait_for(lambda: len(producer.delivered(OUT)) + len(producer.delivered(DLQ)) >= 8,
-             timeout=90, what="an output or a dead letter for each document")  # fmt: skip
-    wait_for(lambda: committed_all(consumer), timeout=10, what="commits of every offset")
-    assert running.thread.is_alive() and running.worker.fatal is None
-    assert running.stop() == 0
+    worker, producer, _ = run_with_a_marked_document(hanging_process, 8, marked=3)
     (dead,) = producer.delivered(DLQ)
     assert dead.header("ner_stream.reason") == b"model_crash"
     assert dead.header("ner_stream.source.offset") == b"3"
     assert b"did not answer a pass in 1 s" in dead.header("ner_stream.detail")
-    assert sorted(offsets_of(producer.delivered(OUT))) == [i for i in range(8) if i != 3]
-    value = running.worker.metrics.registry.get_sample_value
+    value = worker.metrics.registry.get_sample_value
     assert value("ner_stream_model_restarts_total") == 2  # with the batch, then alone
