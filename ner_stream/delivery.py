@@ -27,6 +27,7 @@ from ner_stream.messages import (
     OutRecord,
     Rejection,
     RejectReason,
+    Source,
     dead_letter,
     encode_output,
     processing_error,
@@ -168,14 +169,7 @@ class Delivery:
             detail = f"output is {size} bytes, limit {limit}"
             self.dead_letter(Rejection(RejectReason.OUTPUT_TOO_LARGE, detail, src), job.record)
             return
-        try:
-            future = self._send(self.cfg.output_topic, record)
-        except Exception as e:
-            if not is_record_error(e):
-                raise
-            self._output_failed(job, e)
-            return
-        self._on_delivery(future, src.topic, src.partition, src.offset, job.record, job=job)
+        self._emit(self.cfg.output_topic, record, job.record, src, job=job)
         self.metrics.stage["produce"].observe(time.perf_counter() - t0)
 
     def dead_letter(self, rejection: Rejection, record: Consumed, limit: int | None = None) -> None:
@@ -196,14 +190,43 @@ class Delivery:
         letter = Letter(rejection, record, limit)
         try:
             value = dead_letter(rejection, record.value, record.key, record.headers, limit)
-            future = self._send(self.cfg.dlq_topic, value)
         except Exception as e:
-            # Not acknowledged, so never committed: a restart reprocesses the record.
-            log.error("dead letter for %s/%d/%d failed: %s", src.topic, src.partition,
-                      src.offset, e)  # fmt: skip
-            self.fatal = e
+            self._dead_letter_failed(src, e)
             return
-        self._on_delivery(future, src.topic, src.partition, src.offset, record, letter=letter)
+        self._emit(self.cfg.dlq_topic, value, record, src, letter=letter)
+
+    def _dead_letter_failed(self, src: Source, error: BaseException) -> None:
+        # Not delivered, so never committed: a restart reprocesses the record.
+        log.error("dead letter for %s/%d/%d failed: %s", src.topic, src.partition, src.offset,
+                  error)  # fmt: skip
+        self.fatal = error
+
+    def _emit(
+        self,
+        topic: str,
+        out: OutRecord,
+        record: Consumed,
+        src: Source,
+        job: Job | None = None,
+        letter: Letter | None = None,
+    ) -> None:
+        """Send the output (`job`) or dead letter (`letter`) of the input record at `src`.
+
+        At least once, it goes to the producer now, from the calling thread; its delivery report
+        comes back as an `Ack`. An output the producer refuses for itself is dead-lettered;
+        other errors about the broker raise (output) or set `fatal` (dead letter).
+        """
+        try:
+            future = self._send(topic, out)
+        except Exception as e:
+            if job is None:
+                self._dead_letter_failed(src, e)
+                return
+            if not is_record_error(e):
+                raise
+            self._output_failed(job, e)
+            return
+        self._on_delivery(future, src.topic, src.partition, src.offset, record, job, letter)
 
     def _send(self, topic: str, record: OutRecord) -> Any:
         """Hand a record to the producer; returns its future (raises what `send` raises)."""
@@ -315,6 +338,11 @@ class Delivery:
         self.commit(only=tps)
         for tp in tps:
             self.revoke(tp)
+
+    def on_lost(self, tps: list[TopicPartition]) -> None:
+        """Partitions lost with the group membership: as a revoke (a commit the broker refuses
+        is counted and logged; the next owner repeats that work)."""
+        self.on_revoked(tps)
 
     def finish(self, deadline: float) -> int:
         """At shutdown, once nothing more is sent: wait for the acknowledgements until `deadline`
