@@ -104,7 +104,26 @@ class WorkerConfig:
         "sentence (always) or space (never).",
     )
     queue_docs: int = setting(512, "Documents buffered between consuming and tagging.")
-    commit_interval_ms: int = setting(1000, "How often acknowledged offsets are committed.")
+    commit_interval_ms: int = setting(
+        1000,
+        "How often acknowledged offsets are committed (exactly-once: how often a transaction "
+        "is committed).",
+    )
+    processing_guarantee: str = setting(
+        "at-least-once",
+        "at-least-once (a crash or rebalance may repeat outputs) or exactly-once (Kafka "
+        "transactions: a read_committed reader sees one output per input).",
+    )
+    instance_id: str | None = setting(
+        None,
+        "A name for this worker, unique in its group and the same across its restarts (a "
+        "StatefulSet pod name); exactly-once needs it for the transactional id.",
+    )
+    transaction_timeout_ms: int = setting(
+        60000,
+        "Exactly-once: how long the broker lets a transaction stay open before aborting it; "
+        "a crashed worker's outputs block read_committed readers at most this long.",
+    )
     session_timeout_ms: int = setting(45000, "How long the group waits for a silent worker.")
     shutdown_timeout_s: float = setting(30.0, "Bound on a graceful shutdown.")
     connect_timeout_s: float = setting(30.0, "How long to retry an unreachable broker at start.")
@@ -135,6 +154,19 @@ class WorkerConfig:
             for f in fields(self)
         }
 
+    @property
+    def exactly_once(self) -> bool:
+        """Whether outputs, dead letters and offsets are committed in Kafka transactions."""
+        return self.processing_guarantee == "exactly-once"
+
+    def transactional_id(self) -> str | None:
+        """The producer's transactional id, ``<group id>-<instance id>`` (exactly-once only).
+
+        The same id across a worker's restarts lets the broker abort the transaction a crashed
+        worker left open as soon as it starts again, instead of after the transaction timeout.
+        """
+        return f"{self.group_id}-{self.instance_id}" if self.exactly_once else None
+
     def model_threads(self) -> int:
         """Threads for the model: one core is left to consuming, tokenizing and Kafka I/O."""
         if self.torch_threads:
@@ -156,6 +188,7 @@ class WorkerConfig:
         return out
 
 
+GUARANTEES = ("at-least-once", "exactly-once")
 PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
@@ -241,6 +274,18 @@ def validate(cfg: WorkerConfig) -> list[str]:
         problems.append(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
     if not 0 <= cfg.metrics_port <= 65535:
         problems.append("--metrics-port must be between 0 and 65535")
+    if cfg.processing_guarantee not in GUARANTEES:
+        problems.append(f"--processing-guarantee must be one of {', '.join(GUARANTEES)}")
+    elif cfg.exactly_once and not cfg.instance_id:
+        problems.append(
+            "--processing-guarantee exactly-once needs --instance-id (a name unique in the group "
+            "and stable across restarts, such as the pod name)"
+        )
+    if not cfg.commit_interval_ms < cfg.transaction_timeout_ms <= 900_000:
+        # 900000: the broker's transaction.max.timeout.ms default.
+        problems.append(
+            "--transaction-timeout-ms must exceed --commit-interval-ms and be at most 900000"
+        )
     if len({cfg.input_topic, cfg.output_topic, cfg.dlq_topic}) != 3:
         problems.append("--input-topic, --output-topic and --dlq-topic must all differ")
     return problems

@@ -98,6 +98,9 @@ def make_consumer(cfg: WorkerConfig) -> KafkaConsumer:
         max_partition_fetch_bytes=max(1_048_576, cfg.max_doc_bytes + 65_536),
         fetch_min_bytes=65_536,
         fetch_max_wait_ms=cfg.fetch_max_wait_ms,
+        # Exactly-once reads only committed input, as it writes: an upstream transaction that
+        # aborts must not reach the output.
+        isolation_level="read_committed" if cfg.exactly_once else "read_uncommitted",
         **cfg.kafka_security(),
     )
 
@@ -108,7 +111,15 @@ def max_request_size(cfg: WorkerConfig) -> int:
 
 
 def make_producer(cfg: WorkerConfig, **overrides: Any) -> KafkaProducer:
-    """The output producer: acks from all in-sync replicas, idempotent, small linger."""
+    """The output producer: acks from all in-sync replicas, idempotent, small linger; with
+    exactly-once, transactional (`WorkerConfig.transactional_id`), its transactions initialised.
+
+    Raises `StartupError` (exit code 3) when the transactions cannot be initialised.
+    """
+    transactional_id = cfg.transactional_id()
+    if transactional_id is not None:
+        overrides = {"transactional_id": transactional_id,
+                     "transaction_timeout_ms": cfg.transaction_timeout_ms, **overrides}  # fmt: skip
     settings: dict[str, Any] = {
         "bootstrap_servers": cfg.bootstrap_servers,
         "client_id": f"{cfg.client_id}-producer",
@@ -120,7 +131,20 @@ def make_producer(cfg: WorkerConfig, **overrides: Any) -> KafkaProducer:
         **cfg.kafka_security(),
     }
     settings.update(overrides)
-    return KafkaProducer(**settings)
+    producer = KafkaProducer(**settings)
+    if transactional_id is not None:
+        try:
+            # Fences an earlier producer of this transactional id (this worker before a crash)
+            # and aborts the transaction it left open.
+            producer.init_transactions()
+        except KafkaError as e:
+            producer.close(timeout=1)
+            raise StartupError(
+                f"cannot initialise Kafka transactions for transactional id "
+                f"{transactional_id!r} ({type(e).__name__}: {e})",
+                exit_code=3,
+            ) from e
+    return producer
 
 
 @dataclass(frozen=True)
@@ -192,6 +216,11 @@ def is_size_error(error: BaseException | None) -> bool:
     return isinstance(error, _SIZE_ERRORS)
 
 
+def offset_request(offsets: dict[tuple[str, int], int]) -> dict[KafkaTP, OffsetAndMetadata]:
+    """Offsets to commit (the next offset to read, per partition) as kafka-python takes them."""
+    return {KafkaTP(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+
+
 class ConsumerLike(Protocol):
     """Every call of kafka-python's KafkaConsumer that `InputConsumer` makes; the tests' in-memory
     consumer implements the same."""
@@ -206,6 +235,7 @@ class ConsumerLike(Protocol):
     def position(self, partition: Any, timeout_ms: int | None = None) -> int | None: ...
     def highwater(self, partition: Any) -> int | None: ...
     def commit(self, offsets: dict | None = None) -> None: ...
+    def group_metadata(self) -> Any: ...
     def commit_async(self, offsets: dict | None = None, callback: Any = None) -> Any: ...
     def close(self, autocommit: bool = True) -> None: ...
 
@@ -258,7 +288,7 @@ class InputConsumer:
     def commit(self, offsets: dict[tuple[str, int], int]) -> None:
         """Commit `offsets` (the next offset to read, per partition); raises what the client
         raises (a rebalance in progress, say)."""
-        request = {KafkaTP(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+        request = offset_request(offsets)
         if self._owner is not None and threading.current_thread() is not self._owner:
             # kafka-python 3 runs the rebalance listener on the consumer's own I/O thread, where a
             # blocking commit is refused ("Cannot block on net.run() from the IO thread"): the
@@ -266,6 +296,12 @@ class InputConsumer:
             self.client.commit_async(request)
         else:
             self.client.commit(request)
+
+    def group_metadata(self) -> Any:
+        """The consumer's group membership (group, generation, member id) for
+        `send_offsets_to_transaction`: the broker refuses offsets sent under a generation that
+        has ended (KIP-447), which is what fences a worker expelled from the group."""
+        return self.client.group_metadata()
 
     def rewind(self, tp: tuple[str, int], offset: int) -> None:
         """Seek a partition back to `offset`, so that the records from there are read again.

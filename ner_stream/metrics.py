@@ -28,6 +28,7 @@ from ner_stream.messages import RejectReason
 PREFIX = "ner_stream"
 STAGES = ("decode", "tokenize", "batch_wait", "inference", "spans", "produce", "commit")
 OUTCOMES = ("ok", "dead_letter")
+TRANSACTION_RESULTS = ("committed", "aborted")
 
 _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
@@ -56,9 +57,21 @@ class Metrics:
         self.entities = Counter(f"{p}_entities", "Entities found, by type.", ["type"], registry=r)
         self.batches = Counter(f"{p}_batches", "Forward passes run.", registry=r)
         self.rebalances = Counter(
-            f"{p}_rebalances", "Partition revocations and assignments.", ["kind"], registry=r
+            f"{p}_rebalances",
+            "Partitions revoked, lost (removed from the group) and assigned.",
+            ["kind"],
+            registry=r,
         )
         self.commits = Counter(f"{p}_commits", "Offset commits, by result.", ["result"], registry=r)
+        self.transactions = Counter(
+            f"{p}_transactions", "Kafka transactions ended (exactly-once), by result.", ["result"],
+            registry=r,
+        )  # fmt: skip
+        self.transaction_seconds = Histogram(
+            f"{p}_transaction_seconds",
+            "From a transaction's first record to its commit or abort (exactly-once).",
+            buckets=_LATENCY, registry=r,
+        )  # fmt: skip
         self.model_restarts = Counter(
             f"{p}_model_restarts", "Model processes started again after one died.", registry=r
         )
@@ -98,6 +111,7 @@ class Metrics:
         # Children looked up once: the per-record paths observe them without a label lookup.
         self.stage = {stage: self.stage_seconds.labels(stage) for stage in STAGES}
         self.outcome = {outcome: self.documents.labels(outcome) for outcome in OUTCOMES}
+        self.transaction = {r: self.transactions.labels(r) for r in TRANSACTION_RESULTS}
         # Zero series from the start, so that dashboards show 0 rather than "no data".
         for reason in RejectReason:
             self.dead_letters.labels(str(reason))

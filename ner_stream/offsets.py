@@ -89,6 +89,11 @@ class PartitionOffsets:
         """The offset to commit, or ``None`` when it would not move past the last commit."""
         return self._position if self._position > self._committed else None
 
+    @property
+    def committed(self) -> int:
+        """The last committed offset (the ``start`` before any commit)."""
+        return self._committed
+
     def mark_committed(self, offset: int) -> None:
         """Record that ``offset`` was committed for this partition."""
         self._committed = max(self._committed, offset)
@@ -131,6 +136,16 @@ class OffsetTracker:
         ``tp`` is not tracked."""
         partition = self._partitions.get(tp)
         return None if partition is None else partition.position
+
+    def committed(self, tp: TopicPartition) -> int | None:
+        """The last committed offset of ``tp`` (where it started, before any commit); ``None``
+        when ``tp`` is not tracked."""
+        partition = self._partitions.get(tp)
+        return None if partition is None else partition.committed
+
+    def partitions(self) -> list[TopicPartition]:
+        """The partitions tracked."""
+        return list(self._partitions)
 
     def committable(self) -> dict[TopicPartition, int]:
         """Offsets to commit, only for the partitions whose position moved since the last commit."""

@@ -44,6 +44,7 @@ from ner_stream.model_process import RestartWindow
 from ner_stream.scheduler import Backpressure, Scheduler
 from ner_stream.tagger import Tagger
 from ner_stream.tagging import STOP, TaggingStage
+from ner_stream.transactions import TransactionalDelivery
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +82,15 @@ class Worker(ConsumerRebalanceListener):
         self.health = health or Health()
         self.clock = clock
         self.partitions: dict[TopicPartition, Partition] = {}
-        self.delivery = Delivery(cfg, producer, self.consumer, self.metrics,
-                                 limits or SizeLimits.of_producer(cfg), self.partitions.get,
-                                 clock)  # fmt: skip
+        limits = limits or SizeLimits.of_producer(cfg)
+        if cfg.exactly_once:
+            self.delivery: Delivery = TransactionalDelivery(
+                cfg, producer, self.consumer, self.metrics, limits, self.partitions.get,
+                self._restart_partitions, clock,
+            )  # fmt: skip
+        else:
+            self.delivery = Delivery(cfg, producer, self.consumer, self.metrics, limits,
+                                     self.partitions.get, clock)  # fmt: skip
         self.work: queue.Queue = queue.Queue(maxsize=cfg.queue_docs)
         self.overflow: deque[Job] = deque()  # consumed but the queue was full, in order
         self.backpressure = Backpressure(cfg.queue_docs)
@@ -198,22 +205,35 @@ class Worker(ConsumerRebalanceListener):
 
     def on_partitions_revoked(self, revoked: Iterable[Any]) -> None:
         """Stop work for the revoked partitions and commit what is done for them."""
-        tps = [(tp.topic, tp.partition) for tp in revoked]
+        self._release(revoked, lost=False)
+
+    def on_partitions_lost(self, lost: Iterable[Any]) -> None:
+        """Removed from the group (silent past the session timeout): the partitions may be
+        another worker's already. Their work stops as on a revoke, but an open transaction is
+        aborted rather than committed (at least once, the commit is tried: the broker refuses it
+        if the generation has ended, and the next owner repeats that work)."""
+        self._release(lost, lost=True)
+
+    def _release(self, partitions: Iterable[Any], lost: bool) -> None:
+        tps = [(tp.topic, tp.partition) for tp in partitions]
         if not tps:
             return
-        self.metrics.rebalances.labels("revoked").inc()
+        self.metrics.rebalances.labels("lost" if lost else "revoked").inc()
         for tp in tps:
             part = self.partitions.pop(tp, None)
             if part is not None:
                 part.active = False
         # Not started: the partitions' next owner reads them again.
         self.overflow = deque(j for j in self.overflow if j.live)
-        self.delivery.on_revoked(tps)
+        if lost:
+            self.delivery.on_lost(tps)
+        else:
+            self.delivery.on_revoked(tps)
         for tp in tps:
             with contextlib.suppress(KeyError):
                 self.metrics.lag.remove(tp[0], str(tp[1]))
         self._assigned_changed()
-        log.info("partitions revoked: %s", sorted(tps))
+        log.info("partitions %s: %s", "lost" if lost else "revoked", sorted(tps))
 
     def on_partitions_assigned(self, assigned: Iterable[Any]) -> None:
         """Start tracking the new partitions from their committed offsets."""
@@ -227,6 +247,16 @@ class Worker(ConsumerRebalanceListener):
             self.consumer.pause(assigned)
         self._assigned_changed()
         log.info("partitions assigned: %s", sorted(tps))
+
+    def _restart_partitions(self, tps: list[TopicPartition]) -> None:
+        """Drop the work in progress of `tps`, which were rewound to their committed offsets
+        (an aborted transaction): their records are read again under new `Partition` objects."""
+        for tp in tps:
+            old = self.partitions.get(tp)
+            if old is not None:
+                old.active = False
+                self.partitions[tp] = Partition(tp)
+        log.info("dropped the work in progress of %d partitions after an abort", len(tps))
 
     def _assigned_changed(self) -> None:
         self.health.assigned = len(self.partitions)

@@ -21,9 +21,16 @@ from typing import Any
 import pytest
 import torch
 from kafka import ConsumerRebalanceListener
-from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
+from kafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    ProducerFencedError,
+)
 from kafka.record.default_records import DefaultRecordBatchBuilder
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from kafka.structs import ConsumerGroupMetadata, OffsetAndMetadata, TopicPartition
 
 from ner_stream.checkpoint import LoadedModel, ModelInfo
 from ner_stream.model import ModelConfig, NerModel
@@ -82,6 +89,10 @@ class FakeConsumer:
         self.close_autocommit: bool | None = None
         self.polls = 0
         self._assigned: set[TopicPartition] = set()
+        # The group's generation (each rebalance starts a new one), and the one this consumer
+        # joined: they differ once the group moved on without it (`expel`).
+        self.generation = 0
+        self.joined_generation = 0
         self._needs_join = False
         self._rebalances: list[tuple[set[TopicPartition], set[TopicPartition]]] = []
 
@@ -129,6 +140,12 @@ class FakeConsumer:
             else:
                 self.limits[tp] = offset
             self._new_data.notify_all()
+
+    def expel(self) -> None:
+        """The group moves on without this consumer (it was silent past the session timeout):
+        a new generation that this consumer has not joined, so its group metadata is stale."""
+        with self._lock:
+            self.generation += 1
 
     def committed_offset(self, partition: int) -> int | None:
         with self._lock:
@@ -227,6 +244,12 @@ class FakeConsumer:
         """Recorded like `commit` (this fake has no I/O thread to defer it to)."""
         self.commit(offsets)
 
+    def group_metadata(self) -> ConsumerGroupMetadata:
+        with self._lock:
+            return ConsumerGroupMetadata(
+                "ner-stream", self.joined_generation, "member-1", None, "stable"
+            )
+
     def position(self, partition: TopicPartition, timeout_ms: int | None = None) -> int | None:
         self._check_tps([partition])
         with self._lock:
@@ -267,6 +290,9 @@ class FakeConsumer:
             if revoked and self.listener is not None:
                 self.listener.on_partitions_revoked(sorted(revoked))
             with self._lock:
+                # The revoke above ran under the ending generation, as in an eager rebalance.
+                self.generation += 1
+                self.joined_generation = self.generation
                 kept = self._assigned - revoked
                 old_positions = dict(self.positions)
                 self._assigned = set(assigned)
@@ -423,8 +449,9 @@ class FakeProducer:
         sent.size = size
         with self._lock:
             self.sent.append(sent)
-            self._pending.append(sent)
             hold = self.hold
+            if hold:
+                self._pending.append(sent)
         if not hold:
             self._deliver([sent])
         return sent.future
@@ -475,6 +502,94 @@ class FakeProducer:
         """The records that reached `topic` (acknowledged), in send order."""
         with self._lock:
             return [s for s in self.sent if s.topic == topic and s.outcome == "delivered"]
+
+
+class FakeTransactionalProducer(FakeProducer):
+    """An in-memory transactional KafkaProducer whose offsets go to `consumer`'s group.
+
+    Follows kafka-python and the broker where the worker depends on it: `send` only inside a
+    transaction; a failed send leaves the transaction abortable (every later call but
+    `abort_transaction` raises); offsets sent with group metadata of an ended generation are
+    refused with `CommitFailedError` (KIP-447); `fence()` makes every call raise
+    `ProducerFencedError`, as when another producer took the transactional id. `visible(topic)`
+    is what a read_committed reader sees; `fail_commits` fails that many commits at the broker.
+    """
+
+    def __init__(self, consumer: FakeConsumer, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.consumer = consumer
+        self.state = "ready"  # ready, in_transaction, abortable, fenced
+        self.fail_commits = 0
+        self.committed_sends: list[Sent] = []
+        self.transactions: list[str] = []  # committed / aborted, in order
+        self._in_transaction: list[Sent] = []
+        self._offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+
+    def _check(self, *states: str) -> None:
+        if self.state == "fenced":
+            raise ProducerFencedError("another producer took this transactional id")
+        if self.state == "abortable" and "abortable" not in states:
+            raise KafkaError("Cannot execute transactional method because we are in an error state")
+        if self.state not in states:
+            raise IllegalStateError(f"not allowed in state {self.state}")
+
+    def fence(self) -> None:
+        self.state = "fenced"
+
+    def begin_transaction(self) -> None:
+        self._check("ready")
+        self.state = "in_transaction"
+
+    def send(self, topic: str, value: bytes | None = None, key: bytes | None = None,
+             headers: Any = None) -> FakeFuture:  # fmt: skip
+        self._check("in_transaction")
+        future = super().send(topic, value, key, headers)
+        with self._lock:
+            self._in_transaction.append(self.sent[-1])
+        return future
+
+    def _deliver(self, batch: list[Sent]) -> None:
+        super()._deliver(batch)
+        if any(sent.outcome == "failed" for sent in batch) and self.state == "in_transaction":
+            self.state = "abortable"
+
+    def send_offsets_to_transaction(self, offsets: dict, group_metadata: Any) -> None:
+        self._check("in_transaction")
+        if group_metadata.generation_id != self.consumer.generation:
+            self.state = "abortable"
+            raise CommitFailedError("consumer group metadata mismatch: IllegalGenerationError")
+        self._offsets.update(offsets)
+
+    def commit_transaction(self) -> None:
+        self._check("in_transaction")
+        self.flush()
+        if self.state != "in_transaction":
+            self._check("in_transaction")
+        if self.fail_commits:
+            self.fail_commits -= 1
+            self.state = "abortable"
+            raise KafkaError("the transaction coordinator could not be reached")
+        with self._lock:
+            self.committed_sends.extend(self._in_transaction)
+            self._in_transaction = []
+        if self._offsets:
+            self.consumer.commit(dict(self._offsets))
+        self._offsets = {}
+        self.transactions.append("committed")
+        self.state = "ready"
+
+    def abort_transaction(self) -> None:
+        self._check("in_transaction", "abortable")
+        with self._lock:
+            self._in_transaction = []
+        self._offsets = {}
+        self.transactions.append("aborted")
+        self.state = "ready"
+
+    def visible(self, topic: str) -> list[Sent]:
+        """What a read_committed reader of `topic` sees: records of committed transactions."""
+        with self._lock:
+            return [s for s in self.committed_sends if s.topic == topic]
 
 
 # ------------------------------------------------------------------------------------ taggers

@@ -236,7 +236,13 @@ class Record:
 class TopicReader:
     """Reads a whole topic from the beginning without a group (nothing is committed)."""
 
-    def __init__(self, bootstrap: str, topic: str, json_ids: bool = False) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        json_ids: bool = False,
+        isolation: str = "read_uncommitted",
+    ) -> None:
         self.topic = topic
         # With json_ids, the "id" of every record value is counted as it arrives (output topic).
         self.json_ids = json_ids
@@ -247,6 +253,7 @@ class TopicReader:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             request_timeout_ms=kafka_util.CLIENT_REQUEST_TIMEOUT_MS + 5_000,
+            isolation_level=isolation,
         )
         partitions = self.consumer.partitions_for_topic(topic)
         deadline = time.monotonic() + 30
