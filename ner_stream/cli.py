@@ -383,7 +383,11 @@ def produce(bootstrap_servers, topic, fmt, repeat, inputs) -> None:
 @click.option("--idle-timeout-s", type=float, default=10.0, show_default=True,
               help="Stop when nothing arrives for this long.")  # fmt: skip
 @click.option("--pretty", is_flag=True, help="One line per entity instead of raw JSON.")
-def consume(bootstrap_servers, topic, max_messages, idle_timeout_s, pretty) -> None:
+@click.option("--isolation", type=click.Choice(["read_committed", "read_uncommitted"]),
+              default="read_committed", show_default=True,
+              help="read_committed: only outputs of committed transactions (exactly-once "
+                   "workers); read_uncommitted: also those of open or aborted ones.")  # fmt: skip
+def consume(bootstrap_servers, topic, max_messages, idle_timeout_s, pretty, isolation) -> None:
     """Print the output topic from the beginning (no consumer group, nothing committed)."""
     from kafka import KafkaConsumer
 
@@ -394,6 +398,7 @@ def consume(bootstrap_servers, topic, max_messages, idle_timeout_s, pretty) -> N
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         consumer_timeout_ms=int(idle_timeout_s * 1000),
+        isolation_level=isolation,
     )
     seen = 0
     try:
