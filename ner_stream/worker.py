@@ -93,18 +93,10 @@ class Worker(ConsumerRebalanceListener):
         self._last_lag = clock() - LAG_INTERVAL_S
         self.tagging = TaggingStage(tagger, self.work, self.scheduler, self.delivery, self.metrics,
                                     self.health, clock, restart_model,
-                                    restarts or RestartWindow())  # fmt: skip
+                                    restarts or RestartWindow(), swaps)  # fmt: skip
         self._tagging = threading.Thread(target=self.tagging.run, name="tagging", daemon=True)
         self.health.model_loaded = True
-        self.metrics.model.info(
-            {
-                "name": tagger.name,
-                "version": tagger.version,
-                "architecture": tagger.info.config.arch,
-                "device": str(tagger.device),
-                "precision": tagger.precision.precision,
-            }
-        )
+        self.metrics.model.info(tagger.labels())
 
     @property
     def fatal(self) -> BaseException | None:
