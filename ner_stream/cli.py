@@ -136,19 +136,16 @@ def _run_worker(cfg: WorkerConfig) -> int:
             model_process.close()
 
 
-def _start_model_process(
-    cfg: WorkerConfig, tagger: Tagger, path: Path | None = None
-) -> ModelProcess:
-    """Move the model's forward pass into a child process; this one keeps a thread for padding.
-
-    `path`: the model file the child loads (default: the worker's). Raises `ModelProcessError`.
-    """
-    # The precision already chosen, so that the child cannot decide otherwise.
+def _start_model_process(cfg: WorkerConfig, tagger: Tagger) -> ModelProcess:
+    """Move the model's forward pass into a child process; this one keeps a thread for padding."""
+    # The precision already chosen, so that the child cannot decide otherwise. A --model file
+    # may be replaced while the worker runs (a model swap): the child loads a copy of it.
     proc = ModelProcess(
-        path or cfg.model or default_model_path(),
+        cfg.model or default_model_path(),
         tagger.precision.precision,
         cfg.model_threads(),
         pass_timeout_s=cfg.model_timeout_s,
+        private_copy=cfg.model is not None,
     )
     tagger.use_runner(proc)
     torch.set_num_threads(1)
@@ -228,11 +225,11 @@ def _model_swapper(
     if not cfg.model:
         return None
 
-    def start_runner(candidate: Tagger, path: Path) -> ModelProcess | None:
+    def start_runner(candidate: Tagger) -> ModelProcess | None:
         # Where the first model runs, a new one runs too: in a model process of its own, or here.
         if tagger.runner is tagger.local:
             return None
-        return _start_model_process(cfg, candidate, path)
+        return _start_model_process(cfg, candidate)
 
     swapper = ModelSwapper(cfg.model, tagger, metrics, start_runner, cfg.model_watch_s,
                            close_model).start()  # fmt: skip

@@ -18,12 +18,9 @@ The worker watches only a `--model` file; the packaged model is never swapped.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -174,15 +171,16 @@ class Candidate:
     _close: Callable[[], None] | None = None
 
     def close(self) -> None:
-        """Stop its model process and remove its private copy of the file; idempotent."""
+        """Stop its model process, if any; idempotent."""
         close, self._close = self._close, None
         if close is not None:
             close()
 
 
-# Starts the runner of a candidate's tagger from a model file (`Tagger.use_runner`); returns its
-# model process, or None when the model runs in this process. Raises `ModelProcessError`.
-StartRunner = Callable[[Tagger, Path], ModelProcess | None]
+# Starts the runner of a candidate's tagger (`Tagger.use_runner`) from the watched file: returns
+# its model process, which loads a private copy of the file (`ModelProcess(private_copy=True)`),
+# or None when the model runs in this process. Raises `ModelProcessError`.
+StartRunner = Callable[[Tagger], ModelProcess | None]
 
 
 class ModelSwapper:
@@ -351,35 +349,28 @@ class ModelSwapper:
             tagger = Tagger(loaded, self._options)
         except ValueError as e:  # the precision asked for does not suit this model
             raise Refused(str(e)) from None
-        # A model process loads a private copy of exactly the bytes checked here, so that neither
-        # it nor its restarts can read a later version of the file.
-        workdir = Path(tempfile.mkdtemp(prefix="ner-stream-model-"))
-        process: ModelProcess | None = None
+        process = self._start_runner(tagger)
         try:
-            copy = workdir / self.path.name
-            copy.write_bytes(data)
-            process = self._start_runner(tagger, copy)
-            if process is None:
-                shutil.rmtree(workdir, ignore_errors=True)
+            if process is not None and process.digest != digest:
+                # It copied the file after a new write: not the model checked here.
+                log.info("model file %s changed while it was read: not swapped; the next poll "
+                         "(or SIGHUP) looks again", self.path)  # fmt: skip
+                process.close()
+                return None
             _smoke_test(tagger)
         except BaseException:
-            _close_all(process, workdir)
+            if process is not None:
+                process.close()
             raise
         # `refusal` let it through: its entity types are those served.
         served = Served(loaded.info.name, loaded.info.version, digest, self._latest.types)
-        restart = process.restart if process is not None else None
-        return Candidate(tagger, restart, served, self.path, lambda: _close_all(process, workdir))
+        if process is None:
+            return Candidate(tagger, None, served, self.path)
+        return Candidate(tagger, process.restart, served, self.path, process.close)
 
 
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _close_all(process: ModelProcess | None, workdir: Path) -> None:
-    if process is not None:
-        with contextlib.suppress(Exception):  # already gone
-            process.close()
-    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _smoke_test(tagger: Tagger) -> None:

@@ -5,6 +5,7 @@ counter); and the swap in the tagging thread, between micro-batches, with stand-
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -123,9 +124,11 @@ class Clock:
 
 
 class FakeProcess:
-    """What `start_runner` returns for a model run elsewhere: a restart and a close."""
+    """What `start_runner` returns for a model run elsewhere: the digest of the file it loaded
+    (that of the watched file when it started), a restart and a close."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: Path) -> None:
+        self.digest = hashlib.sha256(path.read_bytes()).hexdigest()
         self.closed = 0
         self.restarts = 0
 
@@ -141,7 +144,7 @@ def model_file(tmp_path) -> Path:
     return write(tmp_path / "model.nerm", rigged_model())
 
 
-def swapper_of(path: Path, start_runner=lambda tagger, copy: None, **kwargs) -> ModelSwapper:
+def swapper_of(path: Path, start_runner=lambda tagger: None, **kwargs) -> ModelSwapper:
     serving = Tagger.from_file(path, OPTIONS)
     kwargs.setdefault("interval_s", 5.0)
     return ModelSwapper(path, serving, Metrics(), start_runner, **kwargs)
@@ -279,7 +282,7 @@ def test_a_bad_candidate_is_refused_with_one_line_and_counted(case, model_file, 
 
 
 def test_a_candidate_whose_model_process_cannot_start_is_refused(model_file, caplog):
-    def start_runner(tagger, copy):
+    def start_runner(tagger):
         raise ModelProcessError("the model process could not load the model: out of memory")
 
     swapper = swapper_of(model_file, start_runner)
@@ -297,13 +300,12 @@ class BrokenRunner:
 
 
 def test_a_candidate_that_fails_its_smoke_tag_is_refused_and_its_process_closed(model_file, caplog):
-    process = FakeProcess()
-    copies: list[Path] = []
+    processes: list[FakeProcess] = []
 
-    def start_runner(tagger, copy):
-        copies.append(copy)
+    def start_runner(tagger):
         tagger.use_runner(BrokenRunner())
-        return process
+        processes.append(FakeProcess(model_file))
+        return processes[-1]
 
     swapper = swapper_of(model_file, start_runner)
     write(model_file, rigged_model(version="0.0.2"))
@@ -312,42 +314,56 @@ def test_a_candidate_that_fails_its_smoke_tag_is_refused_and_its_process_closed(
     assert swapper.take() is None
     assert refused(swapper) == 1
     assert "RuntimeError: illegal instruction in the network" in caplog.text
-    assert process.closed == 1
-    assert not copies[0].exists(), "the private copy of a refused model is left behind"
+    assert [p.closed for p in processes] == [1]
 
 
-def test_a_model_process_runs_a_private_copy_and_closing_happens_once_replaced(model_file):
-    """The model process of a candidate loads a copy of the bytes checked (a later change of the
-    file cannot reach it or its restarts); the model a swap replaces is closed once the new one
-    serves; at shutdown the waiting and the serving ones are closed."""
+def test_a_model_process_that_loaded_a_later_write_is_closed_and_not_refused(model_file, caplog):
+    """The file was replaced again between the check and the start of the candidate's model
+    process: that process holds another model than the one checked."""
     processes: list[FakeProcess] = []
-    copies: list[Path] = []
 
-    def start_runner(tagger, copy):
-        copies.append(copy)
-        processes.append(FakeProcess())
+    def start_runner(tagger):
+        write(model_file, rigged_model(version="0.0.3"))
+        processes.append(FakeProcess(model_file))
         return processes[-1]
 
-    first = FakeProcess()
+    swapper = swapper_of(model_file, start_runner)
+    write(model_file, rigged_model(version="0.0.2"))
+    with caplog.at_level(logging.INFO, logger="ner_stream"):
+        swapper.look(now_asked=True)
+    assert swapper.take() is None
+    assert refused(swapper) == 0
+    assert [p.closed for p in processes] == [1]
+    assert "changed while it was read: not swapped" in caplog.text
+
+
+def test_the_model_a_swap_replaces_is_closed_once_the_new_one_serves(model_file):
+    """A candidate restarts its own model process; the model a swap replaces is closed once the
+    new one serves; at shutdown the waiting and the serving ones are closed."""
+    processes: list[FakeProcess] = []
+
+    def start_runner(tagger):
+        processes.append(FakeProcess(model_file))
+        return processes[-1]
+
+    first = FakeProcess(model_file)
     swapper = swapper_of(model_file, start_runner, retire=first.close)
     write(model_file, rigged_model(version="0.0.2"))
     swapper.look(now_asked=True)
     two = swapper.take()
     assert two is not None
-    assert copies[0].read_bytes() == model_file.read_bytes()
-    write(model_file, rigged_model(version="0.0.3"))
-    assert copies[0].read_bytes() != model_file.read_bytes()
     two.restart()
-    assert processes[0].restarts == 1  # a restart of the new model, not of the first
+    assert processes[0].restarts == 1 and first.restarts == 0
     assert first.closed == 0
     swapper.served(two)
     assert first.closed == 1 and processes[0].closed == 0
 
+    write(model_file, rigged_model(version="0.0.3"))
     swapper.look(now_asked=True)  # 0.0.3 waits, never taken
+    assert len(processes) == 2
     swapper.close()
     assert [p.closed for p in processes] == [1, 1]
     assert first.closed == 1
-    assert not any(c.exists() for c in copies)
 
 
 def test_the_watcher_thread_polls_the_file_and_answers_sighup(model_file):
