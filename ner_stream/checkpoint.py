@@ -95,6 +95,12 @@ def save(path: str | Path, model: NerModel, info: ModelInfo) -> None:
 def _read(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"model file not found: {path}")
+    # Every model file is a zip archive (`torch.save`'s format): anything else is refused here,
+    # in a few words, rather than by torch with paragraphs about unpickling.
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path} is not a readable ner-stream model (corrupt or truncated?): not a zip archive"
+        )
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except (

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import torch
@@ -26,9 +26,13 @@ from ner_stream.config import SETTINGS, WorkerConfig
 from ner_stream.logs import configure_logging
 from ner_stream.messages import document_id, output_object, parse_json, pass_through
 from ner_stream.model_process import ModelProcess, ModelProcessError
+from ner_stream.model_swap import ModelSwapper
 from ner_stream.precision import PRECISIONS
 from ner_stream.tagger import Tagger, TaggerOptions
 from ner_stream.text import LINE_BREAK_MODES
+
+if TYPE_CHECKING:
+    from ner_stream.metrics import Metrics
 
 log = logging.getLogger("ner_stream")
 
@@ -123,8 +127,10 @@ def _run_worker(cfg: WorkerConfig) -> int:
         except ModelProcessError as e:
             return _fail(str(e), 2)
     tune_interpreter()
+    restart = model_process.restart if model_process is not None else None
+    close = model_process.close if model_process is not None else None
     try:
-        return _serve(cfg, tagger, model_process.restart if model_process is not None else None)
+        return _serve(cfg, tagger, restart, close)
     finally:
         if model_process is not None:
             model_process.close()
@@ -132,12 +138,14 @@ def _run_worker(cfg: WorkerConfig) -> int:
 
 def _start_model_process(cfg: WorkerConfig, tagger: Tagger) -> ModelProcess:
     """Move the model's forward pass into a child process; this one keeps a thread for padding."""
-    # The precision already chosen, so that the child cannot decide otherwise.
+    # The precision already chosen, so that the child cannot decide otherwise. A --model file
+    # may be replaced while the worker runs (a model swap): the child loads a copy of it.
     proc = ModelProcess(
         cfg.model or default_model_path(),
         tagger.precision.precision,
         cfg.model_threads(),
         pass_timeout_s=cfg.model_timeout_s,
+        private_copy=cfg.model is not None,
     )
     tagger.use_runner(proc)
     torch.set_num_threads(1)
@@ -145,10 +153,16 @@ def _start_model_process(cfg: WorkerConfig, tagger: Tagger) -> ModelProcess:
     return proc
 
 
-def _serve(cfg: WorkerConfig, tagger: Tagger, restart_model: Callable[[], None] | None) -> int:
+def _serve(
+    cfg: WorkerConfig,
+    tagger: Tagger,
+    restart_model: Callable[[], None] | None,
+    close_model: Callable[[], None] | None = None,
+) -> int:
     """The metrics server, the Kafka clients and the worker loop, until a signal stops them.
 
-    `restart_model` replaces a model process that died (None: the model runs in this process).
+    `restart_model` replaces a model process that died (None: the model runs in this process);
+    `close_model` stops it once a new model is swapped in.
     """
     # Imports here keep `ner-stream tag` and `--help` free of the Kafka client's start-up cost.
     from ner_stream.kafka_io import (
@@ -191,14 +205,38 @@ def _serve(cfg: WorkerConfig, tagger: Tagger, restart_model: Callable[[], None] 
     signal.signal(signal.SIGINT, on_signal)
     log.info("largest output %d bytes, largest dead letter %d bytes", limits.output,
              limits.dead_letter)  # fmt: skip
-    worker = Worker(
-        cfg, tagger, consumer, producer, metrics, health, limits=limits, restart_model=restart_model
-    )
+    swapper = _model_swapper(cfg, tagger, metrics, close_model)
+    worker = Worker(cfg, tagger, consumer, producer, metrics, health, limits=limits,
+                    restart_model=restart_model, swaps=swapper)  # fmt: skip
     try:
         return worker.run(stop)
     finally:
+        if swapper is not None:
+            swapper.close()
         if server is not None:
             server.stop()
+
+
+def _model_swapper(
+    cfg: WorkerConfig, tagger: Tagger, metrics: Metrics, close_model: Callable[[], None] | None
+) -> ModelSwapper | None:
+    """Watch the `--model` file for new models to swap in (see `ner_stream.model_swap`), polling
+    every `--model-watch-s` and on SIGHUP; None for the packaged model, which is never swapped."""
+    if not cfg.model:
+        return None
+
+    def start_runner(candidate: Tagger) -> ModelProcess | None:
+        # Where the first model runs, a new one runs too: in a model process of its own, or here.
+        if tagger.runner is tagger.local:
+            return None
+        return _start_model_process(cfg, candidate)
+
+    swapper = ModelSwapper(cfg.model, tagger, metrics, start_runner, cfg.model_watch_s,
+                           close_model).start()  # fmt: skip
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: swapper.check_now())
+    every = f"every {cfg.model_watch_s:g} s and " if cfg.model_watch_s else ""
+    log.info("watching %s for a new model to swap in (%son SIGHUP)", cfg.model, every)
+    return swapper
 
 
 def _lines(stream) -> Iterator[tuple[int, str]]:

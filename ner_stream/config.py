@@ -67,6 +67,11 @@ class WorkerConfig:
     group_id: str = setting("ner-stream", "Consumer group; workers in one group share partitions.")
     client_id: str = setting("ner-stream", "Kafka client id prefix.")
     model: str | None = setting(None, "Model file (default: the packaged English model).")
+    model_watch_s: float = setting(
+        5.0,
+        "How often the --model file is checked for a new model to swap in without a restart "
+        "(0: only on SIGHUP).",
+    )
     device: str = setting("auto", "auto (CUDA when present), cpu or cuda.")
     precision: str = setting(
         "auto",
@@ -246,6 +251,8 @@ def validate(cfg: WorkerConfig) -> list[str]:
         problems.append("--torch-threads must not be negative")
     if cfg.model_timeout_s <= 0:
         problems.append("--model-timeout-s must be positive")
+    if cfg.model_watch_s < 0:
+        problems.append("--model-watch-s must not be negative")
     if cfg.precision not in PRECISIONS:
         problems.append(f"--precision must be one of {', '.join(PRECISIONS)}")
     if cfg.max_f1_change < 0:

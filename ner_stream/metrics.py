@@ -29,6 +29,7 @@ PREFIX = "ner_stream"
 STAGES = ("decode", "tokenize", "batch_wait", "inference", "spans", "produce", "commit")
 OUTCOMES = ("ok", "dead_letter")
 TRANSACTION_RESULTS = ("committed", "aborted")
+SWAP_RESULTS = ("swapped", "refused")
 
 _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
@@ -75,6 +76,11 @@ class Metrics:
         self.model_restarts = Counter(
             f"{p}_model_restarts", "Model processes started again after one died.", registry=r
         )
+        self.model_swaps = Counter(
+            f"{p}_model_swaps",
+            "New model files taken up by the running worker (swapped) or turned down (refused).",
+            ["result"], registry=r,
+        )  # fmt: skip
         self.batch_docs = Histogram(
             f"{p}_batch_documents", "Documents per micro-batch.", buckets=_DOCS, registry=r
         )
@@ -112,6 +118,7 @@ class Metrics:
         self.stage = {stage: self.stage_seconds.labels(stage) for stage in STAGES}
         self.outcome = {outcome: self.documents.labels(outcome) for outcome in OUTCOMES}
         self.transaction = {r: self.transactions.labels(r) for r in TRANSACTION_RESULTS}
+        self.swaps = {result: self.model_swaps.labels(result) for result in SWAP_RESULTS}
         # Zero series from the start, so that dashboards show 0 rather than "no data".
         for reason in RejectReason:
             self.dead_letters.labels(str(reason))

@@ -36,10 +36,12 @@ import hashlib
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -111,6 +113,11 @@ class ModelProcess:
     with `threads` torch threads. A child that leaves its oldest pass unanswered for
     `pass_timeout_s` seconds counts as hung: it is killed, and its passes are lost as with a
     death. `restart` replaces a child that died, `close` stops the child.
+
+    With `private_copy`, the children load a copy of the model file made at the first start (in
+    a temporary folder, removed by `close`), so that a restart brings back this model whatever
+    the file holds by then: the worker takes up new models from a `--model` file while it runs
+    (`ner_stream.model_swap`), and one refused there must not reach a restart.
     """
 
     def __init__(
@@ -120,8 +127,12 @@ class ModelProcess:
         threads: int,
         start_timeout_s: float = 120.0,
         pass_timeout_s: float = DEFAULT_PASS_TIMEOUT_S,
+        private_copy: bool = False,
     ) -> None:
         self._spec = {"model": str(model_path), "precision": precision, "threads": threads}
+        self._copy_dir: str | None = None
+        if private_copy:
+            self._spec["model"] = self._copy(Path(model_path))
         self._start_timeout_s = start_timeout_s
         self._pass_timeout_s = pass_timeout_s
         # When the oldest waiting pass became the oldest: the child has had its whole attention
@@ -130,7 +141,32 @@ class ModelProcess:
         self._lock = threading.Lock()
         self._waiting: deque[Reply] = deque()
         self._digest: str | None = None  # of the model file the first child loaded
-        self._start()
+        try:
+            self._start()
+        except BaseException:
+            self._remove_copy()
+            raise
+
+    def _copy(self, path: Path) -> str:
+        """Copy the model file into a private temporary folder; the path of the copy."""
+        self._copy_dir = tempfile.mkdtemp(prefix="ner-stream-model-")
+        copy = Path(self._copy_dir) / path.name
+        try:
+            shutil.copyfile(path, copy)
+        except OSError as e:
+            self._remove_copy()
+            raise ModelProcessError(f"the model process could not load the model: {e}") from None
+        return str(copy)
+
+    def _remove_copy(self) -> None:
+        if self._copy_dir is not None:
+            shutil.rmtree(self._copy_dir, ignore_errors=True)
+            self._copy_dir = None
+
+    @property
+    def digest(self) -> str | None:
+        """The sha256 (hex) of the model file the children load."""
+        return self._digest
 
     def _start(self) -> None:
         """Start a child and wait until it has loaded the model; ModelProcessError if it cannot."""
@@ -246,11 +282,18 @@ class ModelProcess:
         """
         with self._lock:
             self._lose_waiting("the model process was restarted before it answered")
-        self.close()
+        self._stop(5.0)
         self._start()
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Stop the child: asked first, terminated if it does not exit in `timeout_s`."""
+        """Stop the child: asked first, terminated if it does not exit in `timeout_s`. Removes the
+        private copy of the model file, if any."""
+        try:
+            self._stop(timeout_s)
+        finally:
+            self._remove_copy()
+
+    def _stop(self, timeout_s: float) -> None:
         # A tagging thread left blocked on a reply (a shutdown that timed out) holds the lock:
         # the child is then terminated without being asked.
         if self._lock.acquire(timeout=1.0):

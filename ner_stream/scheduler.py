@@ -161,6 +161,26 @@ class Scheduler(Generic[J]):
         left = self._batcher.time_left(now)
         return IDLE_POLL_S if left is None else left
 
+    def long_jobs(self) -> list[J]:
+        """The documents with pieces in the long lane, in lane order."""
+        return list({id(p.job): p.job for p in self._long}.values())
+
+    def put_back(self, pieces: list[Piece[J]]) -> None:
+        """Queue again, in order, pieces of a document that still has pieces in the long lane,
+        just ahead of them: pieces already tagged, to be tagged again (by a new model, so that
+        one document's entities all come from one model).
+
+        Raises ValueError when the lane holds no piece of their document.
+        """
+        if not pieces:
+            return
+        job = pieces[0].job
+        at = next((i for i, p in enumerate(self._long) if p.job is job), None)
+        if at is None or any(p.job is not job for p in pieces):
+            raise ValueError("pieces go back only beside the rest of their document")
+        for offset, piece in enumerate(pieces):
+            self._long.insert(at + offset, piece)
+
     def must_wait(self, batches_in_flight: int) -> bool:
         """Whether the oldest batch in the model must be finished before another is submitted."""
         return batches_in_flight > MAX_BATCHES_IN_FLIGHT

@@ -9,12 +9,19 @@ reject a sequence, so the spans of an ill-formed prediction (``I-`` after ``O``,
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 SCHEMES = ("iob1", "iob2", "bioes")
 
 OUTSIDE = "O"
+# The tags each scheme allows; a type is any non-empty run of non-blanks.
+TAG_PATTERNS = {
+    "iob1": re.compile(r"O|[BI]-\S+"),
+    "iob2": re.compile(r"O|[BI]-\S+"),
+    "bioes": re.compile(r"O|[BIES]-\S+"),
+}
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,25 @@ def validate_scheme(scheme: str) -> str:
     if normalised not in SCHEMES:
         raise ValueError(f"unknown tag scheme {scheme!r}: expected one of {', '.join(SCHEMES)}")
     return normalised
+
+
+def entity_types(tags: Sequence[str], scheme: str) -> set[str]:
+    """The entity types of a tag set (a model's tag vocabulary) written in ``scheme``.
+
+    Raises ``ValueError`` for an unknown scheme, a tag the scheme does not allow (see
+    :data:`TAG_PATTERNS`), a tag listed twice, or a tag set with no entity type at all.
+    """
+    pattern = TAG_PATTERNS[validate_scheme(scheme)]
+    bad = [t for t in tags if not isinstance(t, str) or not pattern.fullmatch(t)]
+    if bad:
+        shown = ", ".join(repr(t) for t in bad[:5])
+        raise ValueError(f"tags not allowed in the {scheme} scheme: {shown}")
+    if len(set(tags)) != len(tags):
+        raise ValueError("a tag is listed twice")
+    types = {split_tag(t)[1] for t in tags if t != OUTSIDE}
+    if not types:
+        raise ValueError("no entity type among the tags")
+    return types
 
 
 def split_tag(tag: str) -> tuple[str, str]:

@@ -22,7 +22,7 @@ from ner_stream.precision import Choice, checks_of, choose
 from ner_stream.runner import Forwarded, LocalRunner, PendingPass, Runner, resolve_device
 from ner_stream.spans import OUTSIDE, spans_from_tags
 from ner_stream.text import LINE_BREAK_MODES, Token, document_windows
-from ner_stream.vocab import EncodedSentence
+from ner_stream.vocab import EncodedSentence, Vocabularies
 
 Window = tuple["PreparedDoc", int]  # a document and the index of one of its windows
 
@@ -74,10 +74,19 @@ class PreparedDoc:
     text: str
     windows: list[list[Token]]
     encoded: list[EncodedSentence]
+    # The vocabularies that made `encoded` (None: unknown). A tagger whose model has others (a
+    # model swapped in after the document was prepared) encodes the windows again before use.
+    vocabs: Vocabularies | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
         return sum(len(w) for w in self.windows)
+
+    def encode_with(self, vocabs: Vocabularies) -> None:
+        """Encode the windows with `vocabs`, unless they already are."""
+        if self.vocabs is not vocabs:
+            self.encoded = [vocabs.encode([t.text for t in w]) for w in self.windows]
+            self.vocabs = vocabs
 
 
 @dataclass
@@ -138,6 +147,17 @@ class Tagger:
         """The network (`NerModel`) the in-process runner holds."""
         return self.local.model
 
+    def labels(self) -> dict[str, str]:
+        """What the `ner_stream_model_info` metric says of this tagger: name, version,
+        architecture, device and precision."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "architecture": self.info.config.arch,
+            "device": str(self.device),
+            "precision": self.precision.precision,
+        }
+
     def use_runner(self, runner: Runner | None) -> None:
         """Run the passes with `runner` (e.g. a model process); None: in this process."""
         self.runner = runner or self.local
@@ -146,7 +166,7 @@ class Tagger:
         """Tokenize, split, cut into windows and encode one document (CPU, no model involved)."""
         windows = document_windows(text, self.options.max_chunk_tokens, self.options.line_breaks)
         encoded = [self.vocabs.encode([t.text for t in w]) for w in windows]
-        return PreparedDoc(text=text, windows=windows, encoded=encoded)
+        return PreparedDoc(text=text, windows=windows, encoded=encoded, vocabs=self.vocabs)
 
     def tag(self, texts: Sequence[str]) -> list[list[Entity]]:
         """Entities of each text, in order."""
@@ -166,10 +186,15 @@ class Tagger:
         """Start tagging `windows` (of any documents, mixed); returns at once when the runner
         runs elsewhere. Collect `result()` of each submission in the order they were made.
 
+        A document prepared by another tagger (with other vocabularies: the model was swapped
+        since) is encoded again with this one's first.
+
         Raises what the runner raises when it cannot take the passes (`ModelProcessError` for a
         dead model process).
         """
         windows = list(windows)
+        for doc in {id(doc): doc for doc, _ in windows}.values():
+            doc.encode_with(self.vocabs)
         lengths = [len(doc.windows[w]) for doc, w in windows]
         passes = plan_passes(lengths, self.options.buckets, self.options.max_pass_tokens)
         stats = BatchStats(
@@ -270,6 +295,11 @@ class PendingTags:
     _rows: list[int]  # window index of each real row of the passes, in order
     _stats: BatchStats
     _pending: PendingPass
+
+    @property
+    def tagger(self) -> Tagger:
+        """The tagger that runs these windows (its model names the outputs)."""
+        return self._tagger
 
     def ready(self) -> bool:
         """Whether the passes are answered: `result` then waits for nothing but span decoding."""

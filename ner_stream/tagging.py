@@ -6,6 +6,11 @@ which pieces go to the model and when, submits them (at most one micro-batch wai
 one the model runs, `Scheduler.must_wait`), puts the entities of each answered micro-batch into
 their documents and hands every finished document to `delivery.Delivery.output`.
 
+Between micro-batches it swaps in a new model that `model_swap.ModelSwapper` has loaded and
+checked (`TaggingStage._swap_model`): the passes in flight finish on the old model, and a long
+document that the old model had partly tagged is tagged again whole by the new one, so that every
+output comes from one model and names it.
+
 When the model process dies (killed for memory, a native crash), the stage starts a fresh one and
 runs the documents of the passes it lost one at a time; a document that kills the model again on
 its own goes to the dead-letter topic (`model_crash`) and the stream goes on. Deaths more frequent
@@ -21,11 +26,13 @@ import queue
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 from ner_stream.delivery import Delivery
 from ner_stream.messages import Entity, Rejection, RejectReason, processing_error
 from ner_stream.metrics import Health, Metrics
 from ner_stream.model_process import ModelProcessError, RestartWindow
+from ner_stream.model_swap import Candidate
 from ner_stream.runner import RunnerDied
 from ner_stream.scheduler import Piece, Scheduler, pieces_of
 from ner_stream.tagger import BatchStats, PendingTags, PreparedDoc, Tagger
@@ -38,12 +45,24 @@ STOP = object()  # put on the work queue: nothing more is coming
 PROBE_TEXT = "probe"
 
 
+class Swaps(Protocol):
+    """Where checked models wait to be swapped in (`model_swap.ModelSwapper`)."""
+
+    def take(self) -> Candidate | None:
+        """The model waiting to be swapped in, if any."""
+        ...
+
+    def served(self, candidate: Candidate) -> None:
+        """`candidate` was swapped in: the model it replaced may be closed."""
+        ...
+
+
 class TaggingStage:
     """The tagging thread's state and loop (see the module docstring).
 
     `restart_model` starts a fresh model process in place of one that died (raising
     `ModelProcessError` if it cannot); without it a dead model process stops the worker.
-    `restarts` decides how often that may happen.
+    `restarts` decides how often that may happen. `swaps` hands over new models to swap in.
     """
 
     def __init__(
@@ -57,6 +76,7 @@ class TaggingStage:
         clock: Callable[[], float] = time.monotonic,
         restart_model: Callable[[], None] | None = None,
         restarts: RestartWindow | None = None,
+        swaps: Swaps | None = None,
     ) -> None:
         self.tagger = tagger
         self.work = work
@@ -73,6 +93,7 @@ class TaggingStage:
         self._restart_model = restart_model
         self._restarts = restarts or RestartWindow()
         self._probe_doc: PreparedDoc | None = None
+        self._swaps = swaps
 
     def run(self) -> None:
         """The tagging thread: until `STOP` is taken from the work queue and everything is
@@ -90,6 +111,8 @@ class TaggingStage:
         while True:
             if stopping:  # nothing more is coming: no reason to keep the model's queue full
                 self._drain_model()
+            elif self._swaps is not None:
+                self._swap_model()
             # Passes whose results are in: the model may be free now, and the next batch goes to
             # it before this thread spends its time on their spans and outputs.
             finished = self._take_finished()
@@ -120,6 +143,46 @@ class TaggingStage:
             if stopping and not len(scheduler):
                 self._drain_model()
                 return
+
+    def _swap_model(self) -> None:
+        """Swap in the model waiting in `swaps`, if any: the passes in flight finish on the old
+        model first, and long documents it partly tagged are tagged again whole by the new one."""
+        assert self._swaps is not None
+        candidate = self._swaps.take()
+        if candidate is None:
+            return
+        try:
+            self._drain_model()
+        except BaseException:  # the old model failed for good: the worker stops
+            candidate.close()
+            raise
+        old = self.tagger
+        self.tagger = candidate.tagger
+        # A model process that dies from now on is the new model's, restarted with the new model.
+        self._restart_model = candidate.restart
+        again = self._tag_again_whole()
+        self.metrics.model.info(self.tagger.labels())
+        self.metrics.swaps["swapped"].inc()
+        self._swaps.served(candidate)
+        log.info("model swapped: now serving %s %s from %s (was %s %s); %d partly tagged "
+                 "documents are tagged again whole", self.tagger.name, self.tagger.version,
+                 candidate.source, old.name, old.version, again)  # fmt: skip
+
+    def _tag_again_whole(self) -> int:
+        """Put the pieces that the old model tagged of documents still in the long lane back in
+        the lane, for the new model; returns how many documents."""
+        again = 0
+        for job in self.scheduler.long_jobs():
+            if not job.live:
+                continue
+            lengths = [len(w) for w in job.prepared.windows]
+            pieces = pieces_of(job, lengths, self.scheduler.piece_tokens)
+            done = pieces[: len(pieces) - job.pieces_left]
+            if done:
+                self.scheduler.put_back(done)
+                job.pieces_left += len(done)
+                again += 1
+        return again
 
     def _run_batch(self, pieces: list[Piece]) -> None:
         self.metrics.stage["batch_wait"].observe(
@@ -177,12 +240,13 @@ class TaggingStage:
         except Exception:
             self._run_one_by_one(pieces)
             return
-        self._apply(pieces, per_window, stats)
+        self._apply(pieces, per_window, stats, pending.tagger)
 
     def _apply(
-        self, pieces: list[Piece], per_window: list[list[Entity]], stats: BatchStats
+        self, pieces: list[Piece], per_window: list[list[Entity]], stats: BatchStats, tagger: Tagger
     ) -> None:
-        """The entities of a pass (one list per window of `pieces`, in order) to their jobs."""
+        """The entities of a pass (one list per window of `pieces`, in order) that `tagger` ran,
+        to their jobs."""
         self.metrics.observe_batch(len(pieces), stats.real_tokens, stats.batches)
         self.metrics.stage["inference"].observe(stats.inference_s)
         self.metrics.stage["spans"].observe(stats.spans_s)
@@ -190,7 +254,7 @@ class TaggingStage:
         for p in pieces:
             for w in p.windows:
                 p.job.entities[w] = next(results)
-            self._piece_done(p)
+            self._piece_done(p, tagger)
 
     def _model_died(self, error: RunnerDied, lost: list[Piece]) -> None:
         """Restart the model process, then run the pieces it took with it one at a time.
@@ -210,7 +274,7 @@ class TaggingStage:
             except Exception:
                 suspects.extend(pieces)
             else:
-                self._apply(pieces, per_window, stats)
+                self._apply(pieces, per_window, stats, pending.tagger)
         log.error("the model process died with %d documents in flight: %s",
                   len({id(p.job) for p in suspects}), error)  # fmt: skip
         self._restart(error)
@@ -258,10 +322,9 @@ class TaggingStage:
         for i, p in enumerate(pieces):
             if not p.job.live:
                 continue  # revoked (its next owner reads it again), or dead-lettered already
+            tagger = self.tagger
             try:
-                per_window, _ = self.tagger.submit(
-                    [(p.job.prepared, w) for w in p.windows]
-                ).result()
+                per_window, _ = tagger.submit([(p.job.prepared, w) for w in p.windows]).result()
             except RunnerDied as e:
                 if not after_crash:
                     self._model_died(e, pieces[i:])
@@ -278,7 +341,7 @@ class TaggingStage:
                 continue
             for w, ents in zip(p.windows, per_window, strict=True):
                 p.job.entities[w] = ents
-            self._piece_done(p)
+            self._piece_done(p, tagger)
 
     def _probe(self) -> None:
         """Run a one-word pass in the restarted model; ModelProcessError if that kills it too.
@@ -324,10 +387,11 @@ class TaggingStage:
         piece.job.pieces_left = -1
         self.delivery.dead_letter(rejection, piece.job.record)
 
-    def _piece_done(self, piece: Piece) -> None:
+    def _piece_done(self, piece: Piece, tagger: Tagger) -> None:
+        """`tagger` has tagged `piece`; the output goes once every piece of its document is."""
         job = piece.job
         if not job.live:
             return
         job.pieces_left -= 1
         if job.pieces_left == 0:
-            self.delivery.output(job, self.tagger.name, self.tagger.version)
+            self.delivery.output(job, tagger.name, tagger.version)

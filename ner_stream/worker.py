@@ -43,7 +43,7 @@ from ner_stream.metrics import Health, Metrics
 from ner_stream.model_process import RestartWindow
 from ner_stream.scheduler import Backpressure, Scheduler
 from ner_stream.tagger import Tagger
-from ner_stream.tagging import STOP, TaggingStage
+from ner_stream.tagging import STOP, Swaps, TaggingStage
 from ner_stream.transactions import TransactionalDelivery
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ class Worker(ConsumerRebalanceListener):
 
     `restart_model` starts a fresh model process in place of one that died (raising
     `ModelProcessError` if it cannot); without it a dead model process stops the worker.
-    `restarts` decides how often that may happen (default: `RestartWindow()`).
+    `restarts` decides how often that may happen (default: `RestartWindow()`). `swaps` hands
+    over new models to swap in while running (`model_swap.ModelSwapper`).
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class Worker(ConsumerRebalanceListener):
         limits: SizeLimits | None = None,
         restart_model: Callable[[], None] | None = None,
         restarts: RestartWindow | None = None,
+        swaps: Swaps | None = None,
     ) -> None:
         self.cfg = cfg
         self.tagger = tagger
@@ -100,18 +102,10 @@ class Worker(ConsumerRebalanceListener):
         self._last_lag = clock() - LAG_INTERVAL_S
         self.tagging = TaggingStage(tagger, self.work, self.scheduler, self.delivery, self.metrics,
                                     self.health, clock, restart_model,
-                                    restarts or RestartWindow())  # fmt: skip
+                                    restarts or RestartWindow(), swaps)  # fmt: skip
         self._tagging = threading.Thread(target=self.tagging.run, name="tagging", daemon=True)
         self.health.model_loaded = True
-        self.metrics.model.info(
-            {
-                "name": tagger.name,
-                "version": tagger.version,
-                "architecture": tagger.info.config.arch,
-                "device": str(tagger.device),
-                "precision": tagger.precision.precision,
-            }
-        )
+        self.metrics.model.info(tagger.labels())
 
     @property
     def fatal(self) -> BaseException | None:
@@ -170,7 +164,8 @@ class Worker(ConsumerRebalanceListener):
             return
         t1 = time.perf_counter()
         try:
-            prepared = self.tagger.prepare(decoded.text)
+            # The model serving now (it may have been swapped since the start).
+            prepared = self.tagging.tagger.prepare(decoded.text)
         except Exception as e:  # one bad document must not stop the stream
             log.exception("tokenizing %s failed", decoded.id)
             self.delivery.dead_letter(processing_error(source, e), consumed)

@@ -603,14 +603,17 @@ def _vocabs(words: list[str] = WORDS, tags: list[str] = TAGS) -> Vocabularies:
     return Vocabularies(Vocab(words), Vocab(CHARS), Vocab(tags))
 
 
-def rigged_model() -> LoadedModel:
+def rigged_model(
+    words: list[str] = WORDS, name: str = "rigged", version: str = "0.0.1"
+) -> LoadedModel:
     """A classic-LSTM model whose weights tag "Peter" as S-PER, "Paris" as S-LOC, all else O.
 
     The LSTM forgets its state at every step (forget gate shut, no recurrent weights), so each
     token's tag depends on that token alone; two embedding dimensions flag the two words.
+    `words` (which must hold "peter" and "paris") may order the vocabulary otherwise.
     """
     config = ModelConfig(
-        arch="lstm", num_words=len(WORDS), num_chars=len(CHARS), num_tags=len(TAGS),
+        arch="lstm", num_words=len(words), num_chars=len(CHARS), num_tags=len(TAGS),
         word_dim=4, hidden=4, dropout=0.0,
     )  # fmt: skip
     model = NerModel(config)
@@ -618,8 +621,8 @@ def rigged_model() -> LoadedModel:
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
-        model.word_embed.weight[WORDS.index("peter"), 0] = 10.0
-        model.word_embed.weight[WORDS.index("paris"), 1] = 10.0
+        model.word_embed.weight[words.index("peter"), 0] = 10.0
+        model.word_embed.weight[words.index("paris"), 1] = 10.0
         # Gate order in PyTorch: input, forget, cell, output.
         model.lstm.bias_ih_l0[0:h] = 10.0  # input gate open
         model.lstm.bias_ih_l0[h : 2 * h] = -10.0  # forget gate shut
@@ -631,7 +634,7 @@ def rigged_model() -> LoadedModel:
         model.proj.weight[TAGS.index("S-PER"), 0] = 20.0
         model.proj.weight[TAGS.index("S-LOC"), 1] = 20.0
     model.eval()
-    info = ModelInfo(name="rigged", version="0.0.1", config=config, vocabs=_vocabs())
+    info = ModelInfo(name=name, version=version, config=config, vocabs=_vocabs(words))
     return LoadedModel(info=info, model=model)
 
 

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from ner_stream.spans import convert_tags, validate_scheme
+from ner_stream.spans import TAG_PATTERNS, convert_tags, validate_scheme
 
 FORMATS = ("conll", "gmb", "wnut")
 
@@ -21,12 +21,6 @@ PathLike = str | os.PathLike[str]
 DOCSTART = "-DOCSTART-"
 GMB_HEADER = ["Sentence #", "Word", "POS", "Tag"]
 _GMB_SENTENCE = re.compile(r"Sentence: \d+")
-# The prefixes a corpus may use in each scheme; a type is any non-empty run of non-blanks.
-_TAG_PATTERNS = {
-    "iob1": re.compile(r"O|[BI]-\S+"),
-    "iob2": re.compile(r"O|[BI]-\S+"),
-    "bioes": re.compile(r"O|[BIES]-\S+"),
-}
 
 
 @dataclass
@@ -71,7 +65,7 @@ class _Builder:
 
 
 def _check_tag(path: PathLike, line_no: int, tag: str, scheme: str) -> None:
-    if not _TAG_PATTERNS[scheme].fullmatch(tag):
+    if not TAG_PATTERNS[scheme].fullmatch(tag):
         raise DatasetError(path, line_no, f"invalid {scheme.upper()} tag {tag!r}")
 
 

@@ -14,15 +14,12 @@ import time
 import pytest
 
 from tests.integration import worker_util as wu
-from tests.integration.test_worker import (  # noqa: F401 (fixtures)
+from tests.integration.test_worker import (
     OUTPUT_TIMEOUT_S,
     START_TIMEOUT_S,
     _ids,
     _stop,
     _wait_assigned,
-    make_topics,
-    start_worker,
-    tiny_model,
 )
 
 pytestmark = pytest.mark.integration
@@ -85,7 +82,7 @@ def test_repeated_sigkill_mid_stream_then_restart(
     kafka_bootstrap,
     make_topics,
     start_worker,
-    record_property,  # noqa: F811
+    record_property,
 ):
     """Five SIGKILLs at random moments of one stream, each followed by a restart under the same
     instance id: exactly once, a read_committed reader sees one answer per input; at least once,
@@ -122,7 +119,7 @@ def test_repeated_sigkill_mid_stream_then_restart(
 def test_exactly_once_across_a_worker_joining_and_one_leaving(
     kafka_bootstrap,
     make_topics,
-    start_worker,  # noqa: F811
+    start_worker,
 ):
     topics = make_topics()
     ids = _ids(3000)
@@ -156,7 +153,7 @@ def test_a_worker_expelled_from_the_group_cannot_commit(
     kafka_bootstrap,
     make_topics,
     start_worker,
-    record_property,  # noqa: F811
+    record_property,
 ):
     """A zombie: worker A is frozen (SIGSTOP) with a transaction open, past the session timeout;
     B takes its partitions and redoes its work. Thawed, A's transaction carries offsets of a

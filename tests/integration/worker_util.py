@@ -42,16 +42,17 @@ TAGS = ["O"] + [f"{p}-{t}" for t in ("PER", "LOC", "ORG", "MISC") for p in "BIES
 WORDS = ["<PAD>", "<UNK>", "peter", "went", "to", "paris", "berlin", "acme", "the", "and", "."]
 
 
-def build_tiny_model(path: Path, name: str = "tiny-random") -> Path:
-    """Write a small random-weight LSTM tagger (no CRF: fast on a busy CPU) to `path`.
+def build_tiny_model(path: Path, name: str = "tiny-random", version: str = "0.0.1") -> Path:
+    """Write a small random-weight LSTM tagger (no CRF: fast on a busy CPU) to `path`,
+    atomically (a temporary file renamed over it).
 
     The weights are random, so the predicted entities are arbitrary; what the tests check is the
-    message contract around them.
+    message contract around them. Every version has the same weights and tags.
     """
     from ner_stream.checkpoint import save
     from tests.fakes import random_model
 
-    loaded = random_model(1234, arch="lstm", words=WORDS, tags=TAGS, name=name, version="0.0.1")
+    loaded = random_model(1234, arch="lstm", words=WORDS, tags=TAGS, name=name, version=version)
     save(path, loaded.model, loaded.info)
     return path
 

@@ -209,6 +209,33 @@ def test_a_dead_child_is_replaced_by_restart_and_its_lost_passes_fail(
         proc.close()
 
 
+def test_with_a_private_copy_a_restart_brings_back_the_model_whatever_the_file_holds(
+    model_file, tmp_path
+):
+    """For a --model file that may be replaced while the worker runs (a model swap): the child,
+    and every restart, load a copy made at the first start."""
+    path = tmp_path / "model.nerm"
+    path.write_bytes(model_file.read_bytes())
+    proc = ModelProcess(path, "fp32", threads=1, private_copy=True)
+    try:
+        tagger = Tagger.from_file(path, OPTIONS)
+        expected = tagger.tag(TEXTS)
+        tagger.use_runner(proc)
+        path.write_bytes(b"a refused candidate")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc._process.wait(10)
+        proc.restart()
+        assert tagger.tag(TEXTS) == expected
+        path.unlink()
+        proc.restart()
+        assert tagger.tag(TEXTS) == expected
+        copies = list(Path(proc._copy_dir).iterdir())
+        assert [c.name for c in copies] == ["model.nerm"]
+    finally:
+        proc.close()
+    assert not copies[0].exists(), "the private copy outlives the model process"
+
+
 def test_the_crash_hook_refuses_a_word_the_model_does_not_know(model_file, monkeypatch):
     monkeypatch.setenv(CRASH_WORD_ENV, "zebra")
     with pytest.raises(ModelProcessError, match=f"{CRASH_WORD_ENV}='zebra' is not in the"):

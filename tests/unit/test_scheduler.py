@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import pytest
+
 from ner_stream.batching import BatchLimits
 from ner_stream.scheduler import (
     IDLE_POLL_S,
@@ -109,6 +111,25 @@ def test_a_long_document_joins_batches_one_piece_at_a_time():
     assert batch[1].windows == [1]
     assert names(s.take(0.7, model_free=True, idle=True, stopping=False)) == ["long"]
     assert len(s) == 0
+
+
+def test_pieces_put_back_go_again_ahead_of_the_rest_of_their_document():
+    """A model swap puts the pieces the old model tagged of a long document back in the lane."""
+    s = scheduler(max_tokens=100, max_wait_s=0.5)
+    first, _ = add(s, "first", [50] * 3, now=0.0)
+    second, _ = add(s, "second", [50] * 2, now=0.0)
+    done = s.take(0.0, model_free=True, idle=True, stopping=False)
+    assert names(done) == ["first"] and done[0].windows == [0]
+    assert s.long_jobs() == [first, second]
+    s.put_back(done)
+    assert len(s) == 5
+    taken = [s.take(t, model_free=True, idle=True, stopping=False) for t in range(5)]
+    assert [(p.job.name, p.windows) for batch in taken for p in batch] == [
+        ("first", [0]), ("first", [1]), ("first", [2]), ("second", [0]), ("second", [1])
+    ]  # fmt: skip
+    assert s.long_jobs() == [] and s.accepts()
+    with pytest.raises(ValueError):
+        s.put_back(done)  # nothing of its document is left in the lane
 
 
 def test_pieces_of_documents_no_longer_live_are_never_handed_out():

@@ -10,6 +10,7 @@ from ner_stream.spans import (
     SCHEMES,
     Span,
     convert_tags,
+    entity_types,
     spans_from_tags,
     split_tag,
     tags_from_spans,
@@ -102,6 +103,29 @@ def test_split_tag() -> None:
     assert split_tag("I-creative-work") == ("I", "creative-work")
     assert split_tag("O") == ("O", "")
     assert split_tag("B") == ("B", "")
+
+
+def test_entity_types_of_a_tag_set_well_formed_in_its_scheme() -> None:
+    assert entity_types(["O", "B-PER", "E-PER", "S-LOC", "I-creative-work"], "bioes") == {
+        "PER", "LOC", "creative-work"
+    }  # fmt: skip
+    assert entity_types(["B-PER", "I-PER"], "iob2") == {"PER"}  # no "O" is allowed
+
+
+@pytest.mark.parametrize(
+    ("tags", "scheme", "problem"),
+    [
+        (["O", "S-PER"], "iob2", r"not allowed in the iob2 scheme: 'S-PER'"),
+        (["O", "B-PER", "X-LOC"], "bioes", "'X-LOC'"),
+        (["O", "B-"], "bioes", "'B-'"),
+        (["O", "B-PER", "B-PER"], "iob1", "listed twice"),
+        (["O"], "bioes", "no entity type"),
+        (["O", "B-PER"], "bio", "unknown tag scheme"),
+    ],
+)
+def test_entity_types_refuses_a_tag_set_not_of_its_scheme(tags, scheme, problem) -> None:
+    with pytest.raises(ValueError, match=problem):
+        entity_types(tags, scheme)
 
 
 def test_validate_scheme() -> None:

@@ -10,7 +10,7 @@ import torch
 from ner_stream.batching import bucket_length, pad_batch
 from ner_stream.spans import spans_from_tags
 from ner_stream.tagger import Tagger, TaggerOptions, resolve_device
-from tests.fakes import make_tagger, random_model
+from tests.fakes import WORDS, make_tagger, random_model, rigged_model
 
 UNICODE_TEXTS = [
     "Peter went to Paris.",
@@ -220,3 +220,17 @@ def test_tag_prepared_gives_each_document_its_own_entities_even_when_one_is_pass
     d = tagger.prepare("Peter went to Paris .")
     out, _ = tagger.tag_prepared([d, d])
     assert [[e.text for e in x] for x in out] == [["Peter", "Paris"], ["Peter", "Paris"]]
+
+
+def test_a_document_prepared_by_another_model_is_encoded_again_before_it_is_tagged():
+    """After a model swap, documents prepared with the old model's vocabularies are tagged by the
+    new one: its own word ids, not the old ones, reach its network."""
+    old = make_tagger("rigged")
+    new = Tagger(rigged_model(WORDS[:2] + WORDS[:1:-1], version="0.0.2"), old.options)
+    text = "Peter went to Paris ."
+    prepared = old.prepare(text)
+    assert prepared.encoded != new.prepare(text).encoded  # the ids do differ
+    (entities,), _ = new.tag_prepared([prepared])
+    assert [(e.text, e.type) for e in entities] == [("Peter", "PER"), ("Paris", "LOC")]
+    assert prepared.encoded == new.prepare(text).encoded
+    assert prepared.vocabs is new.vocabs
