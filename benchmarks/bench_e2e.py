@@ -12,7 +12,11 @@
    Latency of a document = its output's broker append time - its scheduled send time (matched by
    key, which the worker copies from the input). The first seconds of each rate are left out
    (warm-up) and every rate is drained before the next starts.
-3. Memory: each worker's peak RSS (VmHWM in /proc/PID/status) and the largest
+3. Exactly once: the saturation run again with `--processing-guarantee exactly-once` (outputs
+   read with read_committed), and its latency at half the at-least-once saturating rate. There
+   an output counts when a read_committed reader receives it (the reader runs during the rate):
+   the broker's append time would hide the wait for the transaction's commit.
+4. Memory: each worker's peak RSS (VmHWM in /proc/PID/status) and the largest
    `process_resident_memory_bytes` scraped from its /metrics.
 
 The topics are deleted at the end (`--keep-topics` keeps them). Needs a broker (`make kafka-up`).
@@ -124,6 +128,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="stop the saturation run after this long and report what was done",
     )
+    p.add_argument(
+        "--no-exactly-once",
+        dest="exactly_once",
+        action="store_false",
+        help="skip the exactly-once runs (step 3)",
+    )
     p.add_argument("--drain-timeout-s", type=float, default=60.0)
     p.add_argument("--keep-topics", action="store_true")
     p.add_argument("--quick", action="store_true", help="smoke-run sizes (also BENCH_QUICK=1)")
@@ -218,7 +228,13 @@ def tree_vm_hwm(pid: int) -> int | None:
 class Worker:
     """One `ner-stream run` subprocess with its metrics endpoint."""
 
-    def __init__(self, args: argparse.Namespace, name: str, topics: tuple[str, str, str]) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        name: str,
+        topics: tuple[str, str, str],
+        exactly_once: bool = False,
+    ) -> None:
         self.name = name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -237,6 +253,8 @@ class Worker:
         ]  # fmt: skip
         if args.model:
             cmd += ["--model", str(args.model)]
+        if exactly_once:
+            cmd += ["--processing-guarantee", "exactly-once", "--instance-id", f"bench-{name}"]
         cmd += args.worker_arg
         env = dict(os.environ)
         if args.threads > 0:
@@ -341,7 +359,11 @@ def batch_stats(before: dict[str, float], after: dict[str, float]) -> dict:
 class OutputReader:
     """Reads an output topic from the beginning on a thread: key -> broker append time (ms)."""
 
-    def __init__(self, bootstrap: str, topic: str, partitions: int) -> None:
+    def __init__(
+        self, bootstrap: str, topic: str, partitions: int, exactly_once: bool = False
+    ) -> None:
+        # Exactly once: only committed outputs, each timed when this reader receives it (ms).
+        self.receive_times = exactly_once
         self.times: dict[bytes, int] = {}
         self.count = 0
         self.timestamp_types: set[int] = set()
@@ -353,6 +375,7 @@ class OutputReader:
             enable_auto_commit=False,
             fetch_max_bytes=52_428_800,
             max_poll_records=5000,
+            isolation_level="read_committed" if exactly_once else "read_uncommitted",
         )
         self.tps = [TopicPartition(topic, p) for p in range(partitions)]
         self.consumer.assign(self.tps)
@@ -368,12 +391,14 @@ class OutputReader:
     def _run(self) -> None:
         while not self._stop.is_set():
             for records in self.consumer.poll(timeout_ms=200).values():
+                received = int(time.time() * 1000)
                 with self._lock:
                     for r in records:
                         self.count += 1
                         self.timestamp_types.add(r.timestamp_type)
                         # the first output of a key counts (a redelivery comes later)
-                        self.times.setdefault(r.key, r.timestamp)
+                        stamp = received if self.receive_times else r.timestamp
+                        self.times.setdefault(r.key, stamp)
 
     def snapshot(self) -> tuple[int, dict[bytes, int]]:
         with self._lock:
@@ -424,12 +449,13 @@ def produce_all(bootstrap: str, topic: str, docs: list[dict]) -> dict:
     return {"docs": len(docs), "bytes": size, "seconds": dt, "docs_per_s": len(docs) / dt}
 
 
-def saturation(args, admin, prefix: str, docs: list[dict]) -> dict:
-    topics = make_topics(admin, f"{prefix}-sat", args.partitions)
+def saturation(args, admin, prefix: str, docs: list[dict], exactly_once: bool = False) -> dict:
+    tag = "-eos" if exactly_once else ""
+    topics = make_topics(admin, f"{prefix}-sat{tag}", args.partitions)
     log(f"producing {len(docs)} documents to {topics[0]} ...")
     produced = produce_all(args.bootstrap_servers, topics[0], docs)
     log(f"  {produced['docs_per_s']:.0f} docs/s, {produced['bytes'] / 1e6:.1f} MB")
-    worker = Worker(args, "saturation", topics)
+    worker = Worker(args, f"saturation{tag}", topics, exactly_once)
     n = len(docs)
     deadline = worker.started + args.saturation_timeout_s
     last_log = 0.0
@@ -454,6 +480,7 @@ def saturation(args, admin, prefix: str, docs: list[dict]) -> dict:
         stopped = worker.stop()
     if not complete:
         log(f"  saturation run stopped by its time limit after {docs_done(m):.0f} documents")
+    # Append times even with exactly-once: throughput is when outputs were written.
     reader = OutputReader(args.bootstrap_servers, topics[1], args.partitions).start()
     deadline = time.time() + 60
     target = min(n, int(docs_done(m)))
@@ -523,10 +550,19 @@ def open_loop(
     return scheduled, lateness
 
 
-def latency(args, admin, prefix: str, docs: list[dict], sat_docs_per_s: float) -> dict:
-    topics = make_topics(admin, f"{prefix}-lat", args.partitions)
-    reader = OutputReader(args.bootstrap_servers, topics[1], args.partitions)
-    worker = Worker(args, "latency", topics)
+def latency(
+    args,
+    admin,
+    prefix: str,
+    docs: list[dict],
+    sat_docs_per_s: float,
+    exactly_once: bool = False,
+    rates: list[float] | None = None,
+) -> dict:
+    tag = "-eos" if exactly_once else ""
+    topics = make_topics(admin, f"{prefix}-lat{tag}", args.partitions)
+    reader = OutputReader(args.bootstrap_servers, topics[1], args.partitions, exactly_once)
+    worker = Worker(args, f"latency{tag}", topics, exactly_once)
     # linger.ms 5 is the Java producer's default since Kafka 4.0: records sent within 5 ms share a
     # batch, as they would from a typical upstream producer. Latency is still counted from each
     # record's scheduled send time, so the linger is part of it.
@@ -534,7 +570,9 @@ def latency(args, admin, prefix: str, docs: list[dict], sat_docs_per_s: float) -
     runs = []
     try:
         ready_s = worker.wait_ready(120)
-        for k, fraction in enumerate(args.rates):
+        if exactly_once:
+            reader.start()  # receive times: the reader runs while the load is offered
+        for k, fraction in enumerate(args.rates if rates is None else rates):
             rate = fraction * sat_docs_per_s
             log(
                 f"latency: {fraction:.0%} of saturation = {rate:.1f} docs/s "
@@ -635,6 +673,11 @@ def main(argv: list[str] | None = None) -> int:
         lat = latency(args, admin, prefix, docs, sat["docs_per_s"])
         created += lat["topics"]
         result["latency"] = lat
+        if args.exactly_once:
+            eos_sat = saturation(args, admin, prefix, docs, exactly_once=True)
+            eos_lat = latency(args, admin, prefix, docs, sat["docs_per_s"], exactly_once=True,
+                              rates=[0.5])  # fmt: skip
+            result["exactly_once"] = {"saturation": eos_sat, "latency": eos_lat}
     finally:
         if not args.keep_topics:
             try:
@@ -662,6 +705,19 @@ def main(argv: list[str] | None = None) -> int:
         "p99_at_half_fraction": half and half["fraction"],
         "peak_rss_bytes": max((r for r in rss if r), default=None),
     }
+    eos = result.get("exactly_once")
+    if eos:
+        eos_dps = eos["saturation"]["docs_per_s"]
+        eos_half = eos["latency"]["runs"][0] if eos["latency"]["runs"] else None
+        result["summary"].update(
+            {
+                "exactly_once_docs_per_s": eos_dps,
+                "exactly_once_tokens_per_s": eos["saturation"]["tokens_per_s"],
+                # Share of the at-least-once throughput lost to transactions, this run.
+                "exactly_once_cost": 1 - eos_dps / sat["docs_per_s"] if eos_dps else None,
+                "exactly_once_p99_at_half_s": eos_half and eos_half["p99_s"],
+            }
+        )
     result["host"]["load_average_after"] = host_info()["load_average"]
     write_json(args.out, result)
     return 0

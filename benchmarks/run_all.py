@@ -52,6 +52,7 @@ TARGETS = {
     "model_core_efficiency": 0.80,
     "e2e_vs_spacy": 5.0,
     "rss_bytes": 2 * GIB,
+    "exactly_once_cost": 0.15,
 }
 
 
@@ -257,7 +258,16 @@ def summarize(model: dict | None, e2e: dict | None, spacy: dict | None) -> dict:
         "<=",
         "worker peak RSS (VmHWM, with its model process)",
     )
+    target(
+        "exactly_once_cost",
+        es.get("exactly_once_cost"),
+        TARGETS["exactly_once_cost"],
+        "<=",
+        "end-to-end documents/s lost with exactly-once (1 - exactly-once / at-least-once)",
+    )
     s["figures"] = {
+        "exactly_once_docs_per_s": es.get("exactly_once_docs_per_s"),
+        "exactly_once_p99_at_half_s": es.get("exactly_once_p99_at_half_s"),
         "model_core_tokens_per_s": core_tps,
         "model_core_tokens_per_s_one_thread": (model or {})
         .get("summary", {})
@@ -510,6 +520,26 @@ def doc_blocks(meta: dict, model, e2e, spacy, summary) -> dict[str, str]:
             + "\n\n"
             + table(["peak RSS (VmHWM, worker + model process)", ""], rss)
         )
+        eos = e2e.get("exactly_once")
+        if eos:
+            es = e2e["summary"]
+            half = min(lat["runs"], key=lambda r: abs(r["fraction"] - 0.5), default=None)
+            erun = eos["latency"]["runs"][0] if eos["latency"]["runs"] else None
+            erows = [
+                ["at-least-once", fmt(sat["docs_per_s"]), fmt(sat["tokens_per_s"]),
+                 fmt(half and half["p99_s"], 0, 1000), "broker append time"],
+                ["exactly-once", fmt(eos["saturation"]["docs_per_s"]),
+                 fmt(eos["saturation"]["tokens_per_s"]), fmt(erun and erun["p99_s"], 0, 1000),
+                 "received by a read_committed reader"],
+            ]  # fmt: skip
+            blocks["e2e"] += (
+                "\n\nExactly once against at least once, this run (`--processing-guarantee`, "
+                "default `--commit-interval-ms`; p99 latency in ms at half the at-least-once "
+                f"saturating rate; throughput cost {pct(es.get('exactly_once_cost'))}):\n\n"
+                + table(
+                    ["guarantee", "docs/s", "tokens/s", "p99 at half", "output counted when"], erows
+                )  # fmt: skip
+            )
 
     if spacy is not None:
         if not spacy.get("available"):
