@@ -115,6 +115,16 @@ class FakeConsumer:
             self._new_data.notify_all()
             return len(log) - 1
 
+    def append_marker(self, partition: int) -> int:
+        """Take up an offset of `partition` with a record that no poll hands out, as the commit or
+        abort marker of a transaction (or a record compacted away) does; returns its offset."""
+        tp = TopicPartition(self.topic, partition)
+        with self._lock:
+            log = self.logs[tp]
+            log.append(None)  # type: ignore[arg-type]
+            self._new_data.notify_all()
+            return len(log) - 1
+
     def rebalance(
         self,
         revoke: Iterable[int] | None = None,
@@ -321,9 +331,11 @@ class FakeConsumer:
             pos = self.positions[tp]
             end = min(len(log), self.limits.get(tp, len(log)), pos + budget)
             if end > pos:
-                out[tp] = log[pos:end]
+                records = [r for r in log[pos:end] if r is not None]  # markers are skipped
+                if records:
+                    out[tp] = records
                 self.positions[tp] = end
-                budget -= end - pos
+                budget -= len(records)
         return out
 
 

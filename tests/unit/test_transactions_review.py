@@ -1,0 +1,59 @@
+"""Exactly-once defects found in review, each as the behaviour a user relies on (see
+`test_transactions.py` for the stand-ins and the `Setup` driver)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import replace
+
+
+from ner_stream.config import WorkerConfig
+from ner_stream.worker import Worker
+from tests.fakes import FakeConsumer, FakeTransactionalProducer, make_tagger, wait_for
+from tests.unit.test_transactions import CFG, DLQ, IN, OUT, Setup
+
+# ------------------------------------------------------------------ offsets that are never read
+
+
+def test_offsets_taken_by_transaction_markers_do_not_stall_a_partition():
+    """An input topic written by a transactional producer (another exactly-once worker, Kafka
+    Streams, Flink...) has a commit marker after each transaction: offsets that a read_committed
+    consumer never receives. The record after a marker must still be sent and committed."""
+    s = Setup()
+    first = s.consume(0, 0)
+    after_marker = s.consume(0, 2)  # offset 1: the commit marker of the upstream transaction
+    s.finish(first)
+    s.finish(after_marker)
+    s.tick(0.5)
+    s.tick(1.0)
+    assert s.visible_ids() == ["0-0", "0-2"]
+    assert s.committed(0) == 3
+    assert not any(s.delivery.ready.values()), "a finished record is waiting forever"
+
+
+def test_the_worker_answers_every_record_of_a_transactionally_written_input():
+    consumer = FakeConsumer(IN, 1)
+    producer = FakeTransactionalProducer(consumer)
+    cfg = replace(CFG, commit_interval_ms=20, max_batch_docs=8, max_batch_tokens=256,
+                  max_pass_tokens=256, max_chunk_tokens=32, max_wait_ms=5,
+                  shutdown_timeout_s=5.0)  # fmt: skip
+    tagger = make_tagger("rigged", max_chunk_tokens=32, max_pass_tokens=256)
+    ids = []
+    for t in range(5):  # five upstream transactions of four records, each with its marker
+        for i in range(4):
+            ids.append(f"t{t}-{i}")
+            consumer.append(0, json.dumps({"id": ids[-1], "text": "Peter went ."}).encode())
+        consumer.append_marker(0)
+    worker = Worker(cfg, tagger, consumer, producer)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: consumer.committed_offset(0) == 24, timeout=10,
+                 what="every record committed")  # fmt: skip
+    finally:
+        stop.set()
+        thread.join(10)
+    assert sorted(json.loads(x.value)["id"] for x in producer.visible(OUT)) == sorted(ids)
