@@ -57,3 +57,34 @@ def test_the_worker_answers_every_record_of_a_transactionally_written_input():
         stop.set()
         thread.join(10)
     assert sorted(json.loads(x.value)["id"] for x in producer.visible(OUT)) == sorted(ids)
+
+
+# ------------------------------------------------------------------ records the broker refuses
+
+
+def _big(job, value_bytes: int = 0):
+    job.doc = replace(job.doc, id="x" * 500)  # its output is over the output topic's 400 bytes
+    if value_bytes:
+        job.record = replace(job.record, value=b"v" * value_bytes)
+    return job
+
+
+def test_an_output_and_then_its_dead_letter_refused_ends_in_a_smaller_dead_letter():
+    """Topic limits unknown at start (no DescribeConfigs permission, or lowered since): the
+    output is refused, then its dead letter (which carries the 20 kB input) too. At least once,
+    the dead letter is then sent cut to 8 kB; exactly once must not abort the same record over
+    and over, forever, without answering it or stopping."""
+    s = Setup(topic_limits={OUT: 400, DLQ: 9_000})
+    now = 0.0
+    for _attempt in range(4):  # each attempt: read again from the committed offset, tag, send
+        s.finish(_big(s.consume(0, 0), value_bytes=20_000))
+        for _ in range(4):
+            now += 0.6
+            s.tick(now)
+        if s.committed(0) == 1 or s.delivery.fatal is not None:
+            break
+    assert s.delivery.fatal is None
+    letters = s.producer.visible(DLQ)
+    assert len(letters) == 1 and letters[0].size <= 9_000
+    assert s.committed(0) == 1
+    assert s.producer.transactions.count("aborted") <= 2
