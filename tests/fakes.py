@@ -561,9 +561,18 @@ class FakeTransactionalProducer(FakeProducer):
         return future
 
     def _deliver(self, batch: list[Sent]) -> None:
-        super()._deliver(batch)
-        if any(sent.outcome == "failed" for sent in batch) and self.state == "in_transaction":
-            self.state = "abortable"
+        for i, sent in enumerate(batch):
+            super()._deliver([sent])
+            if sent.outcome == "failed" and self.state == "in_transaction":
+                self.state = "abortable"
+                # As kafka-python 3 does (KIP-654, `abort_undrained_batches`): the sends of the
+                # transaction not on their way yet fail with the error that made it abortable.
+                with self._lock:
+                    rest, self._pending = batch[i + 1 :] + self._pending, []
+                for other in rest:
+                    other.outcome = "failed"
+                    other.future._resolve(None, sent.future.exception)
+                return
 
     def send_offsets_to_transaction(self, offsets: dict, group_metadata: Any) -> None:
         self._check("in_transaction")

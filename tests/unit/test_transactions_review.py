@@ -88,3 +88,30 @@ def test_an_output_and_then_its_dead_letter_refused_ends_in_a_smaller_dead_lette
     assert len(letters) == 1 and letters[0].size <= 9_000
     assert s.committed(0) == 1
     assert s.producer.transactions.count("aborted") <= 2
+
+
+def test_records_aborted_with_a_refused_one_are_not_dead_lettered():
+    """kafka-python fails every send of the transaction that had not left yet with the error of
+    the record the broker refused (KIP-654; seen on a real broker: the small records batched
+    behind a too-large one fail with MessageSizeTooLargeError). Those records are innocent: when
+    read again they must get their outputs, and only the large one a dead letter."""
+    s = Setup(topic_limits={OUT: 400}, hold=True)
+    jobs = [s.consume(0, o) for o in range(4)]
+    _big(jobs[1])
+    for job in jobs:
+        s.finish(job)
+    s.tick(0.1)  # all four sent, none delivered yet
+    s.producer.hold = False
+    s.producer.release()  # offset 1 refused; 2 and 3, not sent yet, fail with its error
+    s.tick(1.0)
+    assert s.producer.transactions == ["aborted"]
+    jobs = [s.consume(0, o) for o in range(4)]  # read again from offset 0
+    _big(jobs[1])
+    for job in jobs:
+        s.finish(job)
+    for now in (1.5, 1.6, 2.5):
+        s.tick(now)
+    assert s.committed(0) == 4
+    assert s.visible_ids() == ["0-0", "0-2", "0-3"]
+    letters = s.producer.visible(DLQ)
+    assert [x.header("ner_stream.source.offset") for x in letters] == [b"1"]
