@@ -115,3 +115,13 @@ def test_records_aborted_with_a_refused_one_are_not_dead_lettered():
     assert s.visible_ids() == ["0-0", "0-2", "0-3"]
     letters = s.producer.visible(DLQ)
     assert [x.header("ner_stream.source.offset") for x in letters] == [b"1"]
+
+
+# ------------------------------------------------------------------ at least once unchanged
+
+
+def test_at_least_once_accepts_a_commit_interval_of_a_minute_or_more():
+    """--transaction-timeout-ms means nothing at least once; a commit interval that was valid
+    before exactly-once existed must still be."""
+    cfg = WorkerConfig(commit_interval_ms=120_000)
+    assert not cfg.exactly_once
