@@ -125,3 +125,50 @@ def test_at_least_once_accepts_a_commit_interval_of_a_minute_or_more():
     before exactly-once existed must still be."""
     cfg = WorkerConfig(commit_interval_ms=120_000)
     assert not cfg.exactly_once
+
+
+# ------------------------------------------------------------------ memory
+
+
+class SlowRunner:
+    def __init__(self, tagger, delay_s: float) -> None:
+        self.tagger, self.delay_s = tagger, delay_s
+
+    def __call__(self, batches, rows):
+        time.sleep(self.delay_s)
+        return self.tagger.local(batches, rows)
+
+
+def test_records_waiting_behind_a_slow_first_record_are_bounded_by_backpressure():
+    """Exactly once, a record finished before an earlier one of its partition waits in memory
+    (`ready`, with its output and its tagged document). Backpressure must bound how many: a
+    long document at the head of a partition must not let the worker read and hold the rest of
+    the partition while it is tagged (at least once, those outputs are sent and let go)."""
+    cfg = replace(CFG, queue_docs=4, max_batch_docs=2, max_batch_tokens=64, max_pass_tokens=64,
+                  max_chunk_tokens=32, max_wait_ms=5, commit_interval_ms=20,
+                  shutdown_timeout_s=5.0)  # fmt: skip
+    tagger = make_tagger("rigged", max_chunk_tokens=32, max_pass_tokens=64)
+    tagger.use_runner(SlowRunner(tagger, delay_s=0.002))
+    consumer = FakeConsumer(IN, 1)
+    producer = FakeTransactionalProducer(consumer)
+    long_text = " ".join(["Peter went to Paris ."] * 300)  # 1500 tokens: many pieces
+    consumer.append(0, json.dumps({"id": "long", "text": long_text}).encode())
+    n = 600
+    for i in range(n):
+        consumer.append(0, json.dumps({"id": f"s{i}", "text": "Paris ."}).encode())
+    worker = Worker(cfg, tagger, consumer, producer)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    bound = cfg.queue_docs + 4 * cfg.max_batch_docs + 2 * cfg.max_batch_docs  # as at least once
+    held = 0
+    try:
+        deadline = time.monotonic() + 30
+        while consumer.committed_offset(0) != n + 1 and time.monotonic() < deadline:
+            held = max(held, sum(len(w) for w in worker.delivery.ready.values()))
+            time.sleep(0.005)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert consumer.committed_offset(0) == n + 1
+    assert held <= bound, f"{held} finished records held in memory (bound {bound})"
