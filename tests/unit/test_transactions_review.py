@@ -172,3 +172,23 @@ def test_records_waiting_behind_a_slow_first_record_are_bounded_by_backpressure(
         thread.join(10)
     assert consumer.committed_offset(0) == n + 1
     assert held <= bound, f"{held} finished records held in memory (bound {bound})"
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def test_the_dead_letter_counter_counts_dead_letters_not_attempts():
+    """An aborted transaction reads its records again: the dead letter of a record is built once
+    per attempt, but only one reaches the topic. `ner_stream_dead_letters_total` (the
+    NerStreamDeadLetterRateHigh alert divides it by the documents committed) must count the one."""
+    s = Setup()
+    s.reject(s.consume(0, 0))
+    s.tick(0.5)
+    s.producer.fail_commits = 1
+    s.tick(1.0)  # aborted
+    s.reject(s.consume(0, 0))  # read again
+    s.tick(1.5)
+    s.tick(2.5)
+    assert len(s.producer.visible(DLQ)) == 1
+    counted = s.metrics.dead_letters.labels("invalid_json")._value.get()
+    assert counted == 1, f"{counted} dead letters counted, 1 in the topic"
