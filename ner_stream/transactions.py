@@ -12,7 +12,7 @@ Two rules make it hold:
 - *Offsets cover exactly what was sent.* Documents finish out of order, but a transaction may
   commit only a contiguous prefix of each partition's offsets. So records are sent in offset order
   per partition: a finished document waits (`ready`) until every consumed record before it is
-  sent. Every record sent is then inside the committed prefix, and none outside it.
+  sent (offsets never consumed, such as transaction markers, are not waited for). Every record sent is then inside the committed prefix, and none outside it.
 - *One thread owns the transaction.* Either thread may finish a document (`_emit` only queues it);
   the consumer thread (or the rebalance listener, while that thread waits in `poll`) sends,
   commits and aborts, with the consumer's group metadata.
@@ -168,12 +168,14 @@ class TransactionalDelivery(Delivery):
     def _send_ready(self) -> None:
         for tp, waiting in self.ready.items():
             while waiting:
-                position = self.tracker.position(tp)
-                item = waiting.pop(position, None) if position is not None else None
+                # The next record consumed, not `position`: offsets that are never consumed
+                # (transaction markers, records compacted away) lie between them.
+                offset = self.tracker.next_pending(tp)
+                item = waiting.pop(offset, None) if offset is not None else None
                 if item is None:
                     break
                 if self._send_one(item):
-                    self.tracker.ack(tp, position)
+                    self.tracker.ack(tp, offset)
 
     def _send_one(self, item: Outgoing) -> bool:
         """Send `item` in the open transaction (begun if none is); True when sent. False when it
