@@ -8,6 +8,8 @@ import threading
 import time
 from dataclasses import replace
 
+import pytest
+
 
 from ner_stream.config import WorkerConfig
 from ner_stream.worker import Worker
@@ -125,6 +127,11 @@ def test_at_least_once_accepts_a_commit_interval_of_a_minute_or_more():
     before exactly-once existed must still be."""
     cfg = WorkerConfig(commit_interval_ms=120_000)
     assert not cfg.exactly_once
+    # Exactly once, a transaction must outlive a commit interval.
+    eos = {"processing_guarantee": "exactly-once", "instance_id": "w0"}
+    with pytest.raises(ValueError, match="--transaction-timeout-ms must exceed"):
+        WorkerConfig(commit_interval_ms=120_000, **eos)
+    WorkerConfig(commit_interval_ms=120_000, transaction_timeout_ms=180_000, **eos)
 
 
 # ------------------------------------------------------------------ memory
