@@ -123,8 +123,9 @@ class TransactionalDelivery(Delivery):
         self.ready: dict[TopicPartition, dict[int, Outgoing]] = {}
         self.open_since: float | None = None  # the clock when the open transaction began
         self.in_transaction: list[Outgoing] = []
-        # Input records whose output or dead letter the broker refused for itself, and why.
-        self.refused: dict[tuple[TopicPartition, int], BaseException] = {}
+        # Input records whose output or dead letter the broker refused for itself: why, and the
+        # dead letter refused (None: the output was).
+        self.refused: dict[tuple[TopicPartition, int], tuple[BaseException, Letter | None]] = {}
 
     # ------------------------------------------------------------- either thread
 
@@ -182,8 +183,8 @@ class TransactionalDelivery(Delivery):
         was replaced by a dead letter (queued: it is sent in a later round) or stopped the
         worker; raises `_Aborted` when the transaction had to be aborted."""
         refusal = self.refused.pop((item.tp, item.src.offset), None)
-        if refusal is not None:
-            self._replace(item, refusal)
+        if refusal is not None and (refusal[1] is not None or item.job is not None):
+            self._replace(item, *refusal)
             return False
         try:
             if self.open_since is None:
@@ -192,7 +193,7 @@ class TransactionalDelivery(Delivery):
             future = self._send(item.topic, item.out)
         except Exception as e:
             if is_record_error(e):  # refused by the client itself: the transaction is intact
-                self._replace(item, e)
+                self._replace(item, e, item.letter)
                 return False
             self._abort(e)
             raise _Aborted from e
@@ -201,18 +202,19 @@ class TransactionalDelivery(Delivery):
                           item.record, item.job, item.letter)  # fmt: skip
         return True
 
-    def _replace(self, item: Outgoing, error: BaseException) -> None:
-        """What goes in place of a record refused for itself: its document's dead letter, or a
-        dead letter cut to `TIGHT_DEAD_LETTER_BYTES`; a dead letter refused at that size stops
-        the worker."""
-        if item.job is not None:
+    def _replace(self, item: Outgoing, error: BaseException, refused: Letter | None) -> None:
+        """What goes in place of a record whose output (`refused` None) or dead letter
+        (`refused`) was refused for itself: its document's dead letter, or a dead letter cut to
+        `TIGHT_DEAD_LETTER_BYTES`; a dead letter refused at that size stops the worker."""
+        if refused is None and item.job is not None:
             self._output_failed(item.job, error)
             return
-        letter = item.letter
+        letter = refused or item.letter
         if letter is not None and is_size_error(error) and letter.limit > TIGHT_DEAD_LETTER_BYTES:
             log.warning("dead letter for %s/%d too large for its topic; sending %d bytes",
                         *item.tp, TIGHT_DEAD_LETTER_BYTES)  # fmt: skip
-            self.dead_letter(letter.rejection, letter.record, limit=TIGHT_DEAD_LETTER_BYTES)
+            # The record as consumed now: the refused letter's belongs to a dropped assignment.
+            self.dead_letter(letter.rejection, item.record, limit=TIGHT_DEAD_LETTER_BYTES)
             return
         self._dead_letter_failed(item.src, error)
 
@@ -237,7 +239,8 @@ class TransactionalDelivery(Delivery):
                 continue
             failed.append(ack)
             if is_record_error(ack.error):
-                self.refused[(ack.tp, ack.offset)] = ack.error or RuntimeError("refused")
+                self.refused[(ack.tp, ack.offset)] = (ack.error or RuntimeError("refused"),
+                                                      ack.letter)  # fmt: skip
 
     def commit(self, only: Iterable[TopicPartition] | None = None) -> None:
         """Commit the open transaction with the offsets of everything it sent (all partitions:
