@@ -8,6 +8,7 @@ import time
 
 import pytest
 from kafka import KafkaProducer
+from kafka.admin import ConfigResource, ConfigResourceType
 
 from tests import kafka_util
 from tests.integration import worker_util as wu
@@ -80,3 +81,42 @@ def test_an_input_written_in_transactions_is_answered_whole(
     _stop(worker)
     assert letters == []
     assert sorted(seen) == sorted(ids), f"{len(seen)} of {len(ids)} answered"
+
+
+def test_a_record_the_output_topic_refuses_is_dead_lettered_and_the_stream_goes_on(
+    kafka_bootstrap, topic_factory, kafka_admin, start_worker  # noqa: F811
+):
+    """The output topic's max.message.bytes is lowered after the worker read it at start (an
+    operator's change; or the worker cannot describe topic configs): the broker refuses the one
+    large output. As documented ("a record the broker refuses for itself is remembered, and when
+    it comes again its output becomes a dead letter"), the worker must go on: only that document
+    goes to the dead-letter topic, every other one gets its output, SIGTERM exits 0.
+
+    Seen instead (kafka-python 3.0.12, Kafka 4): the transaction after the abort fails with
+    OutOfOrderSequenceNumberError, the producer bumps its epoch, abort_transaction raises
+    "Invalid transition ... BUMPING_PRODUCER_EPOCH to ABORTING_TRANSACTION", the worker stops
+    with exit code 1 (and spends 2 x 30 s flushing on the way out). With a limit below the
+    producer's batch size, the small outputs aborted with the large one are dead-lettered too.
+
+    The limit stays above the producer's batch size (64 KiB), so that batches of small outputs
+    fit and only the large record is refused."""
+    topics = _topics(topic_factory)
+    worker = start_worker("refused", topics, **EOS)
+    _wait_assigned(worker)
+    resource = ConfigResource(ConfigResourceType.TOPIC, topics.output,
+                              {"max.message.bytes": "80000"})  # fmt: skip
+    kafka_admin.alter_configs([resource])
+    time.sleep(2)  # the broker applies topic configs asynchronously
+    records, ids = [], []
+    for i in range(121):
+        doc_id = "big" if i == 60 else f"s{i}"
+        value = {"id": doc_id, "text": "Peter went to Paris ."}
+        if doc_id == "big":
+            value["blob"] = "b" * 100_000  # carried to the output as meta: over 80000 bytes
+        ids.append(doc_id)
+        records.append((doc_id.encode(), json.dumps(value).encode(), []))
+    wu.produce_records(kafka_bootstrap, topics.input, records)
+    seen, letters = _answers(kafka_bootstrap, topics, len(ids), worker, OUTPUT_TIMEOUT_S)
+    _stop(worker)
+    assert letters == ["big"], f"{len(letters)} dead letters: {letters[:10]}"
+    assert sorted(seen) == sorted(i for i in ids if i != "big")
