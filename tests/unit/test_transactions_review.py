@@ -199,3 +199,30 @@ def test_the_dead_letter_counter_counts_dead_letters_not_attempts():
     assert len(s.producer.visible(DLQ)) == 1
     counted = s.metrics.dead_letters.labels("invalid_json")._value.get()
     assert counted == 1, f"{counted} dead letters counted, 1 in the topic"
+
+
+# ------------------------------------------------------------------ shutdown
+
+
+def test_shutdown_after_a_failed_abort_stays_within_the_shutdown_deadline():
+    """Once an abort failed (fatal: the producer is fenced or in a state it cannot abort from),
+    the way out must not block past --shutdown-timeout-s: `finish` and the revoke that closing
+    the consumer runs each flushed for transaction_timeout_ms / 2 (30 s) on the real broker."""
+    s = Setup()
+    s.finish(s.consume(0, 0))
+    s.tick(0.5)
+    s.producer.fence()
+    s.tick(1.0)  # the abort fails: fatal
+    assert s.delivery.fatal is not None
+    waits: list[float | None] = []
+    flush = s.producer.flush
+
+    def recording_flush(timeout=None):
+        waits.append(timeout)
+        return flush(timeout)
+
+    s.producer.flush = recording_flush
+    s.clock.now = 2.0
+    s.delivery.finish(deadline=5.0)  # 3 s left
+    s.delivery.on_revoked([(IN, 0), (IN, 1)])  # the consumer's close revokes its partitions
+    assert None not in waits and sum(waits) <= 3.0, f"flushes of {waits} s"
