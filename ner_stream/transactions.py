@@ -12,7 +12,8 @@ Two rules make it hold:
 - *Offsets cover exactly what was sent.* Documents finish out of order, but a transaction may
   commit only a contiguous prefix of each partition's offsets. So records are sent in offset order
   per partition: a finished document waits (`ready`) until every consumed record before it is
-  sent (offsets never consumed, such as transaction markers, are not waited for). Every record sent is then inside the committed prefix, and none outside it.
+  sent (offsets never consumed, such as transaction markers, are not waited for). Every record
+  sent is then inside the committed prefix, and none outside it.
 - *One thread owns the transaction.* Either thread may finish a document (`_emit` only queues it);
   the consumer thread (or the rebalance listener, while that thread waits in `poll`) sends,
   commits and aborts, with the consumer's group metadata.

@@ -55,7 +55,9 @@ def _answers(bootstrap: str, topics: Topics, n: int, worker: wu.WorkerProcess,
 
 
 def test_an_input_written_in_transactions_is_answered_whole(
-    kafka_bootstrap, topic_factory, start_worker  # noqa: F811
+    kafka_bootstrap,
+    topic_factory,
+    start_worker,  # noqa: F811
 ):
     """The input of this worker is the output of another exactly-once application (here a
     kafka-python transactional producer, five transactions): each transaction leaves a commit
@@ -84,7 +86,10 @@ def test_an_input_written_in_transactions_is_answered_whole(
 
 
 def test_a_record_the_output_topic_refuses_is_dead_lettered_and_the_stream_goes_on(
-    kafka_bootstrap, topic_factory, kafka_admin, start_worker  # noqa: F811
+    kafka_bootstrap,
+    topic_factory,
+    kafka_admin,
+    start_worker,  # noqa: F811
 ):
     """The output topic's max.message.bytes is lowered after the worker read it at start (an
     operator's change; or the worker cannot describe topic configs): the broker refuses the one

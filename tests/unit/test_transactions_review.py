@@ -10,7 +10,6 @@ from dataclasses import replace
 
 import pytest
 
-
 from ner_stream.config import WorkerConfig
 from ner_stream.worker import Worker
 from tests.fakes import FakeConsumer, FakeTransactionalProducer, make_tagger, wait_for
