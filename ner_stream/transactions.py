@@ -123,6 +123,9 @@ class TransactionalDelivery(Delivery):
         self.finished: queue.SimpleQueue[Outgoing] = queue.SimpleQueue()
         self.ready: dict[TopicPartition, dict[int, Outgoing]] = {}
         self.open_since: float | None = None  # the clock when the open transaction began
+        # An abort failed: the producer can neither commit nor abort any more (the worker stops).
+        self.broken = False
+        self.deadline: float | None = None  # the shutdown's deadline (clock seconds), once set
         self.in_transaction: list[Outgoing] = []
         # Input records whose output or dead letter the broker refused for itself: why, and the
         # dead letter refused (None: the output was).
@@ -147,6 +150,8 @@ class TransactionalDelivery(Delivery):
     def apply_acks(self) -> None:
         """Abort if a record of the open transaction failed; then send, in offset order, every
         finished record whose predecessors are all sent."""
+        if self.broken:
+            return
         try:
             self._check_failures()
             while self._take_finished():
@@ -247,11 +252,14 @@ class TransactionalDelivery(Delivery):
         """Commit the open transaction with the offsets of everything it sent (all partitions:
         `only` does not apply to a transaction); any error aborts it (see `_abort`)."""
         self.last_commit = self.clock()
-        if self.open_since is None:
+        if self.open_since is None or self.broken:
             return
         t0 = time.perf_counter()
+        wait = self.cfg.transaction_timeout_ms / 2000
+        if self.deadline is not None:  # shutting down: within --shutdown-timeout-s
+            wait = min(wait, max(0.1, self.deadline - self.clock()))
         try:
-            self.producer.flush(timeout=self.cfg.transaction_timeout_ms / 2000)
+            self.producer.flush(timeout=wait)
             self._check_failures()
             offsets = self.tracker.committable()
             if offsets:
@@ -283,6 +291,8 @@ class TransactionalDelivery(Delivery):
     def _abort(self, error: BaseException) -> None:
         """Abort the open transaction and rewind every partition to its last committed offset;
         when the abort itself fails, `fatal` stops the worker."""
+        if self.broken:  # the worker is stopping; its restart aborts what is left open
+            return
         log.warning("transaction aborted (%s: %s); reading again from the committed offsets",
                     type(error).__name__, error)  # fmt: skip
         self.metrics.commits.labels("failed").inc()
@@ -294,6 +304,7 @@ class TransactionalDelivery(Delivery):
                 log.error("aborting the transaction failed (%s: %s); stopping",
                           type(e).__name__, e)  # fmt: skip
                 self.fatal = e
+                self.broken = True
                 return
             self._ended("aborted")
         self.in_transaction.clear()
@@ -338,6 +349,7 @@ class TransactionalDelivery(Delivery):
     def finish(self, deadline: float) -> int:
         """At shutdown, once nothing more is finished: send what is ready, commit; returns the
         records left out of the commit, which the partitions' next owner reads again."""
+        self.deadline = deadline
         self.apply_acks()
         self.commit()
         left = self.tracker.in_flight()
