@@ -288,7 +288,7 @@ def validate(cfg: WorkerConfig) -> list[str]:
             "--processing-guarantee exactly-once needs --instance-id (a name unique in the group "
             "and stable across restarts, such as the pod name)"
         )
-    if not cfg.commit_interval_ms < cfg.transaction_timeout_ms <= 900_000:
+    if cfg.exactly_once and not cfg.commit_interval_ms < cfg.transaction_timeout_ms <= 900_000:
         # 900000: the broker's transaction.max.timeout.ms default.
         problems.append(
             "--transaction-timeout-ms must exceed --commit-interval-ms and be at most 900000"

@@ -81,9 +81,16 @@ class PartitionOffsets:
 
     @property
     def position(self) -> int:
-        """The committable position: the first tracked offset not yet acknowledged, or, when all
-        are, one past the last of them (the ``start`` before anything is tracked)."""
+        """The committable position: one past the last offset of the acknowledged prefix (the
+        ``start`` before anything is acknowledged). Offsets never tracked (transaction markers,
+        records compacted away) may lie between it and the first record not acknowledged: see
+        ``next_pending``."""
         return self._position
+
+    @property
+    def next_pending(self) -> int | None:
+        """The first tracked offset not yet acknowledged, ``None`` when there is none."""
+        return self._pending[self._head] if self._head < len(self._pending) else None
 
     def committable(self) -> int | None:
         """The offset to commit, or ``None`` when it would not move past the last commit."""
@@ -136,6 +143,12 @@ class OffsetTracker:
         ``tp`` is not tracked."""
         partition = self._partitions.get(tp)
         return None if partition is None else partition.position
+
+    def next_pending(self, tp: TopicPartition) -> int | None:
+        """The first tracked offset of ``tp`` not yet acknowledged (see
+        ``PartitionOffsets.next_pending``); ``None`` when there is none or ``tp`` is not tracked."""
+        partition = self._partitions.get(tp)
+        return None if partition is None else partition.next_pending
 
     def committed(self, tp: TopicPartition) -> int | None:
         """The last committed offset of ``tp`` (where it started, before any commit); ``None``

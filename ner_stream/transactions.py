@@ -12,7 +12,8 @@ Two rules make it hold:
 - *Offsets cover exactly what was sent.* Documents finish out of order, but a transaction may
   commit only a contiguous prefix of each partition's offsets. So records are sent in offset order
   per partition: a finished document waits (`ready`) until every consumed record before it is
-  sent. Every record sent is then inside the committed prefix, and none outside it.
+  sent (offsets never consumed, such as transaction markers, are not waited for). Every record
+  sent is then inside the committed prefix, and none outside it.
 - *One thread owns the transaction.* Either thread may finish a document (`_emit` only queues it);
   the consumer thread (or the rebalance listener, while that thread waits in `poll`) sends,
   commits and aborts, with the consumer's group metadata.
@@ -122,9 +123,13 @@ class TransactionalDelivery(Delivery):
         self.finished: queue.SimpleQueue[Outgoing] = queue.SimpleQueue()
         self.ready: dict[TopicPartition, dict[int, Outgoing]] = {}
         self.open_since: float | None = None  # the clock when the open transaction began
+        # An abort failed: the producer can neither commit nor abort any more (the worker stops).
+        self.broken = False
+        self.deadline: float | None = None  # the shutdown's deadline (clock seconds), once set
         self.in_transaction: list[Outgoing] = []
-        # Input records whose output or dead letter the broker refused for itself, and why.
-        self.refused: dict[tuple[TopicPartition, int], BaseException] = {}
+        # Input records whose output or dead letter the broker refused for itself: why, and the
+        # dead letter refused (None: the output was).
+        self.refused: dict[tuple[TopicPartition, int], tuple[BaseException, Letter | None]] = {}
 
     # ------------------------------------------------------------- either thread
 
@@ -145,6 +150,8 @@ class TransactionalDelivery(Delivery):
     def apply_acks(self) -> None:
         """Abort if a record of the open transaction failed; then send, in offset order, every
         finished record whose predecessors are all sent."""
+        if self.broken:
+            return
         try:
             self._check_failures()
             while self._take_finished():
@@ -168,20 +175,22 @@ class TransactionalDelivery(Delivery):
     def _send_ready(self) -> None:
         for tp, waiting in self.ready.items():
             while waiting:
-                position = self.tracker.position(tp)
-                item = waiting.pop(position, None) if position is not None else None
+                # The next record consumed, not `position`: offsets that are never consumed
+                # (transaction markers, records compacted away) lie between them.
+                offset = self.tracker.next_pending(tp)
+                item = waiting.pop(offset, None) if offset is not None else None
                 if item is None:
                     break
                 if self._send_one(item):
-                    self.tracker.ack(tp, position)
+                    self.tracker.ack(tp, offset)
 
     def _send_one(self, item: Outgoing) -> bool:
         """Send `item` in the open transaction (begun if none is); True when sent. False when it
         was replaced by a dead letter (queued: it is sent in a later round) or stopped the
         worker; raises `_Aborted` when the transaction had to be aborted."""
         refusal = self.refused.pop((item.tp, item.src.offset), None)
-        if refusal is not None:
-            self._replace(item, refusal)
+        if refusal is not None and (refusal[1] is not None or item.job is not None):
+            self._replace(item, *refusal)
             return False
         try:
             if self.open_since is None:
@@ -190,7 +199,7 @@ class TransactionalDelivery(Delivery):
             future = self._send(item.topic, item.out)
         except Exception as e:
             if is_record_error(e):  # refused by the client itself: the transaction is intact
-                self._replace(item, e)
+                self._replace(item, e, item.letter)
                 return False
             self._abort(e)
             raise _Aborted from e
@@ -199,18 +208,19 @@ class TransactionalDelivery(Delivery):
                           item.record, item.job, item.letter)  # fmt: skip
         return True
 
-    def _replace(self, item: Outgoing, error: BaseException) -> None:
-        """What goes in place of a record refused for itself: its document's dead letter, or a
-        dead letter cut to `TIGHT_DEAD_LETTER_BYTES`; a dead letter refused at that size stops
-        the worker."""
-        if item.job is not None:
+    def _replace(self, item: Outgoing, error: BaseException, refused: Letter | None) -> None:
+        """What goes in place of a record whose output (`refused` None) or dead letter
+        (`refused`) was refused for itself: its document's dead letter, or a dead letter cut to
+        `TIGHT_DEAD_LETTER_BYTES`; a dead letter refused at that size stops the worker."""
+        if refused is None and item.job is not None:
             self._output_failed(item.job, error)
             return
-        letter = item.letter
+        letter = refused or item.letter
         if letter is not None and is_size_error(error) and letter.limit > TIGHT_DEAD_LETTER_BYTES:
             log.warning("dead letter for %s/%d too large for its topic; sending %d bytes",
                         *item.tp, TIGHT_DEAD_LETTER_BYTES)  # fmt: skip
-            self.dead_letter(letter.rejection, letter.record, limit=TIGHT_DEAD_LETTER_BYTES)
+            # The record as consumed now: the refused letter's belongs to a dropped assignment.
+            self.dead_letter(letter.rejection, item.record, limit=TIGHT_DEAD_LETTER_BYTES)
             return
         self._dead_letter_failed(item.src, error)
 
@@ -235,17 +245,21 @@ class TransactionalDelivery(Delivery):
                 continue
             failed.append(ack)
             if is_record_error(ack.error):
-                self.refused[(ack.tp, ack.offset)] = ack.error or RuntimeError("refused")
+                self.refused[(ack.tp, ack.offset)] = (ack.error or RuntimeError("refused"),
+                                                      ack.letter)  # fmt: skip
 
     def commit(self, only: Iterable[TopicPartition] | None = None) -> None:
         """Commit the open transaction with the offsets of everything it sent (all partitions:
         `only` does not apply to a transaction); any error aborts it (see `_abort`)."""
         self.last_commit = self.clock()
-        if self.open_since is None:
+        if self.open_since is None or self.broken:
             return
         t0 = time.perf_counter()
+        wait = self.cfg.transaction_timeout_ms / 2000
+        if self.deadline is not None:  # shutting down: within --shutdown-timeout-s
+            wait = min(wait, max(0.1, self.deadline - self.clock()))
         try:
-            self.producer.flush(timeout=self.cfg.transaction_timeout_ms / 2000)
+            self.producer.flush(timeout=wait)
             self._check_failures()
             offsets = self.tracker.committable()
             if offsets:
@@ -277,6 +291,8 @@ class TransactionalDelivery(Delivery):
     def _abort(self, error: BaseException) -> None:
         """Abort the open transaction and rewind every partition to its last committed offset;
         when the abort itself fails, `fatal` stops the worker."""
+        if self.broken:  # the worker is stopping; its restart aborts what is left open
+            return
         log.warning("transaction aborted (%s: %s); reading again from the committed offsets",
                     type(error).__name__, error)  # fmt: skip
         self.metrics.commits.labels("failed").inc()
@@ -288,6 +304,7 @@ class TransactionalDelivery(Delivery):
                 log.error("aborting the transaction failed (%s: %s); stopping",
                           type(e).__name__, e)  # fmt: skip
                 self.fatal = e
+                self.broken = True
                 return
             self._ended("aborted")
         self.in_transaction.clear()
@@ -332,6 +349,7 @@ class TransactionalDelivery(Delivery):
     def finish(self, deadline: float) -> int:
         """At shutdown, once nothing more is finished: send what is ready, commit; returns the
         records left out of the commit, which the partitions' next owner reads again."""
+        self.deadline = deadline
         self.apply_acks()
         self.commit()
         left = self.tracker.in_flight()

@@ -115,6 +115,16 @@ class FakeConsumer:
             self._new_data.notify_all()
             return len(log) - 1
 
+    def append_marker(self, partition: int) -> int:
+        """Take up an offset of `partition` with a record that no poll hands out, as the commit or
+        abort marker of a transaction (or a record compacted away) does; returns its offset."""
+        tp = TopicPartition(self.topic, partition)
+        with self._lock:
+            log = self.logs[tp]
+            log.append(None)  # type: ignore[arg-type]
+            self._new_data.notify_all()
+            return len(log) - 1
+
     def rebalance(
         self,
         revoke: Iterable[int] | None = None,
@@ -321,9 +331,11 @@ class FakeConsumer:
             pos = self.positions[tp]
             end = min(len(log), self.limits.get(tp, len(log)), pos + budget)
             if end > pos:
-                out[tp] = log[pos:end]
+                records = [r for r in log[pos:end] if r is not None]  # markers are skipped
+                if records:
+                    out[tp] = records
                 self.positions[tp] = end
-                budget -= end - pos
+                budget -= len(records)
         return out
 
 
@@ -549,9 +561,18 @@ class FakeTransactionalProducer(FakeProducer):
         return future
 
     def _deliver(self, batch: list[Sent]) -> None:
-        super()._deliver(batch)
-        if any(sent.outcome == "failed" for sent in batch) and self.state == "in_transaction":
-            self.state = "abortable"
+        for i, sent in enumerate(batch):
+            super()._deliver([sent])
+            if sent.outcome == "failed" and self.state == "in_transaction":
+                self.state = "abortable"
+                # As kafka-python 3 does (KIP-654, `abort_undrained_batches`): the sends of the
+                # transaction not on their way yet fail with the error that made it abortable.
+                with self._lock:
+                    rest, self._pending = batch[i + 1 :] + self._pending, []
+                for other in rest:
+                    other.outcome = "failed"
+                    other.future._resolve(None, sent.future.exception)
+                return
 
     def send_offsets_to_transaction(self, offsets: dict, group_metadata: Any) -> None:
         self._check("in_transaction")
