@@ -207,7 +207,8 @@ def _serve(
              limits.dead_letter)  # fmt: skip
     swapper = _model_swapper(cfg, tagger, metrics, close_model)
     worker = Worker(cfg, tagger, consumer, producer, metrics, health, limits=limits,
-                    restart_model=restart_model, swaps=swapper)  # fmt: skip
+                    restart_model=restart_model, swaps=swapper,
+                    new_producer=lambda: make_producer(cfg))  # fmt: skip
     try:
         return worker.run(stop)
     finally:

@@ -181,7 +181,7 @@ class Delivery:
         """
         src = rejection.source
         if limit is None:
-            self.metrics.dead_letters.labels(str(rejection.reason)).inc()
+            self.count_dead_letter(rejection)
             log.warning(
                 "dead letter %s/%d/%d: %s (%s)",
                 src.topic, src.partition, src.offset, rejection.reason, rejection.detail[:200],
@@ -194,6 +194,15 @@ class Delivery:
             self._dead_letter_failed(src, e)
             return
         self._emit(self.cfg.dlq_topic, value, record, src, letter=letter)
+
+    def count_dead_letter(self, rejection: Rejection) -> None:
+        """Count a record's dead letter (once per record, not per attempt)."""
+        self.metrics.dead_letters.labels(str(rejection.reason)).inc()
+
+    def held(self) -> int:
+        """Finished records kept in memory until their turn to be sent (none at least once:
+        each is sent as it finishes)."""
+        return 0
 
     def _dead_letter_failed(self, src: Source, error: BaseException) -> None:
         # Not delivered, so never committed: a restart reprocesses the record.

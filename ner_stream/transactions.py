@@ -40,6 +40,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from kafka.errors import (
+    InvalidProducerEpochError,
+    ProducerFencedError,
+    TransactionalIdAuthorizationFailedError,
+)
+
 from ner_stream.config import WorkerConfig
 from ner_stream.delivery import (
     TIGHT_DEAD_LETTER_BYTES,
@@ -59,7 +65,7 @@ from ner_stream.kafka_io import (
     is_size_error,
     offset_request,
 )
-from ner_stream.messages import OutRecord, Source
+from ner_stream.messages import OutRecord, Rejection, Source
 from ner_stream.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -91,6 +97,10 @@ class Outgoing:
         return (self.src.topic, self.src.partition)
 
 
+# Another producer took this worker's transactional id: that worker is alive, this one must stop.
+_FENCED = (ProducerFencedError, InvalidProducerEpochError, TransactionalIdAuthorizationFailedError)
+
+
 class MembershipLost(Exception):
     """The consumer is not (or no longer) a member of its group: no offsets may be committed."""
 
@@ -116,10 +126,12 @@ class TransactionalDelivery(Delivery):
         owner: Callable[[TopicPartition], Partition | None],
         restart: Callable[[list[TopicPartition]], None],
         clock: Callable[[], float] = time.monotonic,
+        new_producer: Callable[[], TransactionalProducer] | None = None,
     ) -> None:
         super().__init__(cfg, producer, consumer, metrics, limits, owner, clock)
         self.producer: TransactionalProducer = producer
         self.restart = restart
+        self.new_producer = new_producer
         self.finished: queue.SimpleQueue[Outgoing] = queue.SimpleQueue()
         self.ready: dict[TopicPartition, dict[int, Outgoing]] = {}
         self.open_since: float | None = None  # the clock when the open transaction began
@@ -130,6 +142,13 @@ class TransactionalDelivery(Delivery):
         # Input records whose output or dead letter the broker refused for itself: why, and the
         # dead letter refused (None: the output was).
         self.refused: dict[tuple[TopicPartition, int], tuple[BaseException, Letter | None]] = {}
+        # Records that failed with a refusal in a transaction with others: kafka-python fails
+        # every batch not yet sent with the error of the one the broker refused, so only a
+        # record refused alone (`alone`, see `_send_alone`, or the only one of its
+        # transaction) is known to be at fault.
+        self.suspects: set[tuple[TopicPartition, int]] = set()
+        self.alone: tuple[TopicPartition, int] | None = None
+        self.aborts = 0
 
     # ------------------------------------------------------------- either thread
 
@@ -188,10 +207,13 @@ class TransactionalDelivery(Delivery):
         """Send `item` in the open transaction (begun if none is); True when sent. False when it
         was replaced by a dead letter (queued: it is sent in a later round) or stopped the
         worker; raises `_Aborted` when the transaction had to be aborted."""
-        refusal = self.refused.pop((item.tp, item.src.offset), None)
+        key = (item.tp, item.src.offset)
+        refusal = self.refused.pop(key, None)
         if refusal is not None and (refusal[1] is not None or item.job is not None):
             self._replace(item, *refusal)
             return False
+        if key in self.suspects:
+            return self._send_alone(item)
         try:
             if self.open_since is None:
                 self.producer.begin_transaction()
@@ -207,6 +229,32 @@ class TransactionalDelivery(Delivery):
         self._on_delivery(future, item.src.topic, item.src.partition, item.src.offset,
                           item.record, item.job, item.letter)  # fmt: skip
         return True
+
+    def _send_alone(self, item: Outgoing) -> bool:
+        """Send a suspect (see `suspects`) in a transaction of its own: what precedes it is
+        committed first, and it is flushed at once, so that a refusal now is its own. Raises
+        `_Aborted` when either transaction is aborted."""
+        key = (item.tp, item.src.offset)
+        aborts = self.aborts
+        if self.open_since is not None:
+            self.commit()
+            if self.aborts != aborts or self.broken:
+                raise _Aborted
+        self.suspects.discard(key)
+        self.alone = key
+        try:
+            sent = self._send_one(item)
+            if sent:
+                self.producer.flush(timeout=self.cfg.transaction_timeout_ms / 2000)
+            self._check_failures()  # a refusal now is conclusive: remembered in `refused`
+        except _Aborted:
+            raise
+        except Exception as e:
+            self._abort(e)
+            raise _Aborted from e
+        finally:
+            self.alone = None
+        return sent
 
     def _replace(self, item: Outgoing, error: BaseException, refused: Letter | None) -> None:
         """What goes in place of a record whose output (`refused` None) or dead letter
@@ -244,9 +292,14 @@ class TransactionalDelivery(Delivery):
             if ack.ok:
                 continue
             failed.append(ack)
-            if is_record_error(ack.error):
-                self.refused[(ack.tp, ack.offset)] = (ack.error or RuntimeError("refused"),
-                                                      ack.letter)  # fmt: skip
+            if not is_record_error(ack.error):
+                continue
+            key = (ack.tp, ack.offset)
+            only = [(i.tp, i.src.offset) for i in self.in_transaction[:2]] == [key]
+            if key == self.alone or only:
+                self.refused[key] = (ack.error or RuntimeError("refused"), ack.letter)
+            else:
+                self.suspects.add(key)
 
     def commit(self, only: Iterable[TopicPartition] | None = None) -> None:
         """Commit the open transaction with the offsets of everything it sent (all partitions:
@@ -282,6 +335,8 @@ class TransactionalDelivery(Delivery):
         now_ms = time.time() * 1000
         for item in self.in_transaction:
             self.metrics.outcome["ok" if item.job is not None else "dead_letter"].inc()
+            if item.letter is not None:
+                self.metrics.dead_letters.labels(str(item.letter.rejection.reason)).inc()
             ts = item.record.timestamp_ms
             if item.job is not None and ts and ts > 0:
                 self.metrics.end_to_end.observe(max(0.0, (now_ms - ts) / 1000))
@@ -296,16 +351,18 @@ class TransactionalDelivery(Delivery):
         log.warning("transaction aborted (%s: %s); reading again from the committed offsets",
                     type(error).__name__, error)  # fmt: skip
         self.metrics.commits.labels("failed").inc()
-        self._failures()
+        self.aborts += 1
+        refused = any(is_record_error(a.error) for a in self._failures())
+        refused = refused or is_record_error(error)
         if self.open_since is not None:
             try:
                 self.producer.abort_transaction()
             except Exception as e:
-                log.error("aborting the transaction failed (%s: %s); stopping",
-                          type(e).__name__, e)  # fmt: skip
-                self.fatal = e
-                self.broken = True
-                return
+                if not self._renew_producer(e):
+                    return
+            else:
+                if refused and self.new_producer is not None and not self._renew_producer(error):
+                    return
             self._ended("aborted")
         self.in_transaction.clear()
         tps = self.tracker.partitions()
@@ -317,6 +374,35 @@ class TransactionalDelivery(Delivery):
         self.ready.clear()
         self.restart(tps)
         self._take_finished()  # of the dropped work: discarded
+
+    def _renew_producer(self, error: BaseException) -> bool:
+        """Replace the producer by a new one under the same transactional id, whose start aborts
+        whatever the old one left open; False (and `fatal`) when there is no way to.
+
+        Needed after a refused record: kafka-python (3.0) then fails every send of the next
+        transaction with OutOfOrderSequenceNumberError, and that transaction cannot be aborted.
+        Not done when another producer took the transactional id (fenced): that worker is alive
+        and this one must stop.
+        """
+        if self.new_producer is None or isinstance(error, _FENCED):
+            log.error("the transaction cannot be aborted (%s: %s); stopping",
+                      type(error).__name__, error)  # fmt: skip
+            self.fatal, self.broken = error, True
+            return False
+        log.warning("starting a new transactional producer after %s", type(error).__name__)
+        try:
+            self.producer.close(timeout=1)
+        except Exception as e:  # the new producer's start fences it anyway
+            log.debug("closing the old producer failed: %s", e)
+        try:
+            self.producer = self.new_producer()
+        except Exception as e:
+            log.error("a new transactional producer could not start (%s: %s); stopping",
+                      type(e).__name__, e)  # fmt: skip
+            self.fatal, self.broken = e, True
+            return False
+        self.acks = queue.SimpleQueue()  # reports of the old producer's sends mean nothing now
+        return True
 
     def _ended(self, result: str) -> None:
         if self.open_since is not None:
@@ -339,6 +425,14 @@ class TransactionalDelivery(Delivery):
             self._abort(MembershipLost("this worker is no longer a member of its group"))
         for tp in tps:
             self.revoke(tp)
+
+    def count_dead_letter(self, rejection: Rejection) -> None:
+        """Dead letters are counted when their transaction commits (`commit`): an aborted one
+        builds them again."""
+
+    def held(self) -> int:
+        """Finished records waiting for an earlier one of their partition, or for their turn."""
+        return sum(len(waiting) for waiting in self.ready.values()) + self.finished.qsize()
 
     def revoke(self, tp: TopicPartition) -> None:
         """Forget a revoked partition (see `Delivery.revoke`) and its records waiting to be

@@ -60,7 +60,9 @@ class Worker(ConsumerRebalanceListener):
     `restart_model` starts a fresh model process in place of one that died (raising
     `ModelProcessError` if it cannot); without it a dead model process stops the worker.
     `restarts` decides how often that may happen (default: `RestartWindow()`). `swaps` hands
-    over new models to swap in while running (`model_swap.ModelSwapper`).
+    over new models to swap in while running (`model_swap.ModelSwapper`). `new_producer`
+    (exactly-once) makes a fresh transactional producer when the one in use cannot go on (see
+    `transactions.TransactionalDelivery._renew_producer`).
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class Worker(ConsumerRebalanceListener):
         restart_model: Callable[[], None] | None = None,
         restarts: RestartWindow | None = None,
         swaps: Swaps | None = None,
+        new_producer: Callable[[], Any] | None = None,
     ) -> None:
         self.cfg = cfg
         self.tagger = tagger
@@ -88,7 +91,7 @@ class Worker(ConsumerRebalanceListener):
         if cfg.exactly_once:
             self.delivery: Delivery = TransactionalDelivery(
                 cfg, producer, self.consumer, self.metrics, limits, self.partitions.get,
-                self._restart_partitions, clock,
+                self._restart_partitions, clock, new_producer,
             )  # fmt: skip
         else:
             self.delivery = Delivery(cfg, producer, self.consumer, self.metrics, limits,
@@ -188,7 +191,12 @@ class Worker(ConsumerRebalanceListener):
 
     def _apply_backpressure(self) -> None:
         """Pause every owned partition while work is waiting for room; resume when drained."""
-        change = self.backpressure.update(len(self.overflow), self.work.qsize())
+        # Finished records that exactly-once holds back, behind a slower earlier one of their
+        # partition, count too: reading on would only grow that pile.
+        held = self.delivery.held()
+        change = self.backpressure.update(
+            len(self.overflow) + max(0, held - self.cfg.queue_docs), self.work.qsize() + held
+        )
         if change is True:
             log.debug("backpressure: paused %d partitions", self.consumer.pause())
         elif change is False:

@@ -1,5 +1,6 @@
-"""Exactly-once defects found in review, against the real broker: `ner-stream run
---processing-guarantee exactly-once` as a subprocess, its topics read with read_committed."""
+"""Exactly-once against the real broker where the input or the broker is unusual: an input
+written in transactions (offsets taken by markers), a record the output topic refuses. `ner-stream
+run --processing-guarantee exactly-once` as a subprocess, its topics read with read_committed."""
 
 from __future__ import annotations
 
@@ -12,13 +13,7 @@ from kafka.admin import ConfigResource, ConfigResourceType
 
 from tests import kafka_util
 from tests.integration import worker_util as wu
-from tests.integration.test_worker import (  # noqa: F401 (fixtures)
-    OUTPUT_TIMEOUT_S,
-    _stop,
-    _wait_assigned,
-    start_worker,
-    tiny_model,
-)
+from tests.integration.test_worker import OUTPUT_TIMEOUT_S, _stop, _wait_assigned
 from tests.integration.worker_util import Topics
 
 pytestmark = pytest.mark.integration
