@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 KAFKA := deploy/kafka/kafka.sh
 
-.PHONY: install kafka-up kafka-down prometheus test unit lint format demo bench clean
+.PHONY: install kafka-up kafka-down kafka-up-secure kafka-down-secure prometheus test unit lint format demo bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,14 @@ kafka-up:
 
 kafka-down:
 	$(KAFKA) down
+
+# The SASL_SSL broker (SCRAM-SHA-512, ACLs) on 127.0.0.1:9192, beside the plain one; its CA and
+# passwords are in deploy/kafka/.state-secure/secure/ (see deploy/kafka/README.md).
+kafka-up-secure:
+	KAFKA_SECURE=1 $(KAFKA) up
+
+kafka-down-secure:
+	KAFKA_SECURE=1 $(KAFKA) down
 
 # prometheus and promtool for the tests (Debian's package; nothing to do when both are on PATH).
 prometheus:
