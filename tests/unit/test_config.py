@@ -214,6 +214,14 @@ def test_the_configs_repr_leaves_the_password_out():
     assert "sasl_username='alice'" in repr(cfg)
 
 
+def test_no_setting_turns_the_tls_host_name_check_off():
+    # kafka-python checks the broker's certificate against the host connected to unless told
+    # not to (ssl_check_hostname=False); no setting of the worker may tell it so unnoticed.
+    assert [s.name for s in SETTINGS if "hostname" in s.name or "verify" in s.name] == []
+    cfg = WorkerConfig(security_protocol="SSL", ssl_cafile="ca.pem")
+    assert "ssl_check_hostname" not in cfg.kafka_security()
+
+
 def test_kafka_security_passes_only_what_is_set():
     assert WorkerConfig().kafka_security() == {"security_protocol": "PLAINTEXT"}
     cfg = WorkerConfig(
