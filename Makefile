@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 KAFKA := deploy/kafka/kafka.sh
 
-.PHONY: install kafka-up kafka-down kafka-up-secure kafka-down-secure prometheus test unit lint format demo bench clean
+.PHONY: install kafka-up kafka-down kafka-up-secure kafka-down-secure prometheus test unit lint format demo bench soak clean
 
 install: $(STAMP)
 
@@ -51,6 +51,16 @@ demo: install
 # run_all.py flags in BENCH_ARGS (e.g. BENCH_ARGS="--model my.nerm").
 bench: install
 	$(BIN)/python -m benchmarks.run_all $(BENCH_ARGS)
+
+# Soak (not in CI; docs/operations.md, "Soak"): one worker for 30 minutes at half its saturating
+# rate, sampled every 10 s; benchmarks/results/soak.{json,md}. SOAK_ARGS for benchmarks/soak.py
+# (e.g. SOAK_ARGS="--minutes 2" for a smoke run). The local broker is started, and stopped again,
+# only when it is not running.
+soak: install
+	@started=0; \
+	if ! $(KAFKA) status >/dev/null; then $(KAFKA) up || exit 1; started=1; fi; \
+	status=0; $(BIN)/python -m benchmarks.soak $(SOAK_ARGS) || status=$$?; \
+	if [ $$started = 1 ]; then $(KAFKA) down; fi; exit $$status
 
 lint: install
 	$(BIN)/ruff check .
