@@ -84,7 +84,9 @@ def explain(error: BaseException, cfg: WorkerConfig) -> str:
             "--sasl-username, --sasl-password and --sasl-mechanism"
         )
     if isinstance(error, kafka_errors.UnsupportedSaslMechanismError):
-        return f"{at} does not accept --sasl-mechanism {cfg.sasl_mechanism} ({_error_text(error)})"
+        detail = _error_text(error)
+        detail = "" if detail == type(error).__name__ else f" ({detail})"
+        return f"{at} does not accept --sasl-mechanism {cfg.sasl_mechanism}{detail}"
     reason = tls_verify_failure(error)
     if reason is not None:
         return (
@@ -154,10 +156,12 @@ class _ConnectErrors(logging.Handler):
             kafka_log.removeHandler(self)
 
     def cause(self, fallback: BaseException | None) -> BaseException | None:
-        """The error to report: a refusal (see `is_refusal`) first, else the latest error."""
+        """The error to report: a refusal (see `is_refusal`) first, else the latest error of a
+        connection (the bootstrap's own time-out, logged last, says nothing of why)."""
         seen = [*self.errors, *([fallback] if fallback is not None else [])]
         refusals = [e for e in seen if is_refusal(e)]
-        return refusals[0] if refusals else (self.errors[-1] if self.errors else fallback)
+        causes = [e for e in self.errors if not isinstance(e, kafka_errors.KafkaTimeoutError)]
+        return refusals[0] if refusals else causes[-1] if causes else fallback
 
 
 def connect_admin(cfg: WorkerConfig) -> KafkaAdminClient:

@@ -74,6 +74,8 @@ WRONG_HOST = kafka_errors.KafkaConnectionError(
          "Kafka at broker:9093 refused SASL user 'ner-stream' a cluster operation "
          "(ClusterAuthorizationFailedError): the worker needs WRITE on the output and "
          "dead-letter topics"),
+        (kafka_errors.UnsupportedSaslMechanismError(),
+         "Kafka at broker:9093 does not accept --sasl-mechanism SCRAM-SHA-512"),
         (kafka_errors.KafkaTimeoutError("Unable to bootstrap from broker:9093"),
          "KafkaTimeoutError: Unable to bootstrap from broker:9093"),
     ],
@@ -169,7 +171,9 @@ def test_an_unreachable_broker_is_retried_until_the_timeout_naming_the_last_erro
     failing_admin, monkeypatch, caplog
 ):
     refused = kafka_errors.KafkaConnectionError("Connection refused")
-    monkeypatch.setattr(failing_admin, "errors", [refused])
+    # kafka-python logs its own time-out last: not the reason to report.
+    timeout = kafka_errors.KafkaTimeoutError("Unable to bootstrap from broker:9093")
+    monkeypatch.setattr(failing_admin, "errors", [refused, timeout])
     clock = iter(range(0, 1000, 4))  # each attempt costs 4 s
     monkeypatch.setattr(kafka_io.time, "monotonic", lambda: float(next(clock)))
     cfg = WorkerConfig(bootstrap_servers="broker:9093", connect_timeout_s=10)
