@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 KAFKA := deploy/kafka/kafka.sh
 
-.PHONY: install kafka-up kafka-down prometheus test unit lint format demo bench clean
+.PHONY: install kafka-up kafka-down kafka-up-secure kafka-down-secure prometheus test unit lint format demo bench soak clean
 
 install: $(STAMP)
 
@@ -21,6 +21,14 @@ kafka-up:
 
 kafka-down:
 	$(KAFKA) down
+
+# The SASL_SSL broker (SCRAM-SHA-512, ACLs) on 127.0.0.1:9192, beside the plain one; its CA and
+# passwords are in deploy/kafka/.state-secure/secure/ (see deploy/kafka/README.md).
+kafka-up-secure:
+	KAFKA_SECURE=1 $(KAFKA) up
+
+kafka-down-secure:
+	KAFKA_SECURE=1 $(KAFKA) down
 
 # prometheus and promtool for the tests (Debian's package; nothing to do when both are on PATH).
 prometheus:
@@ -43,6 +51,16 @@ demo: install
 # run_all.py flags in BENCH_ARGS (e.g. BENCH_ARGS="--model my.nerm").
 bench: install
 	$(BIN)/python -m benchmarks.run_all $(BENCH_ARGS)
+
+# Soak (not in CI; docs/operations.md, "Soak"): one worker for 30 minutes at half its saturating
+# rate, sampled every 10 s; benchmarks/results/soak.{json,md}. SOAK_ARGS for benchmarks/soak.py
+# (e.g. SOAK_ARGS="--minutes 2" for a smoke run). The local broker is started, and stopped again,
+# only when it is not running.
+soak: install
+	@started=0; \
+	if ! $(KAFKA) status >/dev/null; then $(KAFKA) up || exit 1; started=1; fi; \
+	status=0; $(BIN)/python -m benchmarks.soak $(SOAK_ARGS) || status=$$?; \
+	if [ $$started = 1 ]; then $(KAFKA) down; fi; exit $$status
 
 lint: install
 	$(BIN)/ruff check .

@@ -404,6 +404,12 @@ class OutputReader:
         with self._lock:
             return self.count, dict(self.times)
 
+    def take(self, keys) -> dict[bytes, int]:
+        """The times of those of `keys` read so far, forgotten here (a long run, the soak, would
+        otherwise keep every key it ever read)."""
+        with self._lock:
+            return {k: self.times.pop(k) for k in keys if k in self.times}
+
     def close(self) -> None:
         self._stop.set()
         self.thread.join(timeout=10)

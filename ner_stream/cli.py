@@ -1,7 +1,8 @@
 """`ner-stream`: run the streaming worker, or tag, produce and consume from the command line.
 
-Exit codes of `run`: 0 clean shutdown; 1 stopped on a runtime error; 2 bad configuration (flag,
-model file, missing topic); 3 Kafka unreachable.
+Exit codes of `run`: 0 clean shutdown; 1 stopped on a runtime error (a missing ACL included);
+2 bad configuration (flag, model file, missing topic); 3 Kafka unreachable, or refusing the
+credentials or the certificate check (`kafka_io.connect_admin`).
 """
 
 from __future__ import annotations

@@ -22,9 +22,11 @@ SETTING_TYPES = (str, int, float, bool)  # bool: a switch, --x / --no-x
 
 def setting(default: Any, help: str, *, secret: bool = False) -> Any:
     """A `WorkerConfig` field: its `default`, its `help` (one sentence, shown by `--help`) and
-    whether it is `secret` (masked in logs, its default not shown). Returns a `dataclasses.field`.
+    whether it is `secret` (masked in logs, its default not shown, left out of the config's
+    repr). Returns a `dataclasses.field`.
     """
-    return field(default=default, metadata={"help": help, "secret": secret})
+    # repr=False: a traceback or a debug print of the config must not carry the secret either.
+    return field(default=default, metadata={"help": help, "secret": secret}, repr=not secret)
 
 
 @dataclass(frozen=True)

@@ -302,8 +302,8 @@ class Delivery:
             # The broker or the cluster, not this record: stop without committing past it, so
             # that a restart reprocesses it.
             what = "output" if output else "dead letter"
-            log.error("%s for %s/%d/%d failed: %r", what, *ack.tp, ack.offset, ack.error)
-            self.fatal = ack.error or RuntimeError(f"{what} send failed")
+            error = ack.error or RuntimeError(f"{what} send failed")
+            self._stop_on(error, "%s for %s/%d/%d failed: %r", what, *ack.tp, ack.offset, error)
         elif ack.job is not None:
             self._output_failed(ack.job, ack.error)
         elif (
@@ -316,8 +316,17 @@ class Delivery:
                         *ack.tp, TIGHT_DEAD_LETTER_BYTES)  # fmt: skip
             self.dead_letter(letter.rejection, letter.record, limit=TIGHT_DEAD_LETTER_BYTES)
         else:
-            log.error("dead letter for %s/%d/%d failed: %r", *ack.tp, ack.offset, ack.error)
-            self.fatal = ack.error or RuntimeError("dead-letter send failed")
+            error = ack.error or RuntimeError("dead-letter send failed")
+            self._stop_on(error, "dead letter for %s/%d/%d failed: %r", *ack.tp, ack.offset, error)
+
+    def _stop_on(self, error: BaseException, message: str, *args: Any) -> None:
+        """Make `error` fatal unless an earlier one is. Only the first is logged as an error: the
+        records in flight behind it (thousands at load) mostly fail the same way."""
+        if self.fatal is None:
+            log.error(message, *args)
+            self.fatal = error
+        else:
+            log.debug(message, *args)
 
     def in_flight(self) -> int:
         """Records consumed and not yet acknowledged (output or dead letter)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterable
@@ -31,32 +32,174 @@ class StartupError(Exception):
         self.exit_code = exit_code
 
 
+def _error_text(error: BaseException) -> str:
+    """``Type: message`` of an error, without kafka-python's ``[Error N]`` prefix."""
+    text = re.sub(r"^\[Error -?\d+\] ", "", str(error))
+    name = type(error).__name__
+    return text if text.startswith(name) else f"{name}: {text}" if text else name
+
+
+def _names(error: BaseException) -> set[str]:
+    """The topic or group names an authorization error carries (kafka-python passes one name
+    or a set of them)."""
+    out: set[str] = set()
+    for arg in error.args:
+        if isinstance(arg, str):
+            out.add(arg)
+        elif isinstance(arg, set | frozenset | list | tuple):
+            out.update(a for a in arg if isinstance(a, str))
+    return out
+
+
+def tls_verify_failure(error: BaseException) -> str | None:
+    """Why the broker's certificate was not accepted ("IP address mismatch, certificate is not
+    valid for '127.0.0.2'"), when `error` is such a failure; else None."""
+    text = str(error)
+    if "CERTIFICATE_VERIFY_FAILED" not in text:
+        return None
+    reason = text.split("certificate verify failed:", 1)[-1]
+    return reason.split("(_ssl.c", 1)[0].strip().rstrip(".") or "certificate verify failed"
+
+
+def is_refusal(error: BaseException | None) -> bool:
+    """Whether Kafka refused this client for good rather than being out of reach: its
+    credentials, its certificate check or its permissions. Retrying does not help."""
+    return isinstance(
+        error,
+        kafka_errors.SaslAuthenticationFailedError
+        | kafka_errors.UnsupportedSaslMechanismError
+        | kafka_errors.AuthorizationError,
+    ) or (error is not None and tls_verify_failure(error) is not None)
+
+
+def explain(error: BaseException, cfg: WorkerConfig) -> str:
+    """One sentence for an error of the Kafka clients, naming what to change when Kafka refused
+    the worker (credentials, the broker's certificate, a missing ACL); other errors as
+    ``Type: message``."""
+    who = f"SASL user {cfg.sasl_username!r}" if cfg.sasl_username else "this worker's principal"
+    at = f"Kafka at {cfg.bootstrap_servers}"
+    if isinstance(error, kafka_errors.SaslAuthenticationFailedError):
+        return (
+            f"{at} refused the credentials of {who} ({cfg.sasl_mechanism}): check "
+            "--sasl-username, --sasl-password and --sasl-mechanism"
+        )
+    if isinstance(error, kafka_errors.UnsupportedSaslMechanismError):
+        detail = _error_text(error)
+        detail = "" if detail == type(error).__name__ else f" ({detail})"
+        return f"{at} does not accept --sasl-mechanism {cfg.sasl_mechanism}{detail}"
+    reason = tls_verify_failure(error)
+    if reason is not None:
+        return (
+            f"the TLS certificate of {at} was not accepted ({reason}): check --ssl-cafile, and "
+            "that the certificate names the host of --bootstrap-servers"
+        )
+    if not isinstance(error, kafka_errors.AuthorizationError):
+        return _error_text(error)
+    refused = f"{at} refused {who}"
+    if isinstance(error, kafka_errors.TopicAuthorizationFailedError):
+        names = _names(error)
+        roles = (
+            ("READ on the input topic", cfg.input_topic),
+            ("WRITE on the output topic", cfg.output_topic),
+            ("WRITE on the dead-letter topic", cfg.dlq_topic),
+        )
+        needs = [f"{what} {topic!r}" for what, topic in roles if topic in names]
+        if not needs:
+            needs = [f"access to the topics {sorted(names)}" if names else "access to a topic"]
+        acls = "ACLs" if len(needs) > 1 else "ACL"
+        return f"{refused} {' and '.join(needs)}: add the missing {acls}"
+    if isinstance(error, kafka_errors.GroupAuthorizationFailedError):
+        return f"{refused} READ on the consumer group {cfg.group_id!r}: add the missing ACL"
+    if isinstance(error, kafka_errors.TransactionalIdAuthorizationFailedError):
+        prefix = f"{cfg.group_id}-"
+        return (
+            f"{refused} WRITE on the transactional id {cfg.transactional_id()!r}: add an ACL "
+            f"allowing WRITE on the transactional ids prefixed {prefix!r}"
+        )
+    if isinstance(error, kafka_errors.ClusterAuthorizationFailedError):
+        # What the idempotent producer gets when it may write to no topic at all (KIP-679).
+        return (
+            f"{refused} a cluster operation ({_error_text(error)}): the worker needs WRITE on "
+            "the output and dead-letter topics"
+        )
+    return f"{refused} an operation ({_error_text(error)})"
+
+
+class _ConnectErrors(logging.Handler):
+    """The errors kafka-python logs while the admin client bootstraps, kept instead of printed.
+
+    Its bootstrap retries every failed connection until the bootstrap timeout and then raises
+    only ``KafkaTimeoutError``: why it failed (credentials refused, a certificate not accepted,
+    a refused connection) is only in its log records, whose arguments hold the exceptions.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: list[BaseException] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args.values() if isinstance(record.args, dict) else record.args or ()
+        self.errors.extend(a for a in args if isinstance(a, BaseException))
+
+    @contextlib.contextmanager
+    def capture(self):
+        """Collect kafka-python's log records (WARNING and up, the worker's level for it) for
+        the duration; the worker's own retry warnings and final error say what they said."""
+        kafka_log = logging.getLogger("kafka")
+        propagate = kafka_log.propagate
+        kafka_log.addHandler(self)
+        kafka_log.propagate = False
+        try:
+            yield self
+        finally:
+            kafka_log.propagate = propagate
+            kafka_log.removeHandler(self)
+
+    def cause(self, fallback: BaseException | None) -> BaseException | None:
+        """The error to report: a refusal (see `is_refusal`) first, else the latest error of a
+        connection (the bootstrap's own time-out, logged last, says nothing of why)."""
+        seen = [*self.errors, *([fallback] if fallback is not None else [])]
+        refusals = [e for e in seen if is_refusal(e)]
+        causes = [e for e in self.errors if not isinstance(e, kafka_errors.KafkaTimeoutError)]
+        return refusals[0] if refusals else causes[-1] if causes else fallback
+
+
 def connect_admin(cfg: WorkerConfig) -> KafkaAdminClient:
-    """An admin client, retried with exponential backoff for up to `connect_timeout_s`."""
+    """An admin client, retried with exponential backoff for up to `connect_timeout_s`.
+
+    Raises `StartupError` with exit code 3 when the time is up, and at once when Kafka refuses
+    the credentials or the broker's certificate is not accepted (a retry would not change that).
+    """
     deadline = time.monotonic() + cfg.connect_timeout_s
     delay = 0.25
-    last: Exception | None = None
     while True:
         left = deadline - time.monotonic()
-        try:
-            return KafkaAdminClient(
-                bootstrap_servers=cfg.bootstrap_servers,
-                client_id=f"{cfg.client_id}-admin",
-                request_timeout_ms=10_000,
-                bootstrap_timeout_ms=int(max(500, min(5_000, left * 1000))),
-                **cfg.kafka_security(),
-            )
-        except (KafkaError, OSError) as e:
-            last = e
+        errors = _ConnectErrors()
+        last: Exception | None = None
+        with errors.capture():
+            try:
+                return KafkaAdminClient(
+                    bootstrap_servers=cfg.bootstrap_servers,
+                    client_id=f"{cfg.client_id}-admin",
+                    request_timeout_ms=10_000,
+                    bootstrap_timeout_ms=int(max(500, min(5_000, left * 1000))),
+                    **cfg.kafka_security(),
+                )
+            except (KafkaError, OSError) as e:
+                last = e
+        cause = errors.cause(last)
+        if is_refusal(cause):
+            raise StartupError(explain(cause, cfg), exit_code=3)
+        why = _error_text(cause) if cause is not None else "no answer"
         left = deadline - time.monotonic()
         if left <= 0:
             raise StartupError(
                 f"cannot reach Kafka at {cfg.bootstrap_servers} after {cfg.connect_timeout_s:g} s "
-                f"({type(last).__name__})",
+                f"({why})",
                 exit_code=3,
             )
-        log.warning("Kafka at %s not reachable yet; retrying in %.1f s", cfg.bootstrap_servers,
-                    min(delay, left))  # fmt: skip
+        log.warning("Kafka at %s not reachable yet (%s); retrying in %.1f s",
+                    cfg.bootstrap_servers, why, min(delay, left))  # fmt: skip
         time.sleep(min(delay, left))
         delay = min(delay * 2, 5.0)
 
@@ -70,17 +213,39 @@ def ensure_topics(admin: KafkaAdminClient, cfg: WorkerConfig) -> None:
         if missing:
             new = [NewTopic(n, cfg.topic_partitions, 1) for n in missing]
             # Another worker of the group may have created them first.
-            with contextlib.suppress(TopicAlreadyExistsError):
-                admin.create_topics(new)
+            try:
+                with contextlib.suppress(TopicAlreadyExistsError):
+                    admin.create_topics(new)
+            except kafka_errors.AuthorizationError as e:
+                raise StartupError(
+                    f"Kafka at {cfg.bootstrap_servers} refused to create topics {missing} "
+                    f"({_error_text(e)}): create them beforehand, or grant CREATE",
+                    exit_code=1,
+                ) from e
             log.info("created topics %s with %d partitions", missing, cfg.topic_partitions)
         return
     if cfg.input_topic not in existing:
+        _check_input_access(admin, cfg)
         raise StartupError(
             f"input topic {cfg.input_topic!r} does not exist; create it or pass --create-topics"
         )
     for name in (cfg.output_topic, cfg.dlq_topic):
         if name not in existing:
             log.warning("topic %r does not exist yet; the broker must auto-create it", name)
+
+
+def _check_input_access(admin: KafkaAdminClient, cfg: WorkerConfig) -> None:
+    """Raise `StartupError` (exit code 1) when the input topic is missing from the topic list
+    because the principal may not see it: Kafka lists only the topics one may DESCRIBE, and a
+    consumer without READ on its topic would wait for records for ever."""
+    try:
+        (described,) = admin.describe_topics([cfg.input_topic])
+    except Exception as e:  # the check only refines the message
+        log.debug("describing %r failed: %s", cfg.input_topic, e)
+        return
+    if described.get("error_code") == kafka_errors.TopicAuthorizationFailedError.errno:
+        error = kafka_errors.TopicAuthorizationFailedError(cfg.input_topic)
+        raise StartupError(explain(error, cfg), exit_code=1)
 
 
 def make_consumer(cfg: WorkerConfig) -> KafkaConsumer:
@@ -114,7 +279,8 @@ def make_producer(cfg: WorkerConfig, **overrides: Any) -> KafkaProducer:
     """The output producer: acks from all in-sync replicas, idempotent, small linger; with
     exactly-once, transactional (`WorkerConfig.transactional_id`), its transactions initialised.
 
-    Raises `StartupError` (exit code 3) when the transactions cannot be initialised.
+    Raises `StartupError` when the transactions cannot be initialised: exit code 1 when the
+    principal may not use the transactional id, else 3.
     """
     transactional_id = cfg.transactional_id()
     if transactional_id is not None:
@@ -139,6 +305,8 @@ def make_producer(cfg: WorkerConfig, **overrides: Any) -> KafkaProducer:
             producer.init_transactions()
         except KafkaError as e:
             producer.close(timeout=1)
+            if isinstance(e, kafka_errors.AuthorizationError):
+                raise StartupError(explain(e, cfg), exit_code=1) from e
             raise StartupError(
                 f"cannot initialise Kafka transactions for transactional id "
                 f"{transactional_id!r} ({type(e).__name__}: {e})",

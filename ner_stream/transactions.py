@@ -23,7 +23,8 @@ last committed offset: the work in progress is dropped (`restart` gives the work
 new `Partition` objects, so that no late output of it is sent) and read again. A record the broker
 refused for itself is remembered, so that when it comes again its output becomes a dead letter
 (or its dead letter a smaller one) instead of failing the transaction again. An abort that fails
-(a producer fenced by another with the same transactional id, say) stops the worker.
+(a producer fenced by another with the same transactional id, say) stops the worker, and so does
+an abort for a missing permission (an ACL), which the next try would only meet again.
 
 Fencing a zombie: a worker expelled from the group (paused past the session timeout) still holds
 an open transaction. Its offsets go with its group metadata (generation and member id), which the
@@ -62,6 +63,7 @@ from ner_stream.kafka_io import (
     InputConsumer,
     SizeLimits,
     is_record_error,
+    is_refusal,
     is_size_error,
     offset_request,
 )
@@ -352,8 +354,8 @@ class TransactionalDelivery(Delivery):
                     type(error).__name__, error)  # fmt: skip
         self.metrics.commits.labels("failed").inc()
         self.aborts += 1
-        refused = any(is_record_error(a.error) for a in self._failures())
-        refused = refused or is_record_error(error)
+        failed = self._failures()
+        refused = is_record_error(error) or any(is_record_error(a.error) for a in failed)
         if self.open_since is not None:
             try:
                 self.producer.abort_transaction()
@@ -374,6 +376,12 @@ class TransactionalDelivery(Delivery):
         self.ready.clear()
         self.restart(tps)
         self._take_finished()  # of the dropped work: discarded
+        # A missing ACL is not granted by waiting: reading again would abort again, for ever.
+        # Stop (exit code 1) with nothing of this transaction visible. The refusal may be the
+        # error that made the abort, or one of the delivery reports it drained.
+        refusal = next((e for e in (error, *(a.error for a in failed)) if is_refusal(e)), None)
+        if refusal is not None and self.fatal is None:
+            self.fatal = refusal
 
     def _renew_producer(self, error: BaseException) -> bool:
         """Replace the producer by a new one under the same transactional id, whose start aborts

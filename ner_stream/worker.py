@@ -27,11 +27,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from kafka import ConsumerRebalanceListener
+from kafka.errors import AuthorizationError
 
 from ner_stream.batching import BatchLimits
 from ner_stream.config import WorkerConfig
 from ner_stream.delivery import Consumed, Delivery, Job, Partition, ProducerLike, TopicPartition
-from ner_stream.kafka_io import ConsumerLike, InputConsumer, SizeLimits
+from ner_stream.kafka_io import ConsumerLike, InputConsumer, SizeLimits, explain
 from ner_stream.messages import (
     Rejection,
     Source,
@@ -128,6 +129,10 @@ class Worker(ConsumerRebalanceListener):
         try:
             while not stop.is_set() and self.fatal is None and self._tagging.is_alive():
                 self._step()
+        except AuthorizationError as e:
+            # The consumer raises a missing ACL (on the group, say) from poll; waiting does not
+            # grant it. Stopping like on any fatal error commits nothing past what is delivered.
+            self.fatal = e
         finally:
             code = self._shutdown()
         return code
@@ -286,7 +291,7 @@ class Worker(ConsumerRebalanceListener):
             log.warning("closing the consumer failed: %s", e)
         self.delivery.close(deadline)
         if self.fatal is not None:
-            log.error("stopped on a fatal error: %s", self.fatal)
+            log.error("stopped on a fatal error: %s", explain(self.fatal, self.cfg))
             return 1
         if not self._tagging.is_alive() and left == 0:
             log.info("shutdown complete")

@@ -8,11 +8,30 @@
 #           the background and return once a client can fetch metadata; quick no-op when already up
 #   down    stop the broker (SIGTERM, then SIGKILL after KAFKA_STOP_TIMEOUT seconds)
 #   status  print "running ..." (exit 0) or "stopped" (exit 3)
-#   reset   stop the broker and delete its state (topics, offsets, logs); the jar cache is kept
+#   reset   stop the broker and delete its state (topics, offsets, logs, and in secure mode the
+#           certificates and passwords); the jar cache is kept
+#
+# Secure mode (KAFKA_SECURE=1; `make kafka-up-secure` / `make kafka-down-secure`): the client
+# listener is SASL_SSL (SCRAM-SHA-512 over TLS) on 127.0.0.1, with the StandardAuthorizer: nothing
+# is allowed without an ACL, except to the super user `admin`. On first use it generates, with the
+# JDK's keytool only, a throwaway CA and a broker certificate (SAN IP:127.0.0.1, DNS:localhost),
+# and random passwords for two SCRAM users, `admin` (super user) and `ner-stream` (no ACLs: grant
+# them with deploy/kafka/acls.py); the users are created when the storage is formatted. The
+# controller listener (KAFKA_PORT+1) is TLS with client certificates: only the broker's own
+# certificate is accepted there. The broker talks to itself (transaction markers) over SASL_SSL as
+# `admin`. For clients, it writes into <state dir>/secure/:
+#   ca.pem                      the CA certificate (--ssl-cafile)
+#   admin.password, ner-stream.password    the users' passwords
+#   admin.properties            client settings for Kafka's own tools (--command-config)
+#   ner-stream.env              NER_STREAM_* variables for `ner-stream run` as user ner-stream
 #
 # Environment:
-#   KAFKA_PORT           client port on 127.0.0.1 (default 9092); the controller uses KAFKA_PORT+1
-#   KAFKA_STATE_DIR      config, data, logs and pid file (default: .state next to this script)
+#   KAFKA_PORT           client port on 127.0.0.1 (default 9092, secure mode 9192); the controller
+#                        uses KAFKA_PORT+1
+#   KAFKA_STATE_DIR      config, data, logs and pid file (default: .state next to this script,
+#                        secure mode .state-secure)
+#   KAFKA_SECURE         1: secure mode (above); the state folder remembers the mode it was
+#                        formatted for and is formatted again when started in the other one
 #   KAFKA_START_TIMEOUT  seconds to wait for the broker to answer metadata requests (default 60)
 #   KAFKA_STOP_TIMEOUT   seconds to wait after SIGTERM before SIGKILL (default 30)
 #   KAFKA_HEAP_OPTS      JVM heap flags (default "-Xmx768m -Xms256m")
@@ -23,7 +42,24 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$HERE/../.." && pwd)"
 
 HOST=127.0.0.1
-PORT="${KAFKA_PORT:-9092}"
+case "${KAFKA_SECURE:-0}" in
+1 | true | yes) SECURE=1 ;;
+0 | false | no | "") SECURE=0 ;;
+*)
+    echo "kafka.sh: error: KAFKA_SECURE must be 1 or 0, got '$KAFKA_SECURE'" >&2
+    exit 1
+    ;;
+esac
+# The secure broker has its own port and state by default, so that it can run beside the plain one.
+if ((SECURE)); then
+    PORT="${KAFKA_PORT:-9192}"
+    DEFAULT_STATE_DIR=".state-secure"
+    MODE=sasl_ssl
+else
+    PORT="${KAFKA_PORT:-9092}"
+    DEFAULT_STATE_DIR=".state"
+    MODE=plaintext
+fi
 START_TIMEOUT="${KAFKA_START_TIMEOUT:-60}"
 STOP_TIMEOUT="${KAFKA_STOP_TIMEOUT:-30}"
 HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xmx768m -Xms256m}"
@@ -34,7 +70,7 @@ JVM_OPTS="${KAFKA_JVM_PERFORMANCE_OPTS:--XX:+UseG1GC -XX:TieredStopAtLevel=1}"
 CACHE_DIR="$HERE/.cache"
 LIB_DIR="$CACHE_DIR/lib"
 LIB_STAMP="$CACHE_DIR/lib.stamp"
-STATE_DIR="${KAFKA_STATE_DIR:-$HERE/.state}"
+STATE_DIR="${KAFKA_STATE_DIR:-$HERE/$DEFAULT_STATE_DIR}"
 
 log() { echo "kafka.sh: $*" >&2; }
 die() {
@@ -46,6 +82,8 @@ die() {
     || die "KAFKA_PORT must be a port number, got '$PORT'"
 CONTROLLER_PORT=$((PORT + 1))
 BOOTSTRAP="$HOST:$PORT"
+SHOWN_MODE=""
+((SECURE)) && SHOWN_MODE=" (SASL_SSL)"
 
 # The state folder may come from the environment as a relative path; the broker and the pid checks
 # below need one absolute spelling of it.
@@ -59,6 +97,17 @@ CLUSTER_ID_FILE="$STATE_DIR/cluster.id"
 FORMATTED_PORT_FILE="$STATE_DIR/formatted.port"
 # Marks a folder as created by this script, so that `reset` never deletes a folder it does not own.
 STATE_MARKER="$STATE_DIR/.kafka-sh-state"
+# Secure mode: certificates, passwords and the client files derived from them.
+SECURE_DIR="$STATE_DIR/secure"
+CA_PEM="$SECURE_DIR/ca.pem"
+STORE_PASSWORD_FILE="$SECURE_DIR/store.password"
+BROKER_KEYSTORE="$SECURE_DIR/broker.p12"
+BROKER_TRUSTSTORE="$SECURE_DIR/truststore.p12"
+ADMIN_PROPERTIES="$SECURE_DIR/admin.properties"
+# The principal of the broker's certificate: the controller listener accepts only this one.
+BROKER_DN="CN=ner-stream-local-broker"
+SCRAM_MECHANISM=SCRAM-SHA-512
+SCRAM_USERS=(admin ner-stream)
 
 require() {
     command -v "$1" >/dev/null 2>&1 || die "'$1' not found on PATH; $2"
@@ -126,18 +175,132 @@ port_open() {
     timeout 2 bash -c "exec 3<>/dev/tcp/$HOST/$1" 2>/dev/null
 }
 
+# A random password of 32 hex digits: nothing for a shell, a JAAS file or a properties file to
+# quote.
+random_secret() {
+    od -An -tx1 -N16 /dev/urandom | tr -d ' \n'
+}
+
+password_of() {
+    cat "$SECURE_DIR/$1.password"
+}
+
+# Secure mode, first use: the key stores' password and one password per SCRAM user. The users are
+# written into the storage when it is formatted, so new user passwords mean a new format.
+ensure_passwords() {
+    local user fresh=0
+    if [[ ! -s "$STORE_PASSWORD_FILE" ]]; then
+        random_secret >"$STORE_PASSWORD_FILE"
+        # Key stores locked with another password are of no use: ensure_tls makes new ones.
+        rm -f "$BROKER_KEYSTORE" "$BROKER_TRUSTSTORE"
+    fi
+    for user in "${SCRAM_USERS[@]}"; do
+        [[ -s "$SECURE_DIR/$user.password" ]] && continue
+        random_secret >"$SECURE_DIR/$user.password"
+        fresh=1
+    done
+    if ((fresh)) && [[ -f "$DATA_DIR/meta.properties" ]]; then
+        log "new SCRAM passwords: the storage is formatted again"
+        rm -f "$FORMATTED_PORT_FILE"
+    fi
+}
+
+# Secure mode, first use: a throwaway CA and a broker certificate signed by it, with keytool alone
+# (openssl is not needed); to renew them, delete <state dir>/secure/ca.pem and start again. The certificate names 127.0.0.1 and localhost, the addresses clients
+# connect to, so that clients verify the host name as well as the CA. Its extended key usage
+# allows client authentication too: the broker presents it to its own controller listener.
+ensure_tls() {
+    [[ -s "$CA_PEM" && -s "$BROKER_KEYSTORE" && -s "$BROKER_TRUSTSTORE" ]] && return
+    require keytool "it comes with the JDK (e.g. apt-get install openjdk-17-jdk-headless)"
+    log "generating a throwaway CA and broker certificate in $SECURE_DIR (first run only)"
+    local pw ca_store="$SECURE_DIR/ca.p12" csr="$SECURE_DIR/broker.csr" crt="$SECURE_DIR/broker.crt"
+    pw="$(cat "$STORE_PASSWORD_FILE")"
+    rm -f "$ca_store" "$BROKER_KEYSTORE" "$BROKER_TRUSTSTORE" "$CA_PEM" "$csr" "$crt"
+    {
+        keytool -genkeypair -alias ca -keyalg RSA -keysize 2048 -validity 3650 \
+            -dname "CN=ner-stream local test CA" -ext bc:c=ca:true -ext ku:c=keyCertSign,cRLSign \
+            -keystore "$ca_store" -storetype PKCS12 -storepass "$pw" -keypass "$pw" &&
+            keytool -exportcert -rfc -alias ca -keystore "$ca_store" -storepass "$pw" \
+                -file "$CA_PEM" &&
+            keytool -genkeypair -alias broker -keyalg RSA -keysize 2048 -validity 3650 \
+                -dname "$BROKER_DN" -keystore "$BROKER_KEYSTORE" -storetype PKCS12 \
+                -storepass "$pw" -keypass "$pw" &&
+            keytool -certreq -alias broker -keystore "$BROKER_KEYSTORE" -storepass "$pw" \
+                -file "$csr" &&
+            keytool -gencert -alias ca -keystore "$ca_store" -storepass "$pw" -rfc -validity 3650 \
+                -infile "$csr" -outfile "$crt" -ext san=ip:127.0.0.1,dns:localhost \
+                -ext ku:c=digitalSignature,keyEncipherment -ext eku=serverAuth,clientAuth &&
+            keytool -importcert -noprompt -alias ca -file "$CA_PEM" \
+                -keystore "$BROKER_KEYSTORE" -storepass "$pw" &&
+            keytool -importcert -alias broker -file "$crt" \
+                -keystore "$BROKER_KEYSTORE" -storepass "$pw" &&
+            keytool -importcert -noprompt -alias ca -file "$CA_PEM" \
+                -keystore "$BROKER_TRUSTSTORE" -storetype PKCS12 -storepass "$pw"
+    } >"$SECURE_DIR/keytool.log" 2>&1 || {
+        cat "$SECURE_DIR/keytool.log" >&2
+        rm -f "$CA_PEM" "$BROKER_KEYSTORE" "$BROKER_TRUSTSTORE"
+        die "keytool could not create the certificates"
+    }
+    # The CA's private key is not kept: nothing can be signed by this CA after this.
+    rm -f "$ca_store" "$csr" "$crt"
+}
+
+# Secure mode: the files clients need, rewritten on every start from the passwords and the CA.
+write_client_files() {
+    cat >"$ADMIN_PROPERTIES" <<EOF
+# Kafka's own tools as the super user admin (--command-config); generated by kafka.sh.
+security.protocol=SASL_SSL
+sasl.mechanism=$SCRAM_MECHANISM
+sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="admin" password="$(password_of admin)";
+ssl.truststore.type=PEM
+ssl.truststore.location=$CA_PEM
+EOF
+    cat >"$SECURE_DIR/ner-stream.env" <<EOF
+# ner-stream run as the SCRAM user ner-stream (set -a; . this file; set +a); generated by kafka.sh.
+NER_STREAM_BOOTSTRAP_SERVERS=$BOOTSTRAP
+NER_STREAM_SECURITY_PROTOCOL=SASL_SSL
+NER_STREAM_SASL_MECHANISM=$SCRAM_MECHANISM
+NER_STREAM_SASL_USERNAME=ner-stream
+NER_STREAM_SASL_PASSWORD=$(password_of ner-stream)
+NER_STREAM_SSL_CAFILE=$CA_PEM
+EOF
+}
+
+# Secure mode: passwords, certificates and client files, all private to the current user.
+ensure_secure_files() {
+    mkdir -p "$SECURE_DIR"
+    chmod 700 "$SECURE_DIR"
+    (
+        umask 077
+        ensure_passwords
+        ensure_tls
+        write_client_files
+    )
+}
+
 # A real metadata round trip, not just an open socket: the port opens before the broker has joined
 # the quorum and been unfenced. kafka-python from the project's venv is fast; the Java admin tool
 # is the fallback on a machine where the venv is not (yet) installed.
 metadata_ok() {
     local py="$REPO_ROOT/.venv/bin/python"
     if [[ -x "$py" ]] && "$py" -c "import kafka" 2>/dev/null; then
-        timeout 15 "$py" - "$BOOTSTRAP" <<'PY' >/dev/null 2>&1
+        timeout 15 "$py" - "$BOOTSTRAP" "$SECURE" "$SECURE_DIR" <<'PY' >/dev/null 2>&1
 import sys
+from pathlib import Path
 
 from kafka import KafkaAdminClient
 
-admin = KafkaAdminClient(bootstrap_servers=sys.argv[1], request_timeout_ms=5000)
+security = {}
+if sys.argv[2] == "1":
+    secure_dir = Path(sys.argv[3])
+    security = {
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": "admin",
+        "sasl_plain_password": (secure_dir / "admin.password").read_text().strip(),
+        "ssl_cafile": str(secure_dir / "ca.pem"),
+    }
+admin = KafkaAdminClient(bootstrap_servers=sys.argv[1], request_timeout_ms=5000, **security)
 try:
     # An unfenced broker lists itself; a broker still starting up lists no one.
     sys.exit(0 if admin.describe_cluster().get("brokers") else 1)
@@ -146,7 +309,14 @@ finally:
 PY
     else
         local client_conf="$STATE_DIR/probe-client.properties"
-        printf 'request.timeout.ms=5000\ndefault.api.timeout.ms=8000\n' >"$client_conf"
+        # In secure mode it holds the admin password: readable by this user only.
+        (
+            umask 077
+            printf 'request.timeout.ms=5000\ndefault.api.timeout.ms=8000\n' >"$client_conf"
+            if ((SECURE)); then
+                cat "$ADMIN_PROPERTIES" >>"$client_conf"
+            fi
+        )
         timeout 20 java -cp "$LIB_DIR/*" org.apache.kafka.tools.TopicCommand \
             --bootstrap-server "$BOOTSTRAP" --command-config "$client_conf" --list >/dev/null 2>&1
     fi
@@ -167,16 +337,68 @@ print_log_tail() {
     fi
 }
 
+# The listeners of the plain mode: everything PLAINTEXT, no authorizer.
+plain_listeners() {
+    cat <<EOF
+listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CONTROLLER_PORT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+EOF
+}
+
+# The listeners of the secure mode (see the header): SASL_SSL for clients and for the broker's
+# requests to itself, TLS with client certificates for the controller, and ACLs.
+secure_listeners() {
+    local pw
+    pw="$(cat "$STORE_PASSWORD_FILE")"
+    cat <<EOF
+listeners=SASL_SSL://$HOST:$PORT,CONTROLLER://$HOST:$CONTROLLER_PORT
+advertised.listeners=SASL_SSL://$HOST:$PORT,CONTROLLER://$HOST:$CONTROLLER_PORT
+listener.security.protocol.map=SASL_SSL:SASL_SSL,CONTROLLER:SSL
+inter.broker.listener.name=SASL_SSL
+sasl.enabled.mechanisms=$SCRAM_MECHANISM
+sasl.mechanism.inter.broker.protocol=$SCRAM_MECHANISM
+# The login module's user and password are what the broker itself presents on this listener.
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="admin" password="$(password_of admin)";
+ssl.keystore.type=PKCS12
+ssl.keystore.location=$BROKER_KEYSTORE
+ssl.keystore.password=$pw
+ssl.key.password=$pw
+ssl.truststore.type=PKCS12
+ssl.truststore.location=$BROKER_TRUSTSTORE
+ssl.truststore.password=$pw
+# Only a certificate signed by the throwaway CA (the broker's own) gets onto the controller
+# listener. SCRAM cannot protect it: the SCRAM users live in the metadata the controller serves.
+listener.name.controller.ssl.client.auth=required
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+# admin for people and tools, the certificate's principal for the broker's own controller requests.
+super.users=User:admin;User:$BROKER_DN
+allow.everyone.if.no.acl.found=false
+EOF
+}
+
 write_config() {
+    local listeners
+    if ((SECURE)); then
+        listeners="$(secure_listeners)"
+    else
+        listeners="$(plain_listeners)"
+    fi
+    # Secure mode: it holds the store and admin passwords.
+    (
+        umask 077
+        write_config_file "$listeners"
+    )
+}
+
+write_config_file() {
     cat >"$CONF" <<EOF
 # Generated by kafka.sh on every start; edit kafka.sh, not this file.
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=$HOST:$CONTROLLER_PORT
-listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CONTROLLER_PORT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
-inter.broker.listener.name=PLAINTEXT
+$1
 controller.listener.names=CONTROLLER
 log.dirs=$DATA_DIR
 
@@ -201,28 +423,37 @@ auto.create.topics.enable=true
 EOF
 }
 
-# Formats the storage once. The quorum's voter set records the controller endpoint, so a state
-# folder formatted for another KAFKA_PORT is wiped and formatted again, not started inconsistently.
+# Formats the storage once. The quorum's voter set records the controller endpoint, and the secure
+# mode's SCRAM users are written at format time, so a state folder formatted for another KAFKA_PORT
+# or mode is wiped and formatted again, not started inconsistently. The file holds the port alone
+# for the plain mode (as before the secure mode existed) and "port sasl_ssl" for the secure one.
 ensure_formatted() {
-    local formatted_port=""
-    [[ -f "$FORMATTED_PORT_FILE" ]] && formatted_port="$(cat "$FORMATTED_PORT_FILE")"
-    if [[ -f "$DATA_DIR/meta.properties" && "$formatted_port" == "$PORT" ]]; then
+    local formatted="" want="$PORT"
+    ((SECURE)) && want="$PORT $MODE"
+    [[ -f "$FORMATTED_PORT_FILE" ]] && formatted="$(cat "$FORMATTED_PORT_FILE")"
+    if [[ -f "$DATA_DIR/meta.properties" && "$formatted" == "$want" ]]; then
         return
     fi
     if [[ -f "$DATA_DIR/meta.properties" ]]; then
-        log "storage was formatted for port ${formatted_port:-unknown}, not $PORT: wiping $DATA_DIR"
+        log "storage was formatted for '${formatted:-unknown}', not '$want': wiping $DATA_DIR"
     fi
     rm -rf "$DATA_DIR"
     if [[ ! -s "$CLUSTER_ID_FILE" ]]; then
         kafka_tool kafka.tools.StorageTool random-uuid >"$CLUSTER_ID_FILE"
     fi
+    local scram=() user
+    if ((SECURE)); then
+        for user in "${SCRAM_USERS[@]}"; do
+            scram+=(--add-scram "$SCRAM_MECHANISM=[name=$user,password=$(password_of "$user")]")
+        done
+    fi
     log "formatting storage in $DATA_DIR (cluster id $(cat "$CLUSTER_ID_FILE"))"
     kafka_tool kafka.tools.StorageTool format --standalone -t "$(cat "$CLUSTER_ID_FILE")" \
-        -c "$CONF" >"$LOG_DIR/format.log" 2>&1 || {
+        -c "$CONF" "${scram[@]}" >"$LOG_DIR/format.log" 2>&1 || {
         cat "$LOG_DIR/format.log" >&2
         die "formatting the storage failed"
     }
-    echo "$PORT" >"$FORMATTED_PORT_FILE"
+    echo "$want" >"$FORMATTED_PORT_FILE"
 }
 
 # Waits for the broker with pid $1 to serve metadata. On timeout it is stopped when $2 is "stop"
@@ -253,12 +484,12 @@ wait_until_ready() {
 cmd_up() {
     if broker_alive; then
         if port_open "$PORT"; then
-            log "already running (pid $(cat "$PID_FILE")) on $BOOTSTRAP"
+            log "already running (pid $(cat "$PID_FILE")) on $BOOTSTRAP$SHOWN_MODE"
             return 0
         fi
         # Started by a concurrent `up` that has not finished yet: wait for it like it would.
         wait_until_ready "$(cat "$PID_FILE")"
-        log "running (pid $(cat "$PID_FILE")) on $BOOTSTRAP"
+        log "running (pid $(cat "$PID_FILE")) on $BOOTSTRAP$SHOWN_MODE"
         return 0
     fi
     rm -f "$PID_FILE"
@@ -275,11 +506,14 @@ cmd_up() {
 
     mkdir -p "$LOG_DIR"
     touch "$STATE_MARKER"
+    if ((SECURE)); then
+        ensure_secure_files
+    fi
     write_config
     ensure_formatted
 
     SERVER_LOG_START="$(stat -c %s "$LOG_DIR/server.log" 2>/dev/null || echo 0)"
-    log "starting Kafka on $BOOTSTRAP (controller $HOST:$CONTROLLER_PORT, state $STATE_DIR)"
+    log "starting Kafka on $BOOTSTRAP$SHOWN_MODE (controller $HOST:$CONTROLLER_PORT, state $STATE_DIR)"
     # setsid detaches the broker from the caller's session, so Ctrl-C in `make` or the end of a
     # pytest run does not take it down; only `kafka.sh down` stops it. The wrapper shell writes its
     # own pid and then becomes java, so the pid file names the JVM itself. The lock descriptor (9)
@@ -300,7 +534,7 @@ cmd_up() {
 
     local started=$SECONDS
     wait_until_ready "$(cat "$PID_FILE")" stop
-    log "running (pid $(cat "$PID_FILE")) on $BOOTSTRAP, ready after $((SECONDS - started))s"
+    log "running (pid $(cat "$PID_FILE")) on $BOOTSTRAP$SHOWN_MODE, ready after $((SECONDS - started))s"
 }
 
 cmd_down() {
@@ -330,7 +564,7 @@ cmd_down() {
 
 cmd_status() {
     if broker_alive; then
-        echo "running (pid $(cat "$PID_FILE")) on $BOOTSTRAP"
+        echo "running (pid $(cat "$PID_FILE")) on $BOOTSTRAP$SHOWN_MODE"
     else
         echo "stopped"
         return 3

@@ -17,9 +17,10 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
@@ -235,7 +236,10 @@ class Record:
 
 
 class TopicReader:
-    """Reads a whole topic from the beginning without a group (nothing is committed)."""
+    """Reads a whole topic from the beginning without a group (nothing is committed).
+
+    `client` adds kafka-python settings (security, for a SASL_SSL broker).
+    """
 
     def __init__(
         self,
@@ -243,6 +247,7 @@ class TopicReader:
         topic: str,
         json_ids: bool = False,
         isolation: str = "read_uncommitted",
+        client: Mapping[str, Any] | None = None,
     ) -> None:
         self.topic = topic
         # With json_ids, the "id" of every record value is counted as it arrives (output topic).
@@ -255,6 +260,7 @@ class TopicReader:
             auto_offset_reset="earliest",
             request_timeout_ms=kafka_util.CLIENT_REQUEST_TIMEOUT_MS + 5_000,
             isolation_level=isolation,
+            **(client or {}),
         )
         partitions = self.consumer.partitions_for_topic(topic)
         deadline = time.monotonic() + 30
@@ -344,13 +350,22 @@ def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
         consumer.close()
 
 
-def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+def committed_offsets(
+    bootstrap: str,
+    group: str,
+    topic: str,
+    partitions: int,
+    client: Mapping[str, Any] | None = None,
+) -> dict[int, int]:
     """The group's committed offsets for `topic`, by partition (absent: never committed).
 
     Read with a consumer of the group that never subscribes, so it does not join the group; this
     works the same on kafka-python 2.x and 3.x (whose admin clients name the call differently).
+    `client` adds kafka-python settings (security, for a SASL_SSL broker).
     """
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False, **(client or {})
+    )
     try:
         out = {}
         for p in range(partitions):

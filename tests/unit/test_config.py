@@ -206,6 +206,22 @@ def test_redacted_masks_the_sasl_password_and_nothing_else():
     assert WorkerConfig().redacted()["sasl_password"] is None
 
 
+def test_the_configs_repr_leaves_the_password_out():
+    # A traceback, a debugger or an f"{cfg}" shows the repr; the password must not be in it.
+    cfg = WorkerConfig(security_protocol="SASL_SSL", sasl_mechanism="PLAIN",
+                       sasl_username="alice", sasl_password="hunter2")  # fmt: skip
+    assert "hunter2" not in repr(cfg) and "hunter2" not in str(cfg)
+    assert "sasl_username='alice'" in repr(cfg)
+
+
+def test_no_setting_turns_the_tls_host_name_check_off():
+    # kafka-python checks the broker's certificate against the host connected to unless told
+    # not to (ssl_check_hostname=False); no setting of the worker may tell it so unnoticed.
+    assert [s.name for s in SETTINGS if "hostname" in s.name or "verify" in s.name] == []
+    cfg = WorkerConfig(security_protocol="SSL", ssl_cafile="ca.pem")
+    assert "ssl_check_hostname" not in cfg.kafka_security()
+
+
 def test_kafka_security_passes_only_what_is_set():
     assert WorkerConfig().kafka_security() == {"security_protocol": "PLAINTEXT"}
     cfg = WorkerConfig(
@@ -306,6 +322,13 @@ def test_run_help_lists_the_environment_variables():
     for s in SETTINGS:
         assert s.option in result.output
         assert s.envvar in result.output
+
+
+def test_run_help_never_shows_the_password_even_when_it_is_set():
+    env = {"NER_STREAM_SASL_PASSWORD": "hunter2", "NER_STREAM_SASL_USERNAME": "alice"}
+    result = CliRunner().invoke(main, ["run", "--help"], env=env)
+    assert result.exit_code == 0
+    assert "NER_STREAM_SASL_PASSWORD" in result.output
     assert "hunter2" not in result.output
 
 

@@ -12,7 +12,7 @@ import threading
 from dataclasses import replace
 
 import pytest
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, TopicAuthorizationFailedError
 
 from ner_stream.config import WorkerConfig
 from ner_stream.delivery import Consumed, Job, Partition
@@ -255,6 +255,23 @@ def test_an_abort_that_fails_stops_the_worker_without_committing():
     s.producer.fence()  # another producer took the transactional id
     s.tick(1.0)
     assert isinstance(s.delivery.fatal, KafkaError)
+    assert s.visible_ids() == [] and s.committed(0) is None
+
+
+def test_an_output_topic_refused_by_an_acl_aborts_once_and_stops_the_worker():
+    """Reading again would meet the missing ACL again, for ever: the worker stops (exit code 1)
+    instead, with nothing of the transaction visible and no offset committed."""
+
+    def refuse(topic: str, value: bytes | None) -> BaseException | None:
+        return TopicAuthorizationFailedError(OUT) if topic == OUT else None
+
+    s = Setup(fail=refuse)
+    for o in range(3):
+        s.finish(s.consume(0, o))
+    s.tick(0.5)
+    s.tick(1.0)
+    assert isinstance(s.delivery.fatal, TopicAuthorizationFailedError)
+    assert s.producer.transactions == ["aborted"]
     assert s.visible_ids() == [] and s.committed(0) is None
 
 

@@ -9,6 +9,7 @@ a location, everything else is outside any entity.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -19,7 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
+from kafka.errors import (
+    GroupAuthorizationFailedError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    TopicAuthorizationFailedError,
+)
 
 from ner_stream.checkpoint import save
 from ner_stream.config import WorkerConfig
@@ -299,6 +305,49 @@ def test_a_failed_dead_letter_is_fatal_and_not_committed(tagger):
     assert consumer.committed_offset(0) in (None, 1, 2)
     assert all(om.offset <= 2 for c in consumer.commits for om in c.values())
     assert consumer.closed
+
+
+def test_an_output_topic_refused_by_an_acl_stops_the_worker_with_one_clear_line(tagger, caplog):
+    def refuse(topic: str, value: bytes | None) -> BaseException | None:
+        return TopicAuthorizationFailedError(OUT) if topic == OUT else None
+
+    consumer, producer = FakeConsumer(partitions=1), FakeProducer(fail=refuse)
+    for i in range(20):
+        consumer.append(0, doc(f"d{i}", "Peter ."))
+    running = start(tagger, consumer, producer)
+    running.thread.join(10)
+    assert not running.thread.is_alive(), "the worker should stop by itself"
+    assert running.stop() == 1
+    assert consumer.commits == []  # nothing was written, so nothing is committed
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    # One line for the first refused record (not one per record in flight), one to say why the
+    # worker stopped and what to change.
+    assert len(errors) == 2, [r.getMessage() for r in errors]
+    assert errors[-1].getMessage() == (
+        "stopped on a fatal error: Kafka at 127.0.0.1:9092 refused this worker's principal WRITE "
+        f"on the output topic {OUT!r}: add the missing ACL"
+    )
+
+
+class RefusingConsumer(FakeConsumer):
+    """The consumer of a principal without READ on its group: kafka-python raises from poll."""
+
+    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict:
+        raise GroupAuthorizationFailedError(CFG.group_id)
+
+
+def test_a_consumer_group_refused_by_an_acl_stops_the_worker_without_a_traceback(tagger, caplog):
+    consumer, producer = RefusingConsumer(partitions=1), FakeProducer()
+    consumer.append(0, doc("a", "Peter ."))
+    running = start(tagger, consumer, producer)
+    running.thread.join(10)
+    assert not running.thread.is_alive(), "the worker should stop by itself"
+    assert running.stop() == 1  # returned, not raised
+    assert consumer.commits == [] and producer.sent == []
+    assert caplog.records[-1].getMessage() == (
+        "stopped on a fatal error: Kafka at 127.0.0.1:9092 refused this worker's principal READ "
+        f"on the consumer group {CFG.group_id!r}: add the missing ACL"
+    )
 
 
 def test_backpressure_pauses_and_resumes_and_loses_nothing(monkeypatch):
