@@ -197,15 +197,21 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
-def vm_hwm(pid: int) -> int | None:
-    """Peak resident set size of a process in bytes (Linux), None when unknown."""
+def proc_status_bytes(pid: int, field: str) -> int | None:
+    """A size field of /proc/PID/status (``VmHWM``, ``VmRSS``) in bytes (Linux), None when
+    unknown."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def vm_hwm(pid: int) -> int | None:
+    """Peak resident set size of a process in bytes (Linux), None when unknown."""
+    return proc_status_bytes(pid, "VmHWM")
 
 
 def descendants(pid: int) -> list[int]:

@@ -40,6 +40,7 @@ from benchmarks.bench_e2e import (
     make_topics,
     open_loop,
     parse_metrics,
+    proc_status_bytes,
     saturation,
 )
 from benchmarks.common import RESULTS, display_path, host_info, log, percentile, write_json
@@ -111,13 +112,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def rss_bytes(pid: int) -> int | None:
     """Resident set size of a process now (VmRSS, Linux), None when unknown."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    return proc_status_bytes(pid, "VmRSS")
 
 
 def tree_rss_bytes(pid: int) -> int | None:
