@@ -82,7 +82,6 @@ class Worker(ConsumerRebalanceListener):
         new_producer: Callable[[], Any] | None = None,
     ) -> None:
         self.cfg = cfg
-        self.tagger = tagger
         self.consumer = InputConsumer(consumer)
         self.metrics = metrics or Metrics()
         self.health = health or Health()
