@@ -7,6 +7,7 @@ never need a tag of their own.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -84,6 +85,15 @@ def word_key(token: str, lowercase: bool = True) -> str:
     return token.lower() if lowercase else token
 
 
+_DIGIT = re.compile(r"\d")
+
+
+def digit_form(key: str) -> str:
+    """`key` with every decimal digit replaced by "0" ("12:45" -> "00:00"): the back-off under
+    which a number the vocabulary does not hold is looked up (Lample et al. 2016, section 4)."""
+    return _DIGIT.sub("0", key)
+
+
 def case_id(token: str) -> int:
     """The casing class of a token (index into CASES)."""
     digits = sum(c.isdigit() for c in token)
@@ -125,6 +135,10 @@ class Vocabularies:
     # Lowercase word lookup suits lowercase pretrained vectors, with casing carried by the
     # character and casing features; the classic recipe looks words up as they are.
     lowercase: bool = True
+    # A word not in the vocabulary is looked up again lowercased, then with its digits as "0"
+    # (`lookup`). Off for models trained before the back-off existed: their vocabularies hold
+    # no digit forms, and their numbers read as <UNK> as they did when they were scored.
+    backoff: bool = False
     # Token -> (word id, character ids, casing id). Text repeats its words, and encoding one
     # costs several microseconds of Python; the cache is dropped whole when it fills up.
     _cache: dict[str, tuple[int, list[int], int]] = field(
@@ -161,10 +175,24 @@ class Vocabularies:
         # with a soft hyphen or a zero-width space in it reads as the plain word.
         token = visible_form(token)
         return (
-            self.words.stoi.get(word_key(token, self.lowercase), UNK_ID),
+            self.word_id(token),
             [chars.get(c, UNK_ID) for c in token[:MAX_WORD_CHARS]],
             case_id(token),
         )
+
+    def word_id(self, token: str) -> int:
+        """The word id of a token: its key (`word_key`); with `backoff`, failing that its
+        lowercase form, then that form with its digits as "0" (`digit_form`); else `UNK_ID`."""
+        stoi = self.words.stoi
+        key = word_key(token, self.lowercase)
+        found = stoi.get(key)
+        if found is not None or not self.backoff:
+            return UNK_ID if found is None else found
+        lower = key.lower()
+        found = stoi.get(lower)
+        if found is None:
+            found = stoi.get(digit_form(lower), UNK_ID)
+        return found
 
     def to_dict(self) -> dict:
         """Plain values, for the model file."""
@@ -173,6 +201,7 @@ class Vocabularies:
             "chars": self.chars.itos,
             "tags": self.tags.itos,
             "lowercase": self.lowercase,
+            "backoff": self.backoff,
         }
 
     @classmethod
@@ -183,4 +212,5 @@ class Vocabularies:
             Vocab(data["chars"]),
             Vocab(data["tags"]),
             lowercase=data.get("lowercase", True),
+            backoff=data.get("backoff", False),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
@@ -207,6 +208,41 @@ def main() -> None:
     help="conll only: chance per epoch that sentences the raw-text path reads as one sequence "
     "(a headline and its dateline, table rows) are trained as one; 0 turns it off.",
 )
+@click.option(
+    "--word-dropout",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=TrainConfig.word_dropout,
+    show_default=True,
+    help="Chance that a training word is replaced by <UNK> (a number by its digit form).",
+)
+@click.option(
+    "--singleton-unk",
+    type=click.FloatRange(0, 1),
+    default=TrainConfig.singleton_unk,
+    show_default=True,
+    help="Added chance of that for words seen once in the training data.",
+)
+@click.option(
+    "--case-augment",
+    type=click.FloatRange(0, 0.5),
+    default=TrainConfig.case_augment,
+    show_default=True,
+    help="Chance per sentence and epoch that it is trained ALL-CAPS, and again lowercase.",
+)
+@click.option(
+    "--freeze-pretrained/--fine-tune-pretrained",
+    default=TrainConfig.freeze_pretrained,
+    show_default=True,
+    help="Keep the --embeddings vectors as they are (only words without one learn).",
+)
+@click.option(
+    "--average-last",
+    type=click.IntRange(1),
+    default=TrainConfig.average_last,
+    show_default=True,
+    help="Write the mean of the weights of this many epochs ending at the best one (and the "
+    "best epoch's own weights beside it, as OUT with .best-epoch before its suffix).",
+)
 @click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
 @click.option("--device", default=TrainConfig.device, show_default=True, help="auto, cpu or cuda.")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads for torch.")
@@ -237,6 +273,11 @@ def train_cmd(
     lowercase,
     bidirectional,
     paragraph_merge,
+    word_dropout,
+    singleton_unk,
+    case_augment,
+    freeze_pretrained,
+    average_last,
     seed,
     device,
     threads,
@@ -255,6 +296,8 @@ def train_cmd(
         patience=patience, seed=seed, device=device, word_dim=word_dim,
         char_encoder=char_encoder, hidden=hidden, dropout=dropout, max_minutes=max_minutes,
         lowercase=lowercase, bidirectional=bidirectional, paragraph_merge=paragraph_merge,
+        word_dropout=word_dropout, singleton_unk=singleton_unk, case_augment=case_augment,
+        freeze_pretrained=freeze_pretrained, average_last=average_last,
     )  # fmt: skip
     groups = _merge_groups(train_path) if fmt == "conll" and paragraph_merge > 0 else []
     result = train(
@@ -278,6 +321,15 @@ def train_cmd(
         result.info.extra = with_check(result.info.extra, check)
     out.parent.mkdir(parents=True, exist_ok=True)
     save(out, result.model, result.info)
+    if result.best_epoch_state is not None:
+        # Kept so that averaging can be compared with the best epoch on other data too.
+        single = copy.deepcopy(result.model)
+        single.load_state_dict(result.best_epoch_state)
+        best_path = out.with_name(f"{out.stem}.best-epoch{out.suffix}")
+        info = copy.deepcopy(result.info)
+        info.metrics = {"dev_f1": result.info.metrics["best_epoch_dev_f1"]}
+        save(best_path, single, info)
+        click.echo(f"wrote {best_path} (the best epoch, not averaged)", err=True)
     report = result.best_report
     assert report is not None
     click.echo(format_report(report, result.info.metrics["dev"]["accuracy"]))

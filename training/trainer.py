@@ -22,7 +22,14 @@ from ner_stream.precision import PrecisionCheck, cast_network, cpu_has_native_bf
 from ner_stream.spans import convert_tags
 from ner_stream.tagger import resolve_device
 from ner_stream.text import visible_form
-from ner_stream.vocab import UNK_ID, EncodedSentence, Vocab, Vocabularies, word_key
+from ner_stream.vocab import (
+    UNK_ID,
+    EncodedSentence,
+    Vocab,
+    Vocabularies,
+    digit_form,
+    word_key,
+)
 from training.datasets import Sentence
 from training.embeddings import Embeddings
 from training.evaluate import (
@@ -67,6 +74,18 @@ class TrainConfig:
     bidirectional: bool | None = ModelConfig.bidirectional
     max_minutes: float | None = None
     word_dropout: float = 0.01  # replace known words by <UNK> so the model learns to use chars
+    # Chance that a word seen once in the training data is replaced by <UNK> (Lample et al.
+    # 2016, section 4: "singleton" replacement), on top of `word_dropout`.
+    singleton_unk: float = 0.0
+    # Chance, per sentence and epoch, that a training sentence is seen ALL-CAPS, and the same
+    # chance that it is seen lowercase (headlines and chat), tags unchanged.
+    case_augment: float = 0.0
+    # Keep the pretrained vectors as they are: only rows without one (training words GloVe
+    # lacks, <UNK>) learn. Fine-tuned otherwise, and words never seen in training keep theirs.
+    freeze_pretrained: bool = False
+    # Ship the mean of the weights of this many epochs ending at the best one (1: the best
+    # epoch's own weights); the best epoch's own dev F1 is kept in the metrics either way.
+    average_last: int = 1
     # Chance, per epoch, that a group of sentences which the raw-text path reads as one sequence
     # (`training.raw_text.paragraph_groups`) is trained as one sequence.
     paragraph_merge: float = 0.5
@@ -115,6 +134,8 @@ class TrainResult:
     info: ModelInfo
     history: list[EpochStats] = field(default_factory=list)
     best_report: EntityReport | None = None
+    # With checkpoint averaging, the best epoch's own weights (`model` holds the average).
+    best_epoch_state: dict[str, torch.Tensor] | None = None
 
 
 def fingerprint(paths: Sequence[str | Path]) -> str:
@@ -134,8 +155,16 @@ def build_vocabs(
     embeddings: Embeddings | None,
     lowercase: bool = True,
 ) -> Vocabularies:
-    """Words from the training data (and every pretrained word), characters and tags."""
+    """Words from the training data (and every pretrained word), characters and tags.
+
+    The digit form (`digit_form`) of each training word with a digit is a word too, learned
+    through word dropout (`backoff_ids`), so that a number never seen reads as its shape.
+    """
     word_counts = Counter(word_key(t, lowercase) for s in train for t in s.tokens)
+    for key, n in list(word_counts.items()):
+        shape = digit_form(key.lower())
+        if shape != key:
+            word_counts[shape] += n
     char_counts = Counter(c for s in train for t in s.tokens for c in visible_form(t))
     tag_counts = Counter(t for s in train for t in convert_tags(s.tags, "iob2", scheme))
     extra = embeddings.words if embeddings is not None and lowercase else ()
@@ -143,7 +172,30 @@ def build_vocabs(
     chars = Vocab.build(char_counts)
     # "O" first so that padding positions (tag id 0 under the mask) read as outside.
     tags = Vocab(["O"] + sorted(t for t in tag_counts if t != "O"))
-    return Vocabularies(words=words, chars=chars, tags=tags, lowercase=lowercase)
+    return Vocabularies(words=words, chars=chars, tags=tags, lowercase=lowercase, backoff=True)
+
+
+def backoff_ids(vocabs: Vocabularies) -> torch.Tensor:
+    """Per word id [V], the id a dropped word is replaced by: its digit form's when it has a
+    digit and that form is a word of its own, `UNK_ID` otherwise."""
+    stoi = vocabs.words.stoi
+    out = torch.full((len(vocabs.words),), UNK_ID, dtype=torch.int64)
+    for i, word in enumerate(vocabs.words.itos):
+        if i > UNK_ID and any(c.isdigit() for c in word):
+            shape = stoi.get(digit_form(word.lower()), UNK_ID)
+            if shape != i:
+                out[i] = shape
+    return out
+
+
+def singleton_ids(vocabs: Vocabularies, train: Sequence[Sentence]) -> torch.Tensor:
+    """Per word id [V], True for the words seen exactly once in `train`."""
+    counts = Counter(vocabs.words.stoi.get(word_key(t, vocabs.lowercase)) for s in train
+                     for t in s.tokens)  # fmt: skip
+    out = torch.zeros(len(vocabs.words), dtype=torch.bool)
+    ones = [i for i, n in counts.items() if n == 1 and i is not None and i > UNK_ID]
+    out[ones] = True
+    return out
 
 
 def encode_corpus(
@@ -216,8 +268,9 @@ def _join(sentences: Sequence[EncodedSentence]) -> EncodedSentence:
     )
 
 
-def init_embeddings(model: NerModel, vocabs: Vocabularies, embeddings: Embeddings) -> int:
-    """Copy pretrained vectors into the word embedding table; returns how many were found."""
+def init_embeddings(model: NerModel, vocabs: Vocabularies, embeddings: Embeddings) -> torch.Tensor:
+    """Copy pretrained vectors into the word embedding table; returns, per word id [V], True
+    where a pretrained vector was found."""
     weight = model.word_embed.weight
     if embeddings.dim != weight.shape[1]:
         raise ValueError(
@@ -238,7 +291,9 @@ def init_embeddings(model: NerModel, vocabs: Vocabularies, embeddings: Embedding
         source = torch.from_numpy(embeddings.vectors[[i for _, i in pairs]])
         weight[target] = source
         weight[0].zero_()
-    return len(pairs)
+    found = torch.zeros(len(vocabs.words), dtype=torch.bool)
+    found[target] = True
+    return found
 
 
 def predict_tags(
@@ -360,11 +415,66 @@ def _flat_with_mask(pred: list[list[int]], gold: list[list[int]]):
     return p, g, m
 
 
-def _word_dropout(batch_words: torch.Tensor, rate: float, gen: torch.Generator) -> torch.Tensor:
-    if rate <= 0:
-        return batch_words
-    drop = (torch.rand(batch_words.shape, generator=gen) < rate) & (batch_words > UNK_ID)
-    return batch_words.masked_fill(drop, UNK_ID)
+def word_dropout(
+    words: torch.Tensor,
+    rate: float,
+    gen: torch.Generator,
+    backoff: torch.Tensor,
+    singletons: torch.Tensor | None = None,
+    singleton_rate: float = 0.0,
+) -> torch.Tensor:
+    """Word ids [B, T] with some replaced by their back-off (`backoff_ids`: a digit form or
+    `UNK_ID`): each known word with chance `rate`, plus `singleton_rate` for the words
+    `singletons` marks. Dropout on the word table teaches the network to tag from characters
+    and context (Lample et al. 2016, section 4)."""
+    if rate <= 0 and (singletons is None or singleton_rate <= 0):
+        return words
+    chance = torch.full(words.shape, rate)
+    if singletons is not None and singleton_rate > 0:
+        chance = chance + singleton_rate * singletons[words].float()
+    drop = (torch.rand(words.shape, generator=gen) < chance) & (words > UNK_ID)
+    return torch.where(drop, backoff[words], words)
+
+
+def recase_choices(n: int, chance: float, rng: random.Random) -> list[str]:
+    """For each of `n` sentences, the casing it is seen in this epoch: "upper" and "lower"
+    each with `chance`, "as-is" otherwise."""
+    out = []
+    for _ in range(n):
+        r = rng.random()
+        out.append("upper" if r < chance else "lower" if r < 2 * chance else "as-is")
+    return out
+
+
+def average_states(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of state dicts of one network (checkpoint averaging); integer
+    tensors are taken from the last."""
+    out = {}
+    for name, last in states[-1].items():
+        if last.is_floating_point():
+            out[name] = torch.stack([s[name] for s in states]).mean(0)
+        else:
+            out[name] = last.clone()
+    return out
+
+
+def _freeze_rows(weight: torch.Tensor, frozen: torch.Tensor) -> None:
+    """Zero the (sparse) gradient of the rows `frozen` [V] marks, so no optimiser moves them."""
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        if grad.is_sparse:
+            grad = grad.coalesce()
+            keep = ~frozen[grad.indices()[0]]
+            return torch.sparse_coo_tensor(
+                grad.indices()[:, keep],
+                grad.values()[keep],
+                grad.shape,
+                is_coalesced=True,
+                check_invariants=False,
+            )
+        return grad * (~frozen).unsqueeze(1)
+
+    weight.register_hook(hook)
 
 
 ProgressFn = Callable[[str], None]
@@ -415,11 +525,20 @@ def train(
         bidirectional=cfg.bidirectional,
     )
     model = NerModel(mcfg)
+    pretrained = torch.zeros(len(vocabs.words), dtype=torch.bool)
     if embeddings is not None:
-        found = init_embeddings(model, vocabs, embeddings)
-        log(f"pretrained vectors: {found} of {len(vocabs.words)} words")
+        pretrained = init_embeddings(model, vocabs, embeddings)
+        log(f"pretrained vectors: {int(pretrained.sum())} of {len(vocabs.words)} words")
+    if cfg.freeze_pretrained:
+        _freeze_rows(model.word_embed.weight, pretrained)
     model.to(device)
-    train_data = encode_corpus(train_sents, vocabs, cfg.tag_scheme)
+    backoff = backoff_ids(vocabs)
+    singletons = singleton_ids(vocabs, train_sents) if cfg.singleton_unk > 0 else None
+    casings = {"as-is": encode_corpus(train_sents, vocabs, cfg.tag_scheme)}
+    if cfg.case_augment > 0:
+        for casing in ("upper", "lower"):
+            casings[casing] = encode_corpus(recased(train_sents, casing), vocabs, cfg.tag_scheme)
+    train_data = casings["as-is"]
     if merge_groups and cfg.paragraph_merge > 0:
         log(
             f"paragraph merge: {len(merge_groups)} runs of {sum(map(len, merge_groups))} "
@@ -440,13 +559,20 @@ def train(
 
     history: list[EpochStats] = []
     best_f1, best_state, stale = -1.0, None, 0
+    recent: list[dict[str, torch.Tensor]] = []  # the last `average_last` epochs' weights
+    best_recent: list[dict[str, torch.Tensor]] = []
     started = time.monotonic()
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         t0 = time.monotonic()
         total_loss, tokens = 0.0, 0
+        if cfg.case_augment > 0:
+            choices = recase_choices(len(train_data), cfg.case_augment, rng)
+            seen = [casings[c][i] for i, c in enumerate(choices)]
+        else:
+            seen = train_data
         epoch_data = merged_epoch(
-            train_data, merge_groups, cfg.paragraph_merge, cfg.merge_max_tokens, rng
+            seen, merge_groups, cfg.paragraph_merge, cfg.merge_max_tokens, rng
         )
         n_batches = math.ceil(len(epoch_data) / cfg.batch_size)
         batches = iterate_batches(epoch_data, cfg.batch_size, rng)
@@ -455,7 +581,9 @@ def train(
             batches = progress(batches, n_batches, f"epoch {epoch}", running.status)
         for sents in batches:
             batch = pad_batch(sents)
-            batch.words = _word_dropout(batch.words, cfg.word_dropout, gen)
+            batch.words = word_dropout(
+                batch.words, cfg.word_dropout, gen, backoff, singletons, cfg.singleton_unk
+            )
             batch = batch.to(device)
             loss = model.loss(batch)
             for o in optimizers:
@@ -486,9 +614,12 @@ def train(
             f"acc {100 * acc:6.2f}  {stats.tokens_per_s:7.0f} tok/s  {stats.seconds:5.1f}s"
             + ("  *" if improved else "")
         )
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if cfg.average_last > 1:
+            recent = [*recent[-(cfg.average_last - 1) :], state]
         if improved:
             best_f1, stale = report.micro.f1, 0
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best_state, best_recent = state, list(recent)
         else:
             stale += 1
         elapsed_min = (time.monotonic() - started) / 60
@@ -504,8 +635,20 @@ def train(
     model.word_embed.sparse = False
     round_half_precision(model)
     final_report, final_acc = evaluate_model(model, vocabs, dev_sents, cfg.tag_scheme, device)
+    averaged = {}
+    if len(best_recent) > 1:
+        best_epoch_f1 = final_report.micro.f1
+        model.load_state_dict(average_states(best_recent))
+        round_half_precision(model)
+        final_report, final_acc = evaluate_model(model, vocabs, dev_sents, cfg.tag_scheme, device)
+        averaged = {"averaged_epochs": len(best_recent), "best_epoch_dev_f1": best_epoch_f1}
+        log(
+            f"averaged the last {len(best_recent)} epochs to the best: dev F1 "
+            f"{best_epoch_f1:.2f} -> {final_report.micro.f1:.2f}"
+        )
     metrics = {
         "dev": {**final_report.to_dict(), "accuracy": final_acc},
+        **averaged,
         "epochs": len(history),
         "best_epoch": max(history, key=lambda h: h.dev_f1).epoch,
         "train_seconds": round(time.monotonic() - started, 1),
@@ -521,4 +664,10 @@ def train(
         data_fingerprint=data_fingerprint,
     )
     model.cpu().eval()
-    return TrainResult(model=model, info=info, history=history, best_report=final_report)
+    return TrainResult(
+        model=model,
+        info=info,
+        history=history,
+        best_report=final_report,
+        best_epoch_state=best_state if averaged else None,
+    )
