@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -29,6 +30,7 @@ from ner_stream.messages import document_id, output_object, parse_json, pass_thr
 from ner_stream.model_process import ModelProcess, ModelProcessError
 from ner_stream.model_swap import ModelSwapper
 from ner_stream.precision import PRECISIONS
+from ner_stream.progress import TagProgress
 from ner_stream.tagger import Tagger, TaggerOptions
 from ner_stream.text import LINE_BREAK_MODES
 
@@ -318,21 +320,46 @@ TAG_BATCH_DOCS = 64  # documents per `Tagger.tag` call of `ner-stream tag`
 
 
 def tag_documents(
-    tagger: Tagger, documents: Iterable[tuple[str, str, dict]], batch_docs: int = TAG_BATCH_DOCS
+    tagger: Tagger,
+    documents: Iterable[tuple[str, str, dict]],
+    batch_docs: int = TAG_BATCH_DOCS,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The output object of each of `documents` ((id, text, pass-through fields) each, as
     `read_documents` yields them), in input order: ``{"id", "entities", "meta"?}`` as
     `messages.output_object` builds it.
 
-    Lazy: documents are read and tagged `batch_docs` at a time, one `Tagger.tag` call each.
+    Lazy: documents are read and tagged `batch_docs` at a time, one `Tagger.tag_prepared` call
+    each, after which `on_batch(documents, tokens)` is called, if given.
     Raises ValueError when `batch_docs` < 1, and whatever reading `documents` raises.
     """
     if batch_docs < 1:
         raise ValueError("batch_docs must be at least 1")
     for batch in _runs(documents, batch_docs):
-        results = tagger.tag([text for _, text, _ in batch])
+        results, stats = tagger.tag_prepared([tagger.prepare(text) for _, text, _ in batch])
+        if on_batch is not None:
+            on_batch(len(batch), stats.real_tokens)
         for (doc_id, _, meta), entities in zip(batch, results, strict=True):
             yield output_object(doc_id, entities, meta)
+
+
+def _bytes_read(streams: Sequence) -> tuple[int | None, Callable[[], int]]:
+    """The total size of `streams` when every one is a regular file (else None), and a function
+    giving how many of their bytes have been read so far."""
+    sizes = []
+    for stream in streams:
+        try:
+            sizes.append(os.fstat(stream.fileno()).st_size if stream.seekable() else None)
+        except (AttributeError, OSError, ValueError):
+            sizes.append(None)
+    if any(size is None for size in sizes):
+        return None, lambda: 0
+    return sum(sizes), lambda: sum(stream.tell() for stream in streams)
+
+
+def _show_progress(streams: Sequence, stderr_is_tty: bool) -> bool:
+    """The default of --progress: on when the inputs are files and stderr is a terminal."""
+    return bool(streams) and stderr_is_tty and _bytes_read(streams)[0] is not None
 
 
 def tag_streams(
@@ -341,13 +368,20 @@ def tag_streams(
     streams: Sequence,
     fmt: str = "auto",
     batch_docs: int = TAG_BATCH_DOCS,
+    output: Path | None = None,
+    progress: bool | None = False,
 ) -> None:
-    """`ner-stream tag`: print one JSON line (`json_line`) per document of the binary `streams`
-    (stdin when empty), read as `read_documents` reads them and tagged by `tag_documents`.
+    """`ner-stream tag`: write one JSON line (`json_line`) per document of the binary `streams`
+    (stdin when empty), read as `read_documents` reads them and tagged by `tag_documents`, in
+    input order, to stdout or to the file `output`.
 
-    `model` is a model file (None: the packaged model). A warning about the chosen precision goes
-    to stderr. Raises `click.ClickException` for a model file or options that cannot be used,
-    and for an input line that cannot be read.
+    `output` is written as ``<output>.partial`` and renamed when every document is written, so
+    a file of that name is always whole; after an error the partial file is left, and named.
+    `progress` shows documents, tokens/s and the time left on stderr (`TagProgress`); None:
+    when the inputs are files and stderr is a terminal. `model` is a model file (None: the
+    packaged model). A warning about the chosen precision goes to stderr. Raises
+    `click.ClickException` for a model file or options that cannot be used, for an output file
+    that cannot be written, and for an input line that cannot be read.
     """
     try:
         tagger = Tagger.from_file(model, options)
@@ -357,8 +391,48 @@ def tag_streams(
     if warning:
         click.echo(f"ner-stream: {warning}", err=True)
     streams = streams or (click.open_file("-", "rb"),)
-    for out in tag_documents(tagger, read_documents(streams, fmt), batch_docs):
-        click.echo(json_line(out))
+    stderr = sys.stderr
+    if progress is None:
+        progress = _show_progress(streams, stderr.isatty())
+    on_batch = None
+    if progress:
+        total, bytes_read = _bytes_read(streams)
+        meter = TagProgress(total, time.monotonic())
+        ending = "\r" if stderr.isatty() else "\n"
+
+        def on_batch(documents: int, tokens: int) -> None:
+            line = meter.advance(documents, tokens, bytes_read(), time.monotonic())
+            if line is not None:
+                stderr.write(line + ("\x1b[K" if ending == "\r" else "") + ending)
+                stderr.flush()
+
+    outputs = tag_documents(tagger, read_documents(streams, fmt), batch_docs, on_batch)
+    if output is None:
+        for out in outputs:
+            click.echo(json_line(out))
+    else:
+        _write_lines(output, (json_line(out) for out in outputs))
+    if progress:
+        stderr.write(meter.line(time.monotonic()) + "\n")
+
+
+def _write_lines(path: Path, lines: Iterable[str]) -> None:
+    """Write `lines` to `path` through ``<path>.partial``, renamed when all are written."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        f = open(partial, "w", encoding="utf-8", newline="\n")  # noqa: SIM115
+    except OSError as e:
+        raise click.ClickException(f"cannot write {partial}: {e.strerror}") from None
+    try:
+        with f:
+            for line in lines:
+                f.write(line + "\n")
+    except click.ClickException as e:
+        e.message += f" (the documents before it are in {partial})"
+        raise
+    except OSError as e:
+        raise click.ClickException(f"cannot write {partial}: {e.strerror}") from None
+    os.replace(partial, path)
 
 
 @main.command()
@@ -370,17 +444,26 @@ def tag_streams(
 @setting_option("max_f1_change", type=click.FloatRange(0))
 @setting_option("line_breaks", type=click.Choice(LINE_BREAK_MODES))
 @click.option("--batch-docs", type=click.IntRange(1), default=TAG_BATCH_DOCS, show_default=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the JSON lines to this file (through FILE.partial, renamed when "
+              "done) instead of stdout.")  # fmt: skip
+@click.option("--progress/--no-progress", default=None,
+              help="Documents, tokens/s and time left on stderr [default: on when the inputs "
+              "are files and stderr is a terminal].")  # fmt: skip
 @click.argument("inputs", nargs=-1, type=click.File("rb"))
-def tag(model, device, precision, max_f1_change, line_breaks, fmt, batch_docs, inputs) -> None:
+def tag(
+    model, device, precision, max_f1_change, line_breaks, fmt, batch_docs, output, progress, inputs
+) -> None:
     """Tag text or JSONL from files or stdin; print one JSON object per document. No Kafka.
 
     Each output is {"id", "entities", "meta"}: a JSON line's fields other than id and text are
-    nested under "meta" (left out when there are none), as in the output of `run`.
+    nested under "meta" (left out when there are none), as in the output of `run`. Outputs
+    come in input order; memory stays flat however large the input.
     """
     options = TaggerOptions(
         device=device, precision=precision, max_f1_change=max_f1_change, line_breaks=line_breaks
     )
-    tag_streams(model, options, inputs, fmt, batch_docs)
+    tag_streams(model, options, inputs, fmt, batch_docs, output, progress)
 
 
 @main.command()

@@ -179,13 +179,13 @@ def test_tag_passes_its_line_break_mode_to_the_tagger(model_path, monkeypatch, a
 def test_tag_documents_yields_outputs_in_order_one_tag_call_per_batch():
     tagger = make_tagger("rigged")
     calls: list[int] = []
-    real = tagger.tag
+    real = tagger.tag_prepared
 
-    def counting(texts):
-        calls.append(len(texts))
-        return real(texts)
+    def counting(docs):
+        calls.append(len(docs))
+        return real(docs)
 
-    tagger.tag = counting
+    tagger.tag_prepared = counting
     read: list[str] = []
 
     def documents():
@@ -193,11 +193,13 @@ def test_tag_documents_yields_outputs_in_order_one_tag_call_per_batch():
             read.append(str(i))
             yield str(i), text, ({"n": i} if i == 3 else {})
 
-    outs = tag_documents(tagger, documents(), batch_docs=2)
+    counted: list[tuple[int, int]] = []
+    outs = tag_documents(tagger, documents(), batch_docs=2, on_batch=lambda *n: counted.append(n))
     first = next(outs)
     assert read == ["1", "2"] and calls == [2]  # lazy: one batch read and tagged
     rest = list(outs)
     assert calls == [2, 2, 1]
+    assert counted == [(2, 2), (2, 3), (1, 1)]  # documents and tokens of each batch
     assert [o["id"] for o in [first, *rest]] == ["1", "2", "3", "4", "5"]
     assert sorted(first) == ["entities", "id"]  # no pass-through fields: no "meta"
     assert [(e["text"], e["type"], e["start"], e["end"]) for e in first["entities"]] == [
@@ -226,3 +228,43 @@ def test_python_dash_m_ner_stream_cli_runs_the_command_line():
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0
     assert "Usage" in done.stdout, (done.stdout, done.stderr)
+
+
+def test_tag_output_writes_the_lines_stdout_would_get_and_nothing_to_stdout(model_path, tmp_path):
+    path = tmp_path / "in.txt"
+    path.write_bytes(LINES)
+    expected = tag(model_path, "--format", "text", str(path))
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(
+        main, ["tag", "--model", model_path, "--format", "text", "-o", str(out), str(path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.jsonl"]
+
+
+def test_tag_output_after_a_bad_line_leaves_only_a_partial_file_and_names_it(model_path, tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"text": "Peter"}\n{"text": "Paris"}\n{"text": 3}\n')
+    out = tmp_path / "out.jsonl"
+    args = ["tag", "--model", model_path, "--batch-docs", "1", "-o", str(out), str(path)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert "in.jsonl:3: expected an object with a text" in result.output
+    assert "out.jsonl.partial" in result.output
+    assert not out.exists()
+    partial = (tmp_path / "out.jsonl.partial").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["id"] for line in partial] == ["1", "2"]
+
+
+def test_tag_progress_on_a_file_ends_with_every_document_and_all_bytes_read(model_path, tmp_path):
+    path = tmp_path / "in.txt"
+    path.write_bytes(b"Peter went to Paris\n" * 300)
+    args = ["tag", "--model", model_path, "--progress", "-o", str(tmp_path / "o"), str(path)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("300 documents  ") and "tokens/s" in last and last.endswith("100%")
+    quiet = CliRunner().invoke(main, args[:3] + args[4:])  # not a terminal: no progress
+    assert quiet.exit_code == 0 and quiet.stderr == ""
