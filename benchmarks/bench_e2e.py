@@ -55,7 +55,7 @@ from benchmarks.common import (
     quick_mode,
     write_json,
 )
-from benchmarks.corpus import DEFAULT_SEED, documents
+from benchmarks.corpus import DEFAULT_SEED, KINDS, documents
 from ner_stream.config import WorkerConfig
 
 OUTPUT_TOPIC_CONFIG = {"message.timestamp.type": "LogAppendTime"}
@@ -91,6 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--kind", choices=sorted(KINDS), default="short", help="corpus kind")
     p.add_argument(
         "--rates",
         type=floats,
@@ -651,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
 
     prefix = f"bench-e2e-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}"
     admin = KafkaAdminClient(bootstrap_servers=args.bootstrap_servers, request_timeout_ms=30_000)
-    docs = documents(args.docs, args.seed)
+    docs = documents(args.docs, args.seed, kind=args.kind)
     result: dict = {
         "benchmark": "end_to_end",
         "mode": "quick" if args.quick else "full",
@@ -664,6 +665,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "docs": args.docs,
             "seed": args.seed,
+            "kind": args.kind,
+            "words": sum(len(d["text"].split()) for d in docs),
             "partitions": args.partitions,
             "rates": args.rates,
             "rate_seconds": args.rate_seconds,

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS, host_info, log, quick_mode, summarize, write_json
-from benchmarks.corpus import DEFAULT_SEED, documents
+from benchmarks.corpus import DEFAULT_SEED, KINDS, documents
 
 HERE = Path(__file__).resolve().parent
 MODEL_FILE = HERE / ".venv-spacy" / "model.txt"
@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pipeline", help="pipeline package (default: what setup-spacy.sh chose)")
     p.add_argument("--docs", type=int, default=None)
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--kind", choices=sorted(KINDS), default="short", help="corpus kind")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--processes", default="1,2", help="process counts to run, e.g. 1,2")
     p.add_argument("--batch-size", type=int, default=64, help="nlp.pipe batch size")
@@ -41,7 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(RESULTS / "spacy.json"))
     args = p.parse_args(argv)
     args.quick = quick_mode(args.quick)
-    args.docs = args.docs or (200 if args.quick else 1000)
+    if not args.docs:  # about the same number of words for both kinds
+        args.docs = (200 if args.quick else 1000) // (3 if args.kind == "long" else 1)
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.processes = [int(x) for x in args.processes.split(",") if x.strip()]
     return args
@@ -81,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     if "ner" not in nlp.pipe_names:
         return unavailable(args, f"{pipeline} has no ner component")
 
-    texts = [d["text"] for d in documents(args.docs, args.seed)]
+    texts = [d["text"] for d in documents(args.docs, args.seed, kind=args.kind)]
     chars = sum(len(t) for t in texts)
+    words = sum(len(t.split()) for t in texts)
     log(f"spaCy {spacy.__version__} {pipeline}: pipes {nlp.pipe_names}, {len(texts)} docs")
     for _ in nlp.pipe(texts[:50], batch_size=args.batch_size):  # warm-up
         pass
@@ -104,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": s,
             "docs_per_s": len(texts) / s["median"],
             "spacy_tokens_per_s": tokens / s["median"],
+            "words_per_s": words / s["median"],
             "chars_per_s": chars / s["median"],
         }
         runs.append(run)
@@ -130,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_count": os.cpu_count(),
         },
         "corpus": {
+            "kind": args.kind,
             "docs": len(texts),
+            "words": words,
             "seed": args.seed,
             "chars": chars,
             "spacy_tokens": tokens,

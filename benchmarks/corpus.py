@@ -7,6 +7,10 @@ seed always gives the same documents, so every benchmark (the model core, end to
 sees the same texts. Standard library only: the spaCy benchmark imports it from its own venv.
 
     python -m benchmarks.corpus --docs 1000 --out docs.jsonl   # JSONL for `ner-stream produce`
+
+Two kinds: `short` (the feed above, about 70 words per document) and `long`: news articles of
+about 180 words (150 to 210), a dateline and paragraphs of two or three sentences separated by a
+blank line, drawn from the same word lists.
 """
 
 from __future__ import annotations
@@ -211,25 +215,52 @@ def document(index: int, seed: int = DEFAULT_SEED) -> dict:
     return {"id": f"bench-{seed}-{index:07d}", "text": sep.join(sentences)}
 
 
-def documents(n: int, seed: int = DEFAULT_SEED, start: int = 0) -> list[dict]:
-    """Documents `start` .. `start + n - 1` of the corpus."""
-    return [document(i, seed) for i in range(start, start + n)]
+def article(index: int, seed: int = DEFAULT_SEED) -> dict:
+    """Article number `index` of the long corpus with `seed`: {"id", "text"}, about 180 words
+    (sentences are added until a length drawn from 150 to 210 words is reached)."""
+    rng = random.Random(seed * 1_000_033 + index)
+    w = _Writer(rng)
+    target = rng.randint(150, 210)
+    paragraphs: list[list[str]] = [[]]
+    words = 0
+    while words < target:
+        sentence = w.sentence()
+        if not paragraphs[-1]:
+            sentence = f"{w.headline()} {sentence}" if len(paragraphs) == 1 else sentence
+        paragraphs[-1].append(sentence)
+        words += len(sentence.split())
+        if len(paragraphs[-1]) >= rng.randint(2, 3):
+            paragraphs.append([])
+    text = "\n\n".join(" ".join(p) for p in paragraphs if p)
+    return {"id": f"article-{seed}-{index:07d}", "text": text}
 
 
-def iter_documents(n: int, seed: int = DEFAULT_SEED, start: int = 0) -> Iterator[dict]:
+KINDS = {"short": document, "long": article}
+
+
+def documents(n: int, seed: int = DEFAULT_SEED, start: int = 0, kind: str = "short") -> list[dict]:
+    """Documents `start` .. `start + n - 1` of the corpus of `kind` (`KINDS`)."""
+    return list(iter_documents(n, seed, start, kind))
+
+
+def iter_documents(
+    n: int, seed: int = DEFAULT_SEED, start: int = 0, kind: str = "short"
+) -> Iterator[dict]:
+    make = KINDS[kind]
     for i in range(start, start + n):
-        yield document(i, seed)
+        yield make(i, seed)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--docs", type=int, default=1000)
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--kind", choices=sorted(KINDS), default="short")
     p.add_argument("--out", default="-", help="JSONL file (default: stdout)")
     args = p.parse_args(argv)
     out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")  # noqa: SIM115
     try:
-        for doc in iter_documents(args.docs, args.seed):
+        for doc in iter_documents(args.docs, args.seed, kind=args.kind):
             out.write(json.dumps(doc, ensure_ascii=False) + "\n")
     finally:
         if out is not sys.stdout:

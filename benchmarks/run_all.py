@@ -3,12 +3,14 @@
     make bench                                   # the full run (about 10 minutes on 2 cores)
     BENCH_QUICK=1 make bench                     # smoke run: small sizes, a minute or two
     make bench BENCH_ARGS="--model my.nerm"      # another model file
-    python -m benchmarks.run_all --only model    # one part: model, e2e, spacy
+    python -m benchmarks.run_all --only model    # one part: model, e2e, spacy, tag
 
 Steps: (a) the model core (bench_model.py), (b) end to end through the local broker
 (bench_e2e.py; the broker is started with deploy/kafka/kafka.sh when it is not running, and
-stopped afterwards only in that case), (c) spaCy as the peer (setup-spacy.sh, then bench_spacy.py
-in its own venv; when spaCy cannot be installed, its result says so and the rest stands). Then the
+stopped afterwards only in that case; then a saturation run on the long-article corpus), (c) spaCy
+as the peer on both corpora (setup-spacy.sh, then bench_spacy.py in its own venv; when spaCy
+cannot be installed, its result says so and the rest stands), (d) `ner-stream tag` on files of
+both corpora (bench_tag.py). Then the
 ratios against the targets are computed from the results of this same run (results/summary.json)
 and the tables between the `<!-- generated:NAME -->` markers of docs/benchmarks.md are rewritten.
 
@@ -43,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 KAFKA = REPO / "deploy" / "kafka" / "kafka.sh"
 DOC = REPO / "docs" / "benchmarks.md"
 SPACY_PY = HERE / ".venv-spacy" / "bin" / "python"
-PARTS = ("model", "e2e", "spacy")
+PARTS = ("model", "e2e", "spacy", "tag")
 GIB = 1024**3
 BUSY_THRESHOLD = 0.15  # share of CPU time used by other work before the run
 
@@ -51,6 +53,7 @@ TARGETS = {
     "e2e_vs_model_core": 0.70,
     "model_core_efficiency": 0.80,
     "e2e_vs_spacy": 5.0,
+    "tag_vs_spacy": 5.0,
     "rss_bytes": 2 * GIB,
     "exactly_once_cost": 0.15,
 }
@@ -126,12 +129,19 @@ def step_model(args, out: Path) -> int:
     return run(cmd, timeout=1200)
 
 
+LONG_DOCS = 8000  # articles of the long corpus's saturation run (about 1.5 M words)
+
+
 def step_e2e(args, out: Path) -> int:
-    cmd = [sys.executable, "-m", "benchmarks.bench_e2e", "--out", str(out), *args.e2e_arg]
+    """The end-to-end benchmark on the short corpus, then a saturation run on the long one
+    (written beside `out` as e2e-long.json)."""
+    cmd = [sys.executable, "-m", "benchmarks.bench_e2e", *args.e2e_arg]
     if args.model:
         cmd += ["--model", args.model]
     if args.quick:
         cmd.append("--quick")
+    long_run = [*cmd, "--kind", "long", "--rates", "", "--no-exactly-once"]
+    long_run += ["--docs", str(300 if args.quick else LONG_DOCS)]
     started = False
     if not broker_running():
         log("starting the local Kafka broker (stopped again at the end)")
@@ -140,7 +150,9 @@ def step_e2e(args, out: Path) -> int:
             return 1
         started = True
     try:
-        return run(cmd, timeout=1800)
+        code = run([*cmd, "--out", str(out)], timeout=1800)
+        long_out = out.with_name("e2e-long.json")
+        return code or run([*long_run, "--out", str(long_out)], timeout=900)
     finally:
         if started:
             run([str(KAFKA), "down"], timeout=120)
@@ -173,13 +185,24 @@ def step_spacy(args, out: Path) -> int:
     if not ok or not SPACY_PY.exists():
         spacy_unavailable(out, args, "setup-spacy.sh failed: " + " / ".join(detail))
         return 0
-    cmd = [str(SPACY_PY), "-m", "benchmarks.bench_spacy", "--out", str(out), *args.spacy_arg]
+    for kind, path in (("short", out), ("long", out.with_name("spacy-long.json"))):
+        cmd = [str(SPACY_PY), "-m", "benchmarks.bench_spacy", "--out", str(path)]
+        cmd += ["--kind", kind, *args.spacy_arg]
+        if args.quick:
+            cmd.append("--quick")
+        code = run(cmd, timeout=1200)
+        if code != 0 or read_json(path) is None:
+            spacy_unavailable(path, args, f"bench_spacy.py exited with status {code}")
+    return 0
+
+
+def step_tag(args, out: Path) -> int:
+    cmd = [sys.executable, "-m", "benchmarks.bench_tag", "--out", str(out)]
+    if args.model:
+        cmd += ["--model", args.model]
     if args.quick:
         cmd.append("--quick")
-    code = run(cmd, timeout=1200)
-    if code != 0 or read_json(out) is None:
-        spacy_unavailable(out, args, f"bench_spacy.py exited with status {code}")
-    return 0
+    return run(cmd, timeout=1200)
 
 
 def ner_stream_tokens(docs: int, seed: int) -> int:
@@ -195,7 +218,47 @@ def ner_stream_tokens(docs: int, seed: int) -> int:
 # ------------------------------------------------------------------------------------ summary
 
 
-def summarize(model: dict | None, e2e: dict | None, spacy: dict | None) -> dict:
+def best_words_per_s(spacy: dict | None) -> float | None:
+    """spaCy's best words/s (1 or 2 processes) in a bench_spacy result, None when unmeasured."""
+    if not spacy or not spacy.get("available"):
+        return None
+    return max((r.get("words_per_s") or 0 for r in spacy["runs"]), default=None) or None
+
+
+def e2e_words_per_s(e2e: dict | None) -> float | None:
+    """Words/s of a bench_e2e saturation run (its documents/s times words per document)."""
+    if not e2e or not e2e.get("saturation", {}).get("docs_per_s"):
+        return None
+    st = e2e["settings"]
+    words = st.get("words")
+    return e2e["saturation"]["docs_per_s"] * words / st["docs"] if words else None
+
+
+def corpora(
+    e2e: dict | None, e2e_long: dict | None, tag: dict | None, spacy: dict | None,
+    spacy_long: dict | None,
+) -> dict:  # fmt: skip
+    """Words/s of the worker, `ner-stream tag` and spaCy's best, per corpus kind."""
+    kinds = (tag or {}).get("kinds", {})
+    return {
+        kind: {
+            "worker": e2e_words_per_s(worker),
+            "tag": kinds.get(kind, {}).get("words_per_s"),
+            "tag_start_up_s": ((tag or {}).get("start_up_s") or {}).get("median"),
+            "spacy": best_words_per_s(peer),
+        }
+        for kind, worker, peer in (("short", e2e, spacy), ("long", e2e_long, spacy_long))
+    }
+
+
+def summarize(
+    model: dict | None,
+    e2e: dict | None,
+    spacy: dict | None,
+    e2e_long: dict | None = None,
+    tag: dict | None = None,
+    spacy_long: dict | None = None,
+) -> dict:
     s: dict = {"targets": {}}
     core_tps = eff = None
     if model:
@@ -264,6 +327,28 @@ def summarize(model: dict | None, e2e: dict | None, spacy: dict | None) -> dict:
         TARGETS["exactly_once_cost"],
         "<=",
         "end-to-end documents/s lost with exactly-once (1 - exactly-once / at-least-once)",
+    )
+    words = corpora(e2e, e2e_long, tag, spacy, spacy_long)
+    s["corpora"] = words
+
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    for kind in ("short", "long"):
+        w = words[kind]
+        target(
+            f"tag_vs_spacy_{kind}",
+            ratio(w["tag"], w["spacy"]),
+            TARGETS["tag_vs_spacy"],
+            ">=",
+            f"`ner-stream tag` words/s / spaCy's best words/s, {kind} corpus",
+        )
+    target(
+        "e2e_vs_spacy_long",
+        ratio(words["long"]["worker"], words["long"]["spacy"]),
+        TARGETS["e2e_vs_spacy"],
+        ">=",
+        "end-to-end words/s / spaCy's best words/s, long corpus",
     )
     s["figures"] = {
         "exactly_once_docs_per_s": es.get("exactly_once_docs_per_s"),
@@ -353,7 +438,7 @@ def doc_blocks(meta: dict, model, e2e, spacy, summary) -> dict[str, str]:
             vs, gs = fmt(v, 2, 1 / GIB, " GiB"), fmt(goal, 2, 1 / GIB, " GiB")
         elif name.endswith("_s"):
             vs, gs = fmt(v, 0, 1000, " ms"), fmt(goal, 0, 1000, " ms")
-        elif name == "e2e_vs_spacy":
+        elif "vs_spacy" in name:
             vs, gs = fmt(v, 2, 1, "x"), fmt(goal, 1, 1, "x")
         else:
             vs, gs = pct(v), pct(goal)
@@ -564,6 +649,22 @@ def doc_blocks(meta: dict, model, e2e, spacy, summary) -> dict[str, str]:
                     rows,
                 )
             )
+    words = summary.get("corpora")
+    if words and any(v for w in words.values() for k, v in w.items() if k != "tag_start_up_s"):
+        rows = []
+        for kind, w in words.items():
+            for system, key in (("worker end to end", "worker"), ("`ner-stream tag`", "tag")):
+                ratio = w[key] / w["spacy"] if w[key] and w["spacy"] else None
+                rows.append([kind, system, fmt(w[key]), fmt(ratio, 2, 1, "x")])
+            rows.append([kind, "spaCy small, best of 1 or 2 processes", fmt(w["spacy"]), "1x"])
+        start = words["short"].get("tag_start_up_s")
+        blocks["corpora"] = (
+            head + "Words/s (whitespace-separated words of the same texts) on the short-document "
+            "corpus and on the long-article corpus (about 180 words per document). The worker: "
+            "saturation runs through the broker; `ner-stream tag`: a file tagged with `-o`, the "
+            f"start-up (interpreter, torch, model: {secs(start)}) taken out; spaCy: tok2vec + "
+            "ner.\n\n" + table(["corpus", "system", "words/s", "vs spaCy"], rows)
+        )
     return blocks
 
 
@@ -676,13 +777,18 @@ def main(argv: list[str] | None = None) -> int:
         status["e2e"] = step_e2e(args, paths["e2e"])
     if "spacy" in args.only:
         status["spacy"] = step_spacy(args, paths["spacy"])
+    if "tag" in args.only:
+        status["tag"] = step_tag(args, paths["tag"])
 
     model = read_json(paths["model"]) if status.get("model") == 0 else None
     e2e = read_json(paths["e2e"]) if status.get("e2e") == 0 else None
+    e2e_long = read_json(results / "e2e-long.json") if status.get("e2e") == 0 else None
     spacy = read_json(paths["spacy"]) if "spacy" in status else None
+    spacy_long = read_json(results / "spacy-long.json") if "spacy" in status else None
+    tag = read_json(paths["tag"]) if status.get("tag") == 0 else None
     # A part that was not run this time may still have a result from an earlier run: it is
     # not mixed into this run's ratios.
-    summary = summarize(model, e2e, spacy)
+    summary = summarize(model, e2e, spacy, e2e_long, tag, spacy_long)
 
     import kafka
     import torch
