@@ -450,16 +450,23 @@ def _write_lines(path: Path, lines: Iterable[str]) -> None:
 @click.option("--progress/--no-progress", default=None,
               help="Documents, tokens/s and time left on stderr [default: on when the inputs "
               "are files and stderr is a terminal].")  # fmt: skip
+@setting_option("torch_threads", help="CPU threads for the model (0: torch's default, one per "
+                "core; fewer when other work shares the machine).")  # fmt: skip
 @click.argument("inputs", nargs=-1, type=click.File("rb"))
 def tag(
-    model, device, precision, max_f1_change, line_breaks, fmt, batch_docs, output, progress, inputs
-) -> None:
+    model, device, precision, max_f1_change, line_breaks, fmt, batch_docs, output, progress,
+    torch_threads, inputs,
+) -> None:  # fmt: skip
     """Tag text or JSONL from files or stdin; print one JSON object per document. No Kafka.
 
     Each output is {"id", "entities", "meta"}: a JSON line's fields other than id and text are
     nested under "meta" (left out when there are none), as in the output of `run`. Outputs
     come in input order; memory stays flat however large the input.
     """
+    if torch_threads < 0:
+        raise click.BadParameter("must not be negative", param_hint="--torch-threads")
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
     options = TaggerOptions(
         device=device, precision=precision, max_f1_change=max_f1_change, line_breaks=line_breaks
     )

@@ -268,3 +268,15 @@ def test_tag_progress_on_a_file_ends_with_every_document_and_all_bytes_read(mode
     assert last.startswith("300 documents  ") and "tokens/s" in last and last.endswith("100%")
     quiet = CliRunner().invoke(main, args[:3] + args[4:])  # not a terminal: no progress
     assert quiet.exit_code == 0 and quiet.stderr == ""
+
+
+def test_tag_torch_threads_sets_the_model_threads_and_refuses_a_negative(model_path, monkeypatch):
+    import torch
+
+    seen: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)
+    assert tag(model_path, "--torch-threads", "1", input=b"Peter\n")[0]["entities"]
+    assert seen == [1]
+    assert tag(model_path, input=b"Peter\n") and seen == [1]  # 0: torch's default left alone
+    bad = CliRunner().invoke(main, ["tag", "--model", model_path, "--torch-threads", "-1"])
+    assert bad.exit_code == 2 and "must not be negative" in bad.output
