@@ -109,10 +109,10 @@ class ModelProcess:
     """A child process holding the model; calling it runs the passes there (a `Runner`, see
     `ner_stream.runner`, for `Tagger.use_runner`).
 
-    The child runs the network on the CPU at `precision` (the one the parent's `Tagger` chose),
-    with `threads` torch threads. A child that leaves its oldest pass unanswered for
-    `pass_timeout_s` seconds counts as hung: it is killed, and its passes are lost as with a
-    death. `restart` replaces a child that died, `close` stops the child.
+    The child runs the network on the CPU at `precision` and on `backend` (the ones the
+    parent's `Tagger` chose), with `threads` threads. A child that leaves its oldest pass
+    unanswered for `pass_timeout_s` seconds counts as hung: it is killed, and its passes are
+    lost as with a death. `restart` replaces a child that died, `close` stops the child.
 
     With `private_copy`, the children load a copy of the model file made at the first start (in
     a temporary folder, removed by `close`), so that a restart brings back this model whatever
@@ -128,8 +128,14 @@ class ModelProcess:
         start_timeout_s: float = 120.0,
         pass_timeout_s: float = DEFAULT_PASS_TIMEOUT_S,
         private_copy: bool = False,
+        backend: str = "torch",
     ) -> None:
-        self._spec = {"model": str(model_path), "precision": precision, "threads": threads}
+        self._spec = {
+            "model": str(model_path),
+            "precision": precision,
+            "threads": threads,
+            "backend": backend,
+        }
         self._copy_dir: str | None = None
         if private_copy:
             self._spec["model"] = self._copy(Path(model_path))
@@ -345,7 +351,9 @@ class Reply:
         return Forwarded(tags, scores, seconds)
 
 
-def serve(conn: Connection, model_path: str, precision: str, threads: int) -> None:
+def serve(
+    conn: Connection, model_path: str, precision: str, threads: int, backend: str = "torch"
+) -> None:
     """The child's loop: load the model, then answer passes until told to stop or orphaned."""
     # Ctrl-C reaches the whole process group; the parent decides when the model stops, after
     # the batches in flight are done.
@@ -353,7 +361,7 @@ def serve(conn: Connection, model_path: str, precision: str, threads: int) -> No
     torch.set_num_threads(threads)
     try:
         loaded = load(model_path)
-        runner = LocalRunner(loaded.model, torch.device("cpu"), precision)
+        runner = LocalRunner(loaded.model, torch.device("cpu"), precision, backend, threads)
         crash_id = _hook_word_id(loaded.info.vocabs, CRASH_WORD_ENV)
         hang_id = _hook_word_id(loaded.info.vocabs, HANG_WORD_ENV)
     except Exception as e:  # reported to the parent, which fails with the message
@@ -444,7 +452,7 @@ def _read_requests(conn: Connection, requests: queue.SimpleQueue) -> None:
 def main(argv: list[str]) -> None:
     """Entry point of the child: `python -m ner_stream.model_process FD SPEC_JSON`."""
     fd, spec = int(argv[0]), json.loads(argv[1])
-    serve(Connection(fd), spec["model"], spec["precision"], spec["threads"])
+    serve(Connection(fd), spec["model"], spec["precision"], spec["threads"], spec["backend"])
 
 
 if __name__ == "__main__":
