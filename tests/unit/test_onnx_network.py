@@ -120,3 +120,24 @@ def test_the_worker_setting_is_validated():
     with pytest.raises(ValueError, match="--backend must be one of auto, torch, onnx"):
         WorkerConfig(backend="x")
     assert WorkerConfig().backend == "auto"
+
+
+def test_ner_train_compare_backends_reports_agreement_and_fails_on_a_difference(
+    tmp_path, monkeypatch
+):
+    from training.cli import main as ner_train
+
+    path = tmp_path / "m.nerm"
+    loaded = random_model()
+    save(path, loaded.model, loaded.info)
+    data = tmp_path / "dev.txt"
+    lines = [f"{w} O" for text in texts(20, 2) for w in text.split()[:12]]
+    data.write_text("\n".join(lines[:60]) + "\n\n" + "\n".join(lines[60:]) + "\n", "utf-8")
+    args = ["compare-backends", "--model", str(path), "--data", str(data)]
+    same = CliRunner().invoke(ner_train, args)
+    assert same.exit_code == 0, same.output
+    assert "2 sentences" in same.output and "sentences whose entities differ: 0" in same.output
+    real = OnnxNetwork.scores
+    monkeypatch.setattr(OnnxNetwork, "scores", lambda self, x, m: real(self, x, m).flip(2))
+    differ = CliRunner().invoke(ner_train, args)
+    assert differ.exit_code == 1 and "sentences whose entities differ: 0" not in differ.output
