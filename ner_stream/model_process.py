@@ -58,6 +58,7 @@ from ner_stream.vocab import Vocabularies, word_key
 # Testing hook (see the module docstring): read by the child only.
 CRASH_WORD_ENV = "NER_STREAM_TEST_CRASH_WORD"
 HANG_WORD_ENV = "NER_STREAM_TEST_HANG_WORD"
+PROC_FD = "/proc/self/fd"  # where a process finds its open files by descriptor (Linux)
 DEFAULT_PASS_TIMEOUT_S = 60.0
 
 # A worker gives up when the model process dies more often than this: a model that dies on
@@ -114,10 +115,11 @@ class ModelProcess:
     unanswered for `pass_timeout_s` seconds counts as hung: it is killed, and its passes are
     lost as with a death. `restart` replaces a child that died, `close` stops the child.
 
-    With `private_copy`, the children load a copy of the model file made at the first start (in
-    a temporary folder, removed by `close`), so that a restart brings back this model whatever
-    the file holds by then: the worker takes up new models from a `--model` file while it runs
-    (`ner_stream.model_swap`), and one refused there must not reach a restart.
+    With `private_copy`, the children load a copy of the model file made at the first start
+    (see `_copy`: on Linux an unlinked file, gone with this process), so that a restart brings
+    back this model whatever the file holds by then: the worker takes up new models from a
+    `--model` file while it runs (`ner_stream.model_swap`), and one refused there must not
+    reach a restart.
     """
 
     def __init__(
@@ -137,6 +139,7 @@ class ModelProcess:
             "backend": backend,
         }
         self._copy_dir: str | None = None
+        self._copy_fd: int | None = None
         if private_copy:
             self._spec["model"] = self._copy(Path(model_path))
         self._start_timeout_s = start_timeout_s
@@ -154,17 +157,33 @@ class ModelProcess:
             raise
 
     def _copy(self, path: Path) -> str:
-        """Copy the model file into a private temporary folder; the path of the copy."""
-        self._copy_dir = tempfile.mkdtemp(prefix="ner-stream-model-")
-        copy = Path(self._copy_dir) / path.name
+        """Copy the model file for the children; the path under which they read the copy.
+
+        On Linux the copy is a temporary file unlinked at once and held open by this process,
+        read through ``/proc/self/fd/N`` (the children inherit descriptor N): nothing is left on
+        disk however the worker ends, `kill -9` included. Elsewhere it lies in a private
+        temporary folder that `close` removes.
+        """
         try:
+            if Path(PROC_FD).is_dir():
+                fd, name = tempfile.mkstemp(prefix="ner-stream-model-", suffix=path.suffix)
+                self._copy_fd = fd
+                os.unlink(name)
+                with open(path, "rb") as src, os.fdopen(os.dup(fd), "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                return f"{PROC_FD}/{fd}"
+            self._copy_dir = tempfile.mkdtemp(prefix="ner-stream-model-")
+            copy = Path(self._copy_dir) / path.name
             shutil.copyfile(path, copy)
+            return str(copy)
         except OSError as e:
             self._remove_copy()
             raise ModelProcessError(f"the model process could not load the model: {e}") from None
-        return str(copy)
 
     def _remove_copy(self) -> None:
+        if self._copy_fd is not None:
+            os.close(self._copy_fd)
+            self._copy_fd = None
         if self._copy_dir is not None:
             shutil.rmtree(self._copy_dir, ignore_errors=True)
             self._copy_dir = None
@@ -196,7 +215,7 @@ class ModelProcess:
         with theirs:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", __name__, str(theirs.fileno()), json.dumps(spec)],
-                pass_fds=[theirs.fileno()],
+                pass_fds=[theirs.fileno()] + ([self._copy_fd] if self._copy_fd is not None else []),
             )
         self._conn = Connection(ours.detach())
         if not self._conn.poll(start_timeout_s):

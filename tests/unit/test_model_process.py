@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from ner_stream import model_process
 from ner_stream.batching import pad_batch
 from ner_stream.checkpoint import save
 from ner_stream.model_process import (
@@ -242,11 +246,53 @@ def test_with_a_private_copy_a_restart_brings_back_the_model_whatever_the_file_h
         path.unlink()
         proc.restart()
         assert tagger.tag(TEXTS) == expected
-        copies = list(Path(proc._copy_dir).iterdir())
-        assert [c.name for c in copies] == ["model.nerm"]
     finally:
         proc.close()
-    assert not copies[0].exists(), "the private copy outlives the model process"
+
+
+def _copies() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("ner-stream-model-*")}
+
+
+def test_the_private_copy_leaves_nothing_on_disk_even_when_the_worker_is_killed(model_file):
+    """A crash-looping worker must not fill the disk with copies of its model."""
+    before = _copies()
+    script = (
+        "import sys, time; from ner_stream.model_process import ModelProcess; "
+        f"p = ModelProcess({str(model_file)!r}, 'fp32', threads=1, private_copy=True); "
+        "print(p.pid, flush=True); time.sleep(60)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert _copies() == before  # no name on disk while it runs
+        parent.kill()
+        parent.wait(10)
+        wait_for(lambda: not Path(f"/proc/{child}").exists() or _zombie(child), 15,
+                 "the orphaned model process to exit")  # fmt: skip
+    finally:
+        parent.kill()
+    assert _copies() == before
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
+
+
+def test_where_proc_is_missing_the_copy_lies_in_a_folder_that_close_removes(
+    model_file, monkeypatch
+):
+    monkeypatch.setattr(model_process, "PROC_FD", "/nonexistent/fd")
+    proc = ModelProcess(model_file, "fp32", threads=1, private_copy=True)
+    try:
+        folder = Path(proc._copy_dir)
+        assert [p.name for p in folder.iterdir()] == [model_file.name]
+    finally:
+        proc.close()
+    assert not folder.exists()
 
 
 def test_the_crash_hook_refuses_a_word_the_model_does_not_know(model_file, monkeypatch):
