@@ -68,6 +68,21 @@ def settings_options(func):
     return func
 
 
+# The settings that reach a secure broker, shared by `run`, `produce` and `consume` (flags,
+# NER_STREAM_* variables, help).
+SECURITY_SETTINGS = (
+    "security_protocol", "sasl_mechanism", "sasl_username", "sasl_password", "ssl_cafile",
+    "ssl_certfile", "ssl_keyfile", "connect_timeout_s",
+)  # fmt: skip
+
+
+def security_options(func):
+    """Attach the options of `SECURITY_SETTINGS` (see `setting_option`)."""
+    for name in reversed(SECURITY_SETTINGS):
+        func = setting_option(name)(func)
+    return func
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ner-stream")
 def main() -> None:
@@ -488,11 +503,17 @@ def tag(
 @click.option("--repeat", type=click.IntRange(1), default=1, show_default=True,
               help="Send the input N times (later rounds add #round to the ids).")  # fmt: skip
 @click.argument("inputs", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def produce(bootstrap_servers, topic, fmt, repeat, inputs) -> None:
-    """Send JSONL or text lines to the input topic, keyed by document id."""
+@security_options
+def produce(bootstrap_servers, topic, fmt, repeat, inputs, **security) -> None:
+    """Send JSONL or text lines to the input topic, keyed by document id.
+
+    Exits 2 for bad settings and 3 when Kafka cannot be reached or refuses the credentials or
+    the certificate check, as `run` does.
+    """
     from ner_stream.kafka_io import make_producer
 
-    cfg = WorkerConfig(bootstrap_servers=bootstrap_servers, input_topic=topic)
+    cfg = _client_config(bootstrap_servers=bootstrap_servers, input_topic=topic, **security)
+    _check_connection(cfg)
     producer = make_producer(cfg)
     sent = 0
     t0 = time.monotonic()
@@ -523,10 +544,19 @@ def produce(bootstrap_servers, topic, fmt, repeat, inputs) -> None:
               default="read_committed", show_default=True,
               help="read_committed: only outputs of committed transactions (exactly-once "
                    "workers); read_uncommitted: also those of open or aborted ones.")  # fmt: skip
-def consume(bootstrap_servers, topic, max_messages, idle_timeout_s, pretty, isolation) -> None:
-    """Print the output topic from the beginning (no consumer group, nothing committed)."""
+@security_options
+def consume(
+    bootstrap_servers, topic, max_messages, idle_timeout_s, pretty, isolation, **security
+) -> None:
+    """Print the output topic from the beginning (no consumer group, nothing committed).
+
+    Exits 2 for bad settings and 3 when Kafka cannot be reached or refuses the credentials or
+    the certificate check, as `run` does.
+    """
     from kafka import KafkaConsumer
 
+    cfg = _client_config(bootstrap_servers=bootstrap_servers, output_topic=topic, **security)
+    _check_connection(cfg)
     consumer = KafkaConsumer(
         topic,
         bootstrap_servers=bootstrap_servers,
@@ -535,6 +565,7 @@ def consume(bootstrap_servers, topic, max_messages, idle_timeout_s, pretty, isol
         enable_auto_commit=False,
         consumer_timeout_ms=int(idle_timeout_s * 1000),
         isolation_level=isolation,
+        **cfg.kafka_security(),
     )
     seen = 0
     try:
@@ -546,6 +577,26 @@ def consume(bootstrap_servers, topic, max_messages, idle_timeout_s, pretty, isol
                 break
     finally:
         consumer.close()
+
+
+def _client_config(**values: Any) -> WorkerConfig:
+    """The configuration of `produce` or `consume`; a bad setting exits 2 with its sentence."""
+    try:
+        return WorkerConfig(**values)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def _check_connection(cfg: WorkerConfig) -> None:
+    """Reach Kafka as `run` does (`kafka_io.connect_admin`): exit 3 with one sentence when it
+    cannot be reached in --connect-timeout-s or refuses the credentials or the certificate."""
+    from ner_stream.kafka_io import StartupError, connect_admin
+
+    try:
+        connect_admin(cfg).close()
+    except StartupError as e:
+        click.echo(f"Error: {e}", err=True)
+        raise SystemExit(e.exit_code) from None
 
 
 def _pretty(value: str) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -302,6 +303,44 @@ def test_the_worker_runs_over_sasl_ssl_with_only_its_acls_and_shows_no_secret(
     log = worker.log()
     assert "'sasl_password': '***'" in log  # the settings line is there, masked
     assert password not in log
+
+
+def _cli(broker: SecureBroker, user: str, *args: str, password: str | None = None,
+         stdin: str | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """`ner-stream ARGS` as `user` over SASL_SSL, the password from the environment."""
+    flags = ["--bootstrap-servers", broker.bootstrap, "--security-protocol", "SASL_SSL",
+             "--sasl-mechanism", "SCRAM-SHA-512", "--sasl-username", user,
+             "--ssl-cafile", str(broker.ca), "--connect-timeout-s", "20"]  # fmt: skip
+    env = {**os.environ, "NER_STREAM_SASL_PASSWORD": password or broker.password(user)}
+    return subprocess.run([wu.ner_stream_executable(), *args, *flags], input=stdin,
+                          capture_output=True, text=True, env=env, timeout=120,
+                          check=False)  # fmt: skip
+
+
+def test_produce_and_consume_work_over_sasl_ssl_around_a_worker(
+    secure_broker, secure_admin, secure_topics, start_secure_worker
+):
+    """The README's flow on a secure broker: produce as one user, the worker as `ner-stream`
+    with its ACLs, consume as another user."""
+    grant(secure_admin, secure_topics, *acls.PARTS)
+    lines = "".join(f'{{"id": "doc-{i}", "text": "Peter went to Paris ."}}\n' for i in range(5))
+    produced = _cli(secure_broker, "admin", "produce", "--topic", secure_topics.input,
+                    stdin=lines)  # fmt: skip
+    assert produced.returncode == 0, produced.stderr
+    assert "sent 5 documents" in produced.stderr
+    worker = start_secure_worker("cli", secure_topics)
+    wait_for_outputs(secure_broker, secure_topics, [f"doc-{i}" for i in range(5)], worker).close()
+    consumed = _cli(secure_broker, "admin", "consume", "--topic", secure_topics.output,
+                    "--idle-timeout-s", "3")  # fmt: skip
+    assert consumed.returncode == 0, consumed.stderr
+    assert sorted(json.loads(line)["id"] for line in consumed.stdout.splitlines()) == [
+        f"doc-{i}" for i in range(5)
+    ]
+    wrong = _cli(secure_broker, "admin", "consume", "--topic", secure_topics.output,
+                 password="not-the-password")  # fmt: skip
+    assert wrong.returncode == 3
+    assert len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr
+    assert "not-the-password" not in wrong.stdout + wrong.stderr
 
 
 def test_run_help_shows_no_password_from_the_environment(secure_broker):

@@ -78,6 +78,7 @@ def test_produce_keeps_a_lone_carriage_return_in_the_document(monkeypatch, tmp_p
         return producers[-1]
 
     monkeypatch.setattr(kafka_io, "make_producer", make_producer)
+    monkeypatch.setattr(kafka_io, "connect_admin", lambda cfg: FakeAdmin())
     path = tmp_path / "in.txt"
     path.write_bytes(b"Peter went\rto Paris\r\nParis\n")
     for args, stdin in (([str(path)], None), ([], path.read_bytes())):
@@ -280,3 +281,66 @@ def test_tag_torch_threads_sets_the_model_threads_and_refuses_a_negative(model_p
     assert tag(model_path, input=b"Peter\n") and seen == [1]  # 0: torch's default left alone
     bad = CliRunner().invoke(main, ["tag", "--model", model_path, "--torch-threads", "-1"])
     assert bad.exit_code == 2 and "must not be negative" in bad.output
+
+
+class FakeAdmin:
+    def close(self) -> None:
+        pass
+
+
+SECURE = ["--security-protocol", "SASL_SSL", "--sasl-mechanism", "SCRAM-SHA-512",
+          "--sasl-username", "ner-stream", "--ssl-cafile", "ca.pem"]  # fmt: skip
+
+
+def test_produce_and_consume_reach_a_secure_broker_with_the_flags_run_takes(monkeypatch):
+    import kafka
+
+    seen: dict[str, object] = {}
+
+    def connect_admin(cfg):
+        seen["admin"] = cfg.kafka_security()
+        return FakeAdmin()
+
+    def make_producer(cfg):
+        seen["producer"] = cfg.kafka_security()
+        return FakeProducer()
+
+    class Consumer:
+        def __init__(self, topic, **kwargs):
+            seen["consumer"] = kwargs
+
+        def __iter__(self):
+            return iter(())
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(kafka_io, "connect_admin", connect_admin)
+    monkeypatch.setattr(kafka_io, "make_producer", make_producer)
+    monkeypatch.setattr(kafka, "KafkaConsumer", Consumer)
+    env = {"NER_STREAM_SASL_PASSWORD": "s3cret"}
+    want = {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
+            "sasl_plain_username": "ner-stream", "sasl_plain_password": "s3cret",
+            "ssl_cafile": "ca.pem"}  # fmt: skip
+    produced = CliRunner().invoke(main, ["produce", *SECURE], input=b"Peter\n", env=env)
+    assert produced.exit_code == 0, produced.output
+    assert seen["admin"] == seen["producer"] == want
+    consumed = CliRunner().invoke(main, ["consume", *SECURE], env=env)
+    assert consumed.exit_code == 0, consumed.output
+    assert {k: seen["consumer"][k] for k in want} == want
+    assert "s3cret" not in CliRunner().invoke(main, ["consume", "--help"], env=env).output
+
+
+def test_produce_and_consume_exit_2_on_bad_settings_and_3_when_kafka_refuses(monkeypatch):
+    for command in ("produce", "consume"):
+        bad = CliRunner().invoke(main, [command, "--security-protocol", "SASL_SSL"], input=b"")
+        assert bad.exit_code == 2 and "needs --sasl-mechanism and --sasl-username" in bad.output
+
+    def refuse(cfg):
+        raise kafka_io.StartupError("Kafka refused the credentials of ner-stream", exit_code=3)
+
+    monkeypatch.setattr(kafka_io, "connect_admin", refuse)
+    for command in ("produce", "consume"):
+        result = CliRunner().invoke(main, [command, *SECURE], input=b"Peter\n")
+        assert result.exit_code == 3
+        assert result.output.strip().endswith("Kafka refused the credentials of ner-stream")
