@@ -172,6 +172,7 @@ def connect_admin(cfg: WorkerConfig) -> KafkaAdminClient:
     """
     deadline = time.monotonic() + cfg.connect_timeout_s
     delay = 0.25
+    disconnects = 0  # attempts in a row that ended with the broker closing the connection
     while True:
         left = deadline - time.monotonic()
         errors = _ConnectErrors()
@@ -191,11 +192,21 @@ def connect_admin(cfg: WorkerConfig) -> KafkaAdminClient:
         if is_refusal(cause):
             raise StartupError(explain(cause, cfg), exit_code=3)
         why = _error_text(cause) if cause is not None else "no answer"
+        if cause is not None and not isinstance(cause, kafka_errors.KafkaTimeoutError):
+            disconnects = disconnects + 1 if "disconnected" in why else 0
         left = deadline - time.monotonic()
         if left <= 0:
+            # kafka-python 3.0.12 often reads the broker's close before its answer to a SCRAM
+            # exchange with a wrong password: every attempt then ends "socket disconnected".
+            hint = (
+                "; a broker that drops every connection of a SASL client is often refusing its "
+                "credentials: check --sasl-username, --sasl-password and --sasl-mechanism"
+                if disconnects and cfg.security_protocol.startswith("SASL")
+                else ""
+            )
             raise StartupError(
                 f"cannot reach Kafka at {cfg.bootstrap_servers} after {cfg.connect_timeout_s:g} s "
-                f"({why})",
+                f"({why}){hint}",
                 exit_code=3,
             )
         log.warning("Kafka at %s not reachable yet (%s); retrying in %.1f s",

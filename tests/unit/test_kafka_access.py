@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 from kafka import errors as kafka_errors
@@ -186,6 +187,24 @@ def test_an_unreachable_broker_is_retried_until_the_timeout_naming_the_last_erro
     assert failing_admin.calls > 1
     retries = [r.getMessage() for r in caplog.records if r.name == "ner_stream.kafka_io"]
     assert retries and all("(KafkaConnectionError: Connection refused)" in m for m in retries)
+
+
+def test_a_sasl_client_the_broker_keeps_dropping_is_told_to_check_its_credentials(
+    failing_admin, monkeypatch
+):
+    """kafka-python often sees only the close of a refused SCRAM exchange, not the refusal."""
+    dropped = kafka_errors.KafkaConnectionError("socket disconnected")
+    monkeypatch.setattr(failing_admin, "errors", [dropped])
+    clock = iter(range(0, 1000, 4))
+    monkeypatch.setattr(kafka_io.time, "monotonic", lambda: float(next(clock)))
+    plain = WorkerConfig(bootstrap_servers="b:9092", connect_timeout_s=10)
+    for cfg, hinted in ((replace(CFG, connect_timeout_s=10), True), (plain, False)):
+        with pytest.raises(StartupError) as raised:
+            connect_admin(cfg)
+        assert raised.value.exit_code == 3
+        message = str(raised.value)
+        assert message.startswith("cannot reach Kafka at ") and "socket disconnected" in message
+        assert ("check --sasl-username, --sasl-password and --sasl-mechanism" in message) is hinted
 
 
 # ------------------------------------------------------------------------------ topics
