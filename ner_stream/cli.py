@@ -29,7 +29,7 @@ from ner_stream.logs import configure_logging
 from ner_stream.messages import document_id, output_object, parse_json, pass_through
 from ner_stream.model_process import ModelProcess, ModelProcessError
 from ner_stream.model_swap import ModelSwapper
-from ner_stream.precision import BACKENDS, PRECISIONS
+from ner_stream.precision import PRECISIONS
 from ner_stream.progress import TagProgress
 from ner_stream.tagger import Tagger, TaggerOptions
 from ner_stream.text import LINE_BREAK_MODES
@@ -132,9 +132,9 @@ def _run_worker(cfg: WorkerConfig) -> int:
         return _fail(str(e), 2)
     except ValueError as e:
         return _fail(str(e), 2)
-    log.info("model %s %s (%s) on %s at %s (%s), %s backend (%s)", tagger.name,
-             tagger.version, tagger.info.config.arch, tagger.device, tagger.precision.precision,
-             tagger.precision.reason, tagger.backend, tagger.backend_reason)  # fmt: skip
+    log.info("model %s %s (%s) on %s at %s (%s)", tagger.name, tagger.version,
+             tagger.info.config.arch, tagger.device, tagger.precision.precision,
+             tagger.precision.reason)  # fmt: skip
     warning = tagger.precision.warning(tagger.device)
     if warning:
         log.warning("%s", warning)
@@ -164,7 +164,6 @@ def _start_model_process(cfg: WorkerConfig, tagger: Tagger) -> ModelProcess:
         cfg.model_threads(),
         pass_timeout_s=cfg.model_timeout_s,
         private_copy=cfg.model is not None,
-        backend=tagger.backend,
     )
     tagger.use_runner(proc)
     torch.set_num_threads(1)
@@ -457,7 +456,6 @@ def _write_lines(path: Path, lines: Iterable[str]) -> None:
 @click.option("--format", "fmt", type=FORMAT, default="auto", show_default=True,
               help="Input lines: JSON objects with a text, plain text, or either.")  # fmt: skip
 @setting_option("precision", type=click.Choice(PRECISIONS))
-@setting_option("backend", type=click.Choice(BACKENDS))
 @setting_option("max_f1_change", type=click.FloatRange(0))
 @setting_option("line_breaks", type=click.Choice(LINE_BREAK_MODES))
 @click.option("--batch-docs", type=click.IntRange(1), default=TAG_BATCH_DOCS, show_default=True)
@@ -471,8 +469,8 @@ def _write_lines(path: Path, lines: Iterable[str]) -> None:
                 "core; fewer when other work shares the machine).")  # fmt: skip
 @click.argument("inputs", nargs=-1, type=click.File("rb"))
 def tag(
-    model, device, precision, backend, max_f1_change, line_breaks, fmt, batch_docs, output,
-    progress, torch_threads, inputs,
+    model, device, precision, max_f1_change, line_breaks, fmt, batch_docs, output, progress,
+    torch_threads, inputs,
 ) -> None:  # fmt: skip
     """Tag text or JSONL from files or stdin; print one JSON object per document. No Kafka.
 
@@ -485,11 +483,7 @@ def tag(
     if torch_threads:
         torch.set_num_threads(torch_threads)
     options = TaggerOptions(
-        device=device,
-        precision=precision,
-        max_f1_change=max_f1_change,
-        line_breaks=line_breaks,
-        backend=backend,
+        device=device, precision=precision, max_f1_change=max_f1_change, line_breaks=line_breaks
     )
     tag_streams(model, options, inputs, fmt, batch_docs, output, progress)
 

@@ -13,7 +13,7 @@ import types
 from dataclasses import dataclass, field, fields
 from typing import Any, get_type_hints
 
-from ner_stream.precision import BACKENDS, DEFAULT_MAX_F1_CHANGE, PRECISIONS
+from ner_stream.precision import DEFAULT_MAX_F1_CHANGE, PRECISIONS
 from ner_stream.text import LINE_BREAK_MODES
 
 ENV_PREFIX = "NER_STREAM_"
@@ -86,11 +86,6 @@ class WorkerConfig:
         "file's measurement) to be used.",
     )
     torch_threads: int = setting(0, "CPU threads for the model (0: every core but one).")
-    backend: str = setting(
-        "auto",
-        "Runs the BiLSTM on the CPU: auto (ONNX Runtime when it is installed and the model "
-        "runs there at fp32), torch, or onnx (needs the onnx extra).",
-    )
     model_process: bool = setting(True, "On the CPU, run the model in a child process of its own.")
     model_timeout_s: float = setting(
         60.0,
@@ -262,8 +257,6 @@ def validate(cfg: WorkerConfig) -> list[str]:
         problems.append("--model-watch-s must not be negative")
     if cfg.precision not in PRECISIONS:
         problems.append(f"--precision must be one of {', '.join(PRECISIONS)}")
-    if cfg.backend not in BACKENDS:
-        problems.append(f"--backend must be one of {', '.join(BACKENDS)}")
     if cfg.max_f1_change < 0:
         problems.append("--max-f1-change must not be negative")
     if cfg.max_wait_ms < 0:

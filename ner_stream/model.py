@@ -246,7 +246,14 @@ class NerModel(nn.Module):
 
         `char_features`: this batch's from `char_features`, when computed for several at once.
         """
-        x = self.lstm_input(batch, char_features)
+        feats = [self.word_embed(batch.words)]
+        if self.char_encoder is not None:
+            if char_features is None:
+                char_features = self.char_encoder(batch.chars)
+            feats.append(char_features)
+        if self.case_embed is not None:
+            feats.append(self.case_embed(batch.cases))
+        x = self.dropout(torch.cat(feats, dim=2) if len(feats) > 1 else feats[0])
         # Padding sits at the end of every row, so a left-to-right LSTM never lets real tokens
         # see it; the backward direction would, which is why a BiLSTM needs care.
         if not self.config.bidirectional:
@@ -260,19 +267,6 @@ class NerModel(nn.Module):
             # fp32 whatever the network runs at: these are the probabilities the scores report.
             return torch.log_softmax(scores.float(), dim=2)
         return scores
-
-    def lstm_input(self, batch: Batch, char_features: Tensor | None = None) -> Tensor:
-        """What the LSTM reads [B, T, D]: word embeddings, character features and casing
-        embeddings side by side (dropout applied when training). `char_features` as for
-        `emissions`."""
-        feats = [self.word_embed(batch.words)]
-        if self.char_encoder is not None:
-            if char_features is None:
-                char_features = self.char_encoder(batch.chars)
-            feats.append(char_features)
-        if self.case_embed is not None:
-            feats.append(self.case_embed(batch.cases))
-        return self.dropout(torch.cat(feats, dim=2) if len(feats) > 1 else feats[0])
 
     def _bilstm_packed(self, x: Tensor, mask: Tensor) -> Tensor:
         """The BiLSTM over a packed sequence: each direction sees only real tokens."""

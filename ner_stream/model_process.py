@@ -110,10 +110,10 @@ class ModelProcess:
     """A child process holding the model; calling it runs the passes there (a `Runner`, see
     `ner_stream.runner`, for `Tagger.use_runner`).
 
-    The child runs the network on the CPU at `precision` and on `backend` (the ones the
-    parent's `Tagger` chose), with `threads` threads. A child that leaves its oldest pass
-    unanswered for `pass_timeout_s` seconds counts as hung: it is killed, and its passes are
-    lost as with a death. `restart` replaces a child that died, `close` stops the child.
+    The child runs the network on the CPU at `precision` (the one the parent's `Tagger` chose),
+    with `threads` torch threads. A child that leaves its oldest pass unanswered for
+    `pass_timeout_s` seconds counts as hung: it is killed, and its passes are lost as with a
+    death. `restart` replaces a child that died, `close` stops the child.
 
     With `private_copy`, the children load a copy of the model file made at the first start
     (see `_copy`: on Linux an unlinked file, gone with this process), so that a restart brings
@@ -130,14 +130,8 @@ class ModelProcess:
         start_timeout_s: float = 120.0,
         pass_timeout_s: float = DEFAULT_PASS_TIMEOUT_S,
         private_copy: bool = False,
-        backend: str = "torch",
     ) -> None:
-        self._spec = {
-            "model": str(model_path),
-            "precision": precision,
-            "threads": threads,
-            "backend": backend,
-        }
+        self._spec = {"model": str(model_path), "precision": precision, "threads": threads}
         self._copy_dir: str | None = None
         self._copy_fd: int | None = None
         if private_copy:
@@ -370,9 +364,7 @@ class Reply:
         return Forwarded(tags, scores, seconds)
 
 
-def serve(
-    conn: Connection, model_path: str, precision: str, threads: int, backend: str = "torch"
-) -> None:
+def serve(conn: Connection, model_path: str, precision: str, threads: int) -> None:
     """The child's loop: load the model, then answer passes until told to stop or orphaned."""
     # Ctrl-C reaches the whole process group; the parent decides when the model stops, after
     # the batches in flight are done.
@@ -380,7 +372,7 @@ def serve(
     torch.set_num_threads(threads)
     try:
         loaded = load(model_path)
-        runner = LocalRunner(loaded.model, torch.device("cpu"), precision, backend, threads)
+        runner = LocalRunner(loaded.model, torch.device("cpu"), precision)
         crash_id = _hook_word_id(loaded.info.vocabs, CRASH_WORD_ENV)
         hang_id = _hook_word_id(loaded.info.vocabs, HANG_WORD_ENV)
     except Exception as e:  # reported to the parent, which fails with the message
@@ -471,7 +463,7 @@ def _read_requests(conn: Connection, requests: queue.SimpleQueue) -> None:
 def main(argv: list[str]) -> None:
     """Entry point of the child: `python -m ner_stream.model_process FD SPEC_JSON`."""
     fd, spec = int(argv[0]), json.loads(argv[1])
-    serve(Connection(fd), spec["model"], spec["precision"], spec["threads"], spec["backend"])
+    serve(Connection(fd), spec["model"], spec["precision"], spec["threads"])
 
 
 if __name__ == "__main__":

@@ -27,9 +27,6 @@ from ner_stream.model import NerModel
 # What a tagger may be asked to run at; `auto` is resolved by `choose`. The worker's
 # `--precision` choices (ner_stream.config) are these.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-# `--backend` choices (ner_stream.onnx_network.choose_backend): auto takes onnx when onnxruntime
-# is installed and the model runs there, torch otherwise.
-BACKENDS = ("auto", "torch", "onnx")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKS_KEY = "precision_checks"  # in the model file's `extra`
 # Dev-F1 points a reduced precision may move and still be used: the default of the worker's

@@ -102,36 +102,17 @@ class LocalRunner:
     """A model on a device, in this process, at a precision already chosen (see
     `ner_stream.precision.choose`): the network casts to it, the CRF stays fp32."""
 
-    def __init__(
-        self,
-        model: NerModel,
-        device: torch.device,
-        precision: str = "fp32",
-        backend: str = "torch",
-        threads: int | None = None,
-    ) -> None:
-        """`backend`: `torch`, or `onnx` to run the BiLSTM and projection with ONNX Runtime on
-        `threads` threads (default: torch's) (`ner_stream.onnx_network`; raises
-        `BackendUnavailable` when it cannot run)."""
+    def __init__(self, model: NerModel, device: torch.device, precision: str = "fp32") -> None:
         self.device = device
         self.model = model.to(device).eval()
         if precision != "fp32":
             cast_network(self.model, precision)
         self._pin = device.type == "cuda"
-        self.backend = backend
-        self._onnx = None
-        if backend == "onnx":
-            from ner_stream.onnx_network import OnnxNetwork, choose_backend
-
-            choose_backend("onnx", self.model, device, precision)
-            self._onnx = OnnxNetwork(self.model, threads or torch.get_num_threads())
 
     @classmethod
-    def from_file(
-        cls, path: str | Path, device: str, precision: str, backend: str = "torch"
-    ) -> LocalRunner:
+    def from_file(cls, path: str | Path, device: str, precision: str) -> LocalRunner:
         """The runner of a model file (raises `CheckpointError` for a bad file)."""
-        return cls(load(path).model, resolve_device(device), precision, backend)
+        return cls(load(path).model, resolve_device(device), precision)
 
     @property
     def pin_memory(self) -> bool:
@@ -156,12 +137,7 @@ class LocalRunner:
             chars = self.model.char_features([b.chars for b in batches])
             for i, (batch, n) in enumerate(zip(batches, rows, strict=True)):
                 features = None if chars is None else chars[i]
-                if self._onnx is not None:
-                    # Only the real rows: the pass's padding rows are there for torch's shapes.
-                    x = self.model.lstm_input(batch, features)[:n]
-                    emissions.append(self._onnx.scores(x, batch.mask[:n]))
-                else:
-                    emissions.append(self.model.emissions(batch, features)[:n])
+                emissions.append(self.model.emissions(batch, features)[:n])
                 masks.append(batch.mask[:n])
             width = max(m.shape[1] for m in masks)
             em = torch.cat([nn.functional.pad(e, (0, 0, 0, width - e.shape[1])) for e in emissions])

@@ -18,7 +18,6 @@ from ner_stream.batching import DEFAULT_BUCKETS, pad_pass, plan_passes
 from ner_stream.checkpoint import LoadedModel, default_model_path, load
 from ner_stream.config import WorkerConfig
 from ner_stream.messages import Entity
-from ner_stream.onnx_network import choose_backend
 from ner_stream.precision import Choice, checks_of, choose
 from ner_stream.runner import Forwarded, LocalRunner, PendingPass, Runner, resolve_device
 from ner_stream.spans import OUTSIDE, spans_from_tags
@@ -47,7 +46,6 @@ class TaggerOptions:
     precision: str = WorkerConfig.precision  # see ner_stream.precision
     max_f1_change: float = WorkerConfig.max_f1_change  # dev-F1 points a reduced precision may move
     line_breaks: str = WorkerConfig.line_breaks  # does a single line break end a sentence?
-    backend: str = WorkerConfig.backend  # see ner_stream.onnx_network.choose_backend
 
     def __post_init__(self) -> None:
         if self.max_chunk_tokens < 1 or self.max_pass_tokens < self.max_chunk_tokens:
@@ -128,13 +126,7 @@ class Tagger:
         self.scheme = loaded.info.config.tag_scheme
         # -1 (no tag) when a model has no "O" tag: every tag then reaches span decoding.
         self._outside = self.vocabs.tags.stoi.get(OUTSIDE, -1)
-        # Raises BackendUnavailable (a ValueError) when onnx is asked for and cannot run.
-        self.backend, self.backend_reason = choose_backend(
-            self.options.backend, loaded.model, self.device, self.precision.precision
-        )
-        self.local = LocalRunner(
-            loaded.model, self.device, self.precision.precision, backend=self.backend
-        )
+        self.local = LocalRunner(loaded.model, self.device, self.precision.precision)
         self.runner: Runner = self.local
 
     @classmethod

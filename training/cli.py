@@ -481,52 +481,6 @@ def check_precision_cmd(model_path, data, fmt, precision, device, write, as_json
         click.echo(f"recorded in {path}", err=True)
 
 
-@main.command("compare-backends")
-@click.option(
-    "--model",
-    "model_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Model file (default: the packaged English model).",
-)
-@click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="conll", show_default=True)
-def compare_backends_cmd(model_path, data, fmt) -> None:
-    """Tag each sentence of --data, joined by spaces, on the torch and the onnx backend (CPU,
-    fp32), and report whether the entities are the same and how far their scores differ.
-
-    Exits 1 when an entity differs.
-    """
-    from ner_stream.tagger import Tagger
-
-    loaded = _load_model(model_path)
-    texts = [" ".join(s.tokens) for s in _read(data, fmt)]
-    found = {}
-    for backend in ("torch", "onnx"):
-        options = TaggerOptions(device="cpu", precision="fp32", backend=backend)
-        try:
-            tagger = Tagger(loaded, options)
-        except ValueError as e:
-            raise click.ClickException(str(e)) from None
-        found[backend] = [
-            e for i in range(0, len(texts), 64) for e in tagger.tag(texts[i : i + 64])
-        ]
-    spans = {b: [[(e.start, e.end, e.type) for e in d] for d in docs] for b, docs in found.items()}
-    differ = sum(a != b for a, b in zip(spans["torch"], spans["onnx"], strict=True))
-    gap = max(
-        (abs(x.score - y.score) for a, b in zip(found["torch"], found["onnx"], strict=True)
-         for x, y in zip(a, b, strict=False)),
-        default=0.0,
-    )  # fmt: skip
-    entities = sum(map(len, spans["torch"]))
-    click.echo(
-        f"{len(texts)} sentences, {entities} entities on torch, "
-        f"{sum(map(len, spans['onnx']))} on onnx; sentences whose entities differ: {differ}; "
-        f"largest score difference: {gap:.2e}"
-    )
-    if differ:
-        raise SystemExit(1)
-
-
 @main.command("predict")
 @setting_option("model", type=click.Path(dir_okay=False, path_type=Path))
 @setting_option("device")

@@ -87,7 +87,7 @@ def test_the_flags_tag_shares_with_run_come_from_the_same_settings():
     by_name = {s.name: s for s in SETTINGS}
     shared = {name: p for name, p in _options(cli.tag).items() if name in by_name}
     assert set(shared) == {
-        "model", "device", "precision", "backend", "max_f1_change", "line_breaks", "torch_threads",
+        "model", "device", "precision", "max_f1_change", "line_breaks", "torch_threads",
     }  # fmt: skip
     for name, p in shared.items():
         s = by_name[name]
@@ -180,17 +180,17 @@ def test_tagger_options_take_their_defaults_and_values_from_the_worker_settings(
     shared = [f for f in fields(TaggerOptions) if f.name != "buckets"]
     assert [f.name for f in shared] == [
         "device", "max_chunk_tokens", "max_pass_tokens", "precision", "max_f1_change",
-        "line_breaks", "backend",
+        "line_breaks",
     ]  # fmt: skip
     for f in shared:
         assert f.default == by_name[f.name].default, f.name
     cfg = WorkerConfig(device="cpu", max_chunk_tokens=32, max_batch_tokens=100,
                        max_pass_tokens=512, precision="fp32", max_f1_change=0.5,
-                       line_breaks="space", backend="torch")  # fmt: skip
+                       line_breaks="space")  # fmt: skip
     options = TaggerOptions.of(cfg)
     assert options == TaggerOptions(device="cpu", max_chunk_tokens=32, max_pass_tokens=512,
                                     precision="fp32", max_f1_change=0.5,
-                                    line_breaks="space", backend="torch")  # fmt: skip
+                                    line_breaks="space")  # fmt: skip
     assert TaggerOptions.of(WorkerConfig()) == TaggerOptions()
 
 

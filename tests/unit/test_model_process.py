@@ -37,8 +37,7 @@ TEXTS = [
     "the the the Peter to Paris " * 12,
     "Ünïcödé Peter went to Paris 🇫🇷 .",
 ]
-# The children below run torch (ModelProcess's default backend); each test compares like with like.
-OPTIONS = TaggerOptions(device="cpu", max_chunk_tokens=32, max_pass_tokens=256, backend="torch")
+OPTIONS = TaggerOptions(device="cpu", max_chunk_tokens=32, max_pass_tokens=256)
 
 
 @pytest.fixture(scope="module")
@@ -63,18 +62,6 @@ def test_entities_from_the_model_process_equal_those_of_the_process_itself(model
     remote.use_runner(process)
     assert remote.tag(TEXTS * 3) == expected
     assert sum(map(len, expected)) > 0
-
-
-def test_a_child_on_the_onnx_backend_answers_as_onnx_does_here(model_file):
-    options = replace(OPTIONS, backend="onnx")
-    here = Tagger.from_file(model_file, options)
-    remote = Tagger.from_file(model_file, options)
-    proc = ModelProcess(model_file, "fp32", threads=1, backend="onnx")
-    try:
-        remote.use_runner(proc)
-        assert remote.tag(TEXTS * 3) == here.tag(TEXTS * 3)
-    finally:
-        proc.close()
 
 
 def test_several_passes_in_flight_are_answered_in_order(model_file, process):
