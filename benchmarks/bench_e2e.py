@@ -419,7 +419,8 @@ class OutputReader:
 
     def close(self) -> None:
         self._stop.set()
-        self.thread.join(timeout=10)
+        if self.thread.is_alive():  # never started when no rate was run (`--rates ""`)
+            self.thread.join(timeout=10)
         self.consumer.close()
 
 
