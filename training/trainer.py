@@ -614,7 +614,10 @@ def train(
             f"acc {100 * acc:6.2f}  {stats.tokens_per_s:7.0f} tok/s  {stats.seconds:5.1f}s"
             + ("  *" if improved else "")
         )
-        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        # A copy of the weights (the word table is most of them) only when one is kept.
+        state = None
+        if improved or cfg.average_last > 1:
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         if cfg.average_last > 1:
             recent = [*recent[-(cfg.average_last - 1) :], state]
         if improved:
