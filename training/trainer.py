@@ -461,10 +461,15 @@ def average_states(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch
 def _freeze_rows(weight: torch.Tensor, frozen: torch.Tensor) -> None:
     """Zero the (sparse) gradient of the rows `frozen` [V] marks, so no optimiser moves them."""
 
+    on = {frozen.device: frozen}  # the mask on each device the gradients come from
+
     def hook(grad: torch.Tensor) -> torch.Tensor:
+        mask = on.get(grad.device)
+        if mask is None:
+            mask = on[grad.device] = frozen.to(grad.device)
         if grad.is_sparse:
             grad = grad.coalesce()
-            keep = ~frozen[grad.indices()[0]]
+            keep = ~mask[grad.indices()[0]]
             return torch.sparse_coo_tensor(
                 grad.indices()[:, keep],
                 grad.values()[keep],
@@ -472,7 +477,7 @@ def _freeze_rows(weight: torch.Tensor, frozen: torch.Tensor) -> None:
                 is_coalesced=True,
                 check_invariants=False,
             )
-        return grad * (~frozen).unsqueeze(1)
+        return grad * (~mask).unsqueeze(1)
 
     weight.register_hook(hook)
 

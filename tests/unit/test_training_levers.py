@@ -135,6 +135,16 @@ def test_frozen_vectors_keep_their_pretrained_values_and_the_others_learn():
     assert not torch.equal(_rows(frozen, ["tom", "hale"]), _rows(init, ["tom", "hale"]))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_frozen_vectors_stay_frozen_when_training_on_cuda():
+    # The mask of frozen rows is built on the CPU; the gradients arrive on the GPU.
+    vectors = _vectors()
+    pretrained = torch.from_numpy(vectors.vectors).half().float()
+    cfg = _tiny(freeze_pretrained=True, device="cuda")
+    frozen = train(corpus(60, 1), corpus(10, 2), cfg, vectors, log=str)
+    assert torch.equal(_rows(frozen, vectors.words), pretrained)
+
+
 def unseen_names(sentences: list[Sentence]) -> list[Sentence]:
     """The sentences with every entity token replaced by a made-up word the training lacks."""
     rng = random.Random(7)
