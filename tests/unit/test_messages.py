@@ -9,6 +9,7 @@ import pytest
 from kafka.record.default_records import DefaultRecordBatchBuilder
 
 from ner_stream.messages import (
+    MAX_JSON_DEPTH,
     Document,
     Entity,
     Rejection,
@@ -19,6 +20,8 @@ from ner_stream.messages import (
     dead_letter_headers,
     decode,
     encode_output,
+    nested_deeper_than,
+    parse_json,
     processing_error,
     record_size,
 )
@@ -175,6 +178,50 @@ def test_rejection_detail_gives_position_not_content() -> None:
     assert isinstance(rejection, Rejection)
     assert "column" in rejection.detail
     assert "secret" not in rejection.detail
+
+
+def _nested(levels: int) -> bytes:
+    return b'{"text": "Peter .", "d": ' + b"[" * (levels - 1) + b"]" * (levels - 1) + b"}"
+
+
+def test_nesting_up_to_the_limit_is_tagged_and_deeper_is_invalid_json_on_every_python() -> None:
+    # Python's own recursion limit would let 3.12 parse what 3.11 refuses; the verdict must not
+    # depend on the interpreter (the object itself is the first level).
+    at_limit = _nested(MAX_JSON_DEPTH)
+    accepted = decode(at_limit, None, SOURCE, len(at_limit))
+    assert isinstance(accepted, Document), accepted
+    assert accepted.text == "Peter ."
+    # ... and its output, which echoes the nested field, is JSON a reader can parse back.
+    echoed = json.loads(encode_output(accepted, [], "m", "v"))["meta"]["d"]
+    assert echoed == json.loads(at_limit)["d"]
+    deep = b'{"text": "Peter .", "d": ' + b"[" * 3000 + b"]" * 3000 + b"}"
+    for value in (_nested(MAX_JSON_DEPTH + 1), deep):
+        rejection = decode(value, None, SOURCE, len(value))
+        assert isinstance(rejection, Rejection)
+        assert rejection.reason is RejectReason.INVALID_JSON
+        assert rejection.detail == f"nested more than {MAX_JSON_DEPTH} levels deep"
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    text = json.dumps({"text": "[" * 2000 + '{\\"[' * 100, "d": [[1]]})
+    assert not nested_deeper_than(text, 3)
+    assert nested_deeper_than(text, 2)
+    assert parse_json(text)["d"] == [[1]]
+
+
+def test_a_recursion_error_while_parsing_is_invalid_json(monkeypatch) -> None:
+    # Within the limit, but on a stack already too deep for the parser (a caller's own
+    # recursion, a lowered recursion limit): still a verdict, not a crash.
+    import ner_stream.messages as messages
+
+    def too_deep(*args, **kwargs):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(messages.json, "loads", too_deep)
+    rejection = _decode(b'{"text": "Peter ."}')
+    assert isinstance(rejection, Rejection)
+    assert rejection.reason is RejectReason.INVALID_JSON
+    assert rejection.detail == "nested too deeply"
 
 
 def test_every_reason_is_reachable() -> None:
