@@ -95,7 +95,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--rates",
         type=floats,
-        default=[0.25, 0.5, 0.75],
+        default=[0.25, 0.5, 0.75, 0.9],
         help="offered rates as fractions of the saturating documents/s",
     )
     p.add_argument("--rate-seconds", type=float, default=None, help="seconds per rate (20)")
@@ -230,6 +230,43 @@ def tree_vm_hwm(pid: int) -> int | None:
     peaks = [vm_hwm(p) for p in (pid, *descendants(pid))]
     known = [p for p in peaks if p is not None]
     return sum(known) if known else None
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (Linux), 0 when unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def machine_busy_s() -> float:
+    """CPU seconds every core of the machine has spent busy so far (/proc/stat: not idle or
+    waiting for I/O), 0 when unknown."""
+    try:
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuShare:
+    """Cores busy over an interval: the whole machine, this process (the load generator and its
+    producer's I/O thread) and a worker with its model process; the rest is mostly the broker."""
+
+    def __init__(self, worker_pid: int) -> None:
+        self.worker_pid = worker_pid
+        self.start = self._read()
+
+    def _read(self) -> tuple[float, float, float, float]:
+        tree = sum(process_cpu_s(p) for p in (self.worker_pid, *descendants(self.worker_pid)))
+        return time.monotonic(), machine_busy_s(), time.process_time(), tree
+
+    def cores(self) -> dict:
+        wall, busy, own, tree = (b - a for a, b in zip(self.start, self._read(), strict=True))
+        wall = max(wall, 1e-9)
+        return {"machine": busy / wall, "load_generator": own / wall, "worker": tree / wall}
 
 
 class Worker:
@@ -593,9 +630,11 @@ def latency(
                 f"for {args.rate_seconds:g} s"
             )
             before = worker.metrics()
+            cpu = CpuShare(worker.proc.pid)
             scheduled, lateness = open_loop(
                 producer, topics[0], docs, f"rate{k}", rate, args.rate_seconds
             )
+            cores = cpu.cores()  # while the load was offered
             # Output append times are the broker's (LogAppendTime), so the outputs are read only
             # once the offered load has been sent: reading them meanwhile would take CPU from
             # the worker on a small machine.
@@ -632,6 +671,7 @@ def latency(
                 "producer_lateness_p99_s": percentile(lateness, 99),
                 "producer_lateness_max_s": lateness[-1] if lateness else None,
                 "batches": batch_stats(before, after),
+                "cpu_cores": cores,
             }
             runs.append(run)
             if lat:
@@ -707,6 +747,7 @@ def main(argv: list[str] | None = None) -> int:
     inference = sat["batches"]["mean_inference_s_per_micro_batch"] or 0.0
     bound = args.max_wait_ms / 1000 + 3 * inference
     half = min(lat["runs"], key=lambda r: abs(r["fraction"] - 0.5), default=None)
+    three_quarters = next((r for r in lat["runs"] if abs(r["fraction"] - 0.75) < 1e-9), None)
     rss = [
         w.get(k)
         for w in (sat["worker"], lat["worker"])
@@ -719,6 +760,7 @@ def main(argv: list[str] | None = None) -> int:
         "p99_bound_s": bound,
         "p99_at_half_s": half and half["p99_s"],
         "p99_at_half_fraction": half and half["fraction"],
+        "p99_at_three_quarters_s": three_quarters and three_quarters["p99_s"],
         "peak_rss_bytes": max((r for r in rss if r), default=None),
     }
     eos = result.get("exactly_once")

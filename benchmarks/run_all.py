@@ -50,8 +50,9 @@ GIB = 1024**3
 BUSY_THRESHOLD = 0.15  # share of CPU time used by other work before the run
 
 TARGETS = {
-    "e2e_vs_model_core": 0.70,
-    "model_core_efficiency": 0.80,
+    "e2e_vs_model_core": 0.80,
+    # Set on an AVX-512 machine, where matmul is a fair ceiling; kept as a figure, not a goal.
+    "model_core_efficiency": None,
     "e2e_vs_spacy": 5.0,
     "tag_vs_spacy": 5.0,
     "rss_bytes": 2 * GIB,
@@ -297,7 +298,7 @@ def summarize(
         eff,
         TARGETS["model_core_efficiency"],
         ">=",
-        "model FLOP/s on bucketed corpus batches / fp32 matmul FLOP/s",
+        "model FLOP/s on bucketed corpus batches / fp32 matmul FLOP/s (a figure, target retired)",
     )
     target(
         "e2e_vs_spacy",
@@ -313,6 +314,13 @@ def summarize(
         es.get("p99_bound_s"),
         "<=",
         "p99 latency at half the saturating rate vs max-wait + 3 x one micro-batch's inference",
+    )
+    target(
+        "p99_at_three_quarters_rate_s",
+        es.get("p99_at_three_quarters_s"),
+        es.get("p99_bound_s"),
+        "<=",
+        "p99 latency at 75% of the saturating rate vs the same bound",
     )
     target(
         "peak_rss_bytes",
@@ -380,6 +388,13 @@ def ms(x) -> str:
 
 def secs(x) -> str:
     return fmt(x, 1, 1, " s")
+
+
+def cores(c: dict | None) -> str:
+    """Cores busy while a rate was offered (bench_e2e's `cpu_cores`), "n/a" for older results."""
+    if not c:
+        return "n/a"
+    return f"{c['machine']:.2f} / {c['load_generator']:.2f} / {c['worker']:.2f}"
 
 
 def pct(x) -> str:
@@ -571,6 +586,7 @@ def doc_blocks(meta: dict, model, e2e, spacy, summary) -> dict[str, str]:
                 fmt(r["batches"]["mean_docs_per_micro_batch"], 1),
                 fmt(r["batches"]["mean_inference_s_per_micro_batch"], 0, 1000),
                 str(r["missing_after_drain"]),
+                cores(r.get("cpu_cores")),
             ]
             for r in lat["runs"]
         ]  # fmt: skip
@@ -585,7 +601,9 @@ def doc_blocks(meta: dict, model, e2e, spacy, summary) -> dict[str, str]:
             + table(["saturation", ""], rows)
             + f"\n\nOpen-loop latency, {st['rate_seconds']:g} s per rate, the first "
             f"{st['warmup_seconds']:g} s of each left out (milliseconds; rates as a share of "
-            "the saturating documents/s):\n\n"
+            "the saturating documents/s, which was measured with the input produced beforehand; "
+            "cores busy while the rate was offered: the whole machine, the load generator and "
+            "the worker with its model process, the rest being mostly the broker):\n\n"
             + table(
                 [
                     "rate",
@@ -599,6 +617,7 @@ def doc_blocks(meta: dict, model, e2e, spacy, summary) -> dict[str, str]:
                     "docs/micro-batch",
                     "inference/micro-batch",
                     "missing",
+                    "cores busy: all / load generator / worker",
                 ],
                 lrows,
             )  # fmt: skip
