@@ -427,6 +427,37 @@ def test_a_missing_acl_exits_1_commits_nothing_and_loses_nothing_once_granted(
     assert again.wait(SHUTDOWN_TIMEOUT_S + 20) == 0, again.tail()
 
 
+def test_read_revoked_while_running_stops_the_worker_and_loses_nothing_once_granted(
+    secure_broker, secure_admin, secure_topics, start_secure_worker
+):
+    topics = secure_topics
+    grant(secure_admin, topics, "group", "input", "output", "dlq")
+    worker = start_secure_worker("revoked", topics)
+    first = produce_docs(secure_broker, topics.input)
+    wait_for_outputs(secure_broker, topics, first, worker).close()
+    acls.revoke(secure_admin, acls.worker_acls(topics.group, topics.input, topics.output,
+                                               topics.dlq, parts=("input",)))  # fmt: skip
+    ids = [f"late-{i}" for i in range(DOCS)]
+    producer = KafkaProducer(bootstrap_servers=secure_broker.bootstrap, acks="all",
+                             **secure_broker.client("admin"))  # fmt: skip
+    try:
+        wu.produce_records(secure_broker.bootstrap, topics.input, wu.doc_records(ids),
+                           producer=producer)  # fmt: skip
+    finally:
+        producer.close(timeout=10)
+    # Waiting does not bring the ACL back: the worker says so and stops, as at start.
+    code = worker.wait(START_TIMEOUT_S)
+    assert code == 1, worker.tail()
+    lines = fatal_lines(worker)
+    wanted = MISSING["input"].format(**vars(topics)) + ": add the missing ACL"
+    assert lines and lines[-1].endswith(wanted), "\n".join(lines)
+    grant(secure_admin, topics, "input")
+    again = start_secure_worker("re-granted", topics)
+    wait_for_outputs(secure_broker, topics, ids, again).close()
+    again.signal(signal.SIGTERM)
+    assert again.wait(SHUTDOWN_TIMEOUT_S + 20) == 0, again.tail()
+
+
 # ------------------------------------------------------------------------------------ (d)
 
 
