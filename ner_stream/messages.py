@@ -63,7 +63,7 @@ _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 # document's fields could not be read back by a consumer with a lower limit.
 MAX_JSON_DEPTH = 500
 # A string (its escapes included) or a bracket: the tokens that decide the nesting depth.
-_DEPTH_TOKEN_RE = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+_DEPTH_TOKEN_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
 
 
 class RejectReason(StrEnum):
