@@ -397,6 +397,16 @@ def cores(c: dict | None) -> str:
     return f"{c['machine']:.2f} / {c['load_generator']:.2f} / {c['worker']:.2f}"
 
 
+def model_busy(run: dict) -> float | None:
+    """The share of a latency run's time the model was busy: offered documents/s times the
+    inference time per document (None when no micro-batch ran)."""
+    b = run["batches"]
+    docs, inference = b.get("mean_docs_per_micro_batch"), b.get("mean_inference_s_per_micro_batch")
+    if not docs or inference is None:
+        return None
+    return run["offered_docs_per_s"] * inference / docs
+
+
 def pct(x) -> str:
     return "n/a" if x is None else f"{x:.1%}"
 
@@ -585,6 +595,9 @@ def doc_blocks(meta: dict, model, e2e, spacy, summary) -> dict[str, str]:
                 fmt(r["p99_s"], 0, 1000), fmt(r["max_s"], 0, 1000),
                 fmt(r["batches"]["mean_docs_per_micro_batch"], 1),
                 fmt(r["batches"]["mean_inference_s_per_micro_batch"], 0, 1000),
+                fmt(r["batches"].get("mean_batch_wait_s"), 0, 1000),
+                pct(model_busy(r)),
+                fmt(r.get("producer_lateness_p99_s"), 0, 1000),
                 str(r["missing_after_drain"]),
                 cores(r.get("cpu_cores")),
             ]
@@ -602,8 +615,12 @@ def doc_blocks(meta: dict, model, e2e, spacy, summary) -> dict[str, str]:
             + f"\n\nOpen-loop latency, {st['rate_seconds']:g} s per rate, the first "
             f"{st['warmup_seconds']:g} s of each left out (milliseconds; rates as a share of "
             "the saturating documents/s, which was measured with the input produced beforehand; "
-            "cores busy while the rate was offered: the whole machine, the load generator and "
-            "the worker with its model process, the rest being mostly the broker):\n\n"
+            "the oldest document of each micro-batch's mean wait from the work queue to the model; "
+            "the model's busy share, the offered documents/s times the inference per document; "
+            "how late the load generator's sends were, which counts in the latency; cores busy "
+            "while the rate was offered: the whole machine, the load generator "
+            f"(niceness {st.get('generator_nice', 0)}) and the worker with its model process, the "
+            "rest being mostly the broker):\n\n"
             + table(
                 [
                     "rate",
@@ -616,6 +633,9 @@ def doc_blocks(meta: dict, model, e2e, spacy, summary) -> dict[str, str]:
                     "max",
                     "docs/micro-batch",
                     "inference/micro-batch",
+                    "oldest's wait for the model",
+                    "model busy",
+                    "load generator late, p99",
                     "missing",
                     "cores busy: all / load generator / worker",
                 ],
