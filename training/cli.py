@@ -29,6 +29,7 @@ from training.raw_text import LAYOUTS, paragraph_groups
 from training.trainer import (
     CASINGS,
     DEFAULT_MODEL_NAME,
+    OPTIMIZERS,
     TrainConfig,
     evaluate_model,
     fingerprint,
@@ -156,6 +157,20 @@ def main() -> None:
 @click.option(
     "--lr", type=click.FloatRange(0, min_open=True), default=TrainConfig.lr, show_default=True
 )
+@click.option(
+    "--optimizer",
+    type=click.Choice(OPTIMIZERS),
+    default=TrainConfig.optimizer,
+    show_default=True,
+    help="adam, or sgd with --momentum (Ma and Hovy: --batch-size 10 --lr 0.015).",
+)
+@click.option(
+    "--momentum",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=TrainConfig.momentum,
+    show_default=True,
+    help="With --optimizer sgd.",
+)
 @click.option("--patience", type=click.IntRange(1), default=TrainConfig.patience, show_default=True)
 @click.option(
     "--hidden",
@@ -264,6 +279,8 @@ def train_cmd(
     epochs,
     batch_size,
     lr,
+    optimizer,
+    momentum,
     patience,
     hidden,
     word_dim,
@@ -293,11 +310,11 @@ def train_cmd(
     vectors = load_embeddings(embeddings) if embeddings else None
     cfg = TrainConfig(
         arch=arch, tag_scheme=tag_scheme, epochs=epochs, batch_size=batch_size, lr=lr,
-        patience=patience, seed=seed, device=device, word_dim=word_dim,
-        char_encoder=char_encoder, hidden=hidden, dropout=dropout, max_minutes=max_minutes,
-        lowercase=lowercase, bidirectional=bidirectional, paragraph_merge=paragraph_merge,
-        word_dropout=word_dropout, singleton_unk=singleton_unk, case_augment=case_augment,
-        freeze_pretrained=freeze_pretrained, average_last=average_last,
+        optimizer=optimizer, momentum=momentum, patience=patience, seed=seed, device=device,
+        word_dim=word_dim, char_encoder=char_encoder, hidden=hidden, dropout=dropout,
+        max_minutes=max_minutes, lowercase=lowercase, bidirectional=bidirectional,
+        paragraph_merge=paragraph_merge, word_dropout=word_dropout, singleton_unk=singleton_unk,
+        case_augment=case_augment, freeze_pretrained=freeze_pretrained, average_last=average_last,
     )  # fmt: skip
     groups = _merge_groups(train_path) if fmt == "conll" and paragraph_merge > 0 else []
     result = train(

@@ -57,6 +57,10 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 2e-3
     lr_decay: float = 0.05  # lr / (1 + decay * epoch)
+    # "adam" (Adam, SparseAdam for the word table) or "sgd": SGD with `momentum`, Ma and Hovy's
+    # optimiser (2016, section 3.1: batches of 10, lr 0.015, momentum 0.9, the decay above).
+    optimizer: str = "adam"
+    momentum: float = 0.9
     weight_decay: float = 0.0
     clip: float = 5.0
     patience: int = 8
@@ -458,6 +462,35 @@ def average_states(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch
     return out
 
 
+OPTIMIZERS = ("adam", "sgd")
+
+
+def make_optimizers(
+    cfg: TrainConfig, dense_params: list[torch.nn.Parameter], word_table: torch.nn.Parameter
+) -> list[torch.optim.Optimizer]:
+    """The optimisers of a run: one for the dense parameters, one for the word table, whose
+    gradient is sparse (the rows a batch touches).
+
+    `adam`: Adam and SparseAdam (Kingma and Ba 2015). `sgd`: SGD with momentum `cfg.momentum`
+    for both (Ma and Hovy 2016, section 3.1); the table's momentum is a sparse buffer of the rows
+    touched so far, so rows of words never seen in training are never moved. `weight_decay`
+    applies to the dense parameters only. Raises ValueError for another `cfg.optimizer`.
+    """
+    if cfg.optimizer == "adam":
+        return [
+            torch.optim.Adam(dense_params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+            torch.optim.SparseAdam([word_table], lr=cfg.lr),
+        ]
+    if cfg.optimizer == "sgd":
+        return [
+            torch.optim.SGD(
+                dense_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            ),
+            torch.optim.SGD([word_table], lr=cfg.lr, momentum=cfg.momentum),
+        ]
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+
+
 def _freeze_rows(weight: torch.Tensor, frozen: torch.Tensor) -> None:
     """Zero the (sparse) gradient of the rows `frozen` [V] marks, so no optimiser moves them."""
 
@@ -553,10 +586,7 @@ def train(
     # gradients and SparseAdam update only those rows, a third of the step time on a CPU.
     model.word_embed.sparse = True
     dense_params = [p for n, p in model.named_parameters() if n != "word_embed.weight"]
-    optimizers = [
-        torch.optim.Adam(dense_params, lr=cfg.lr, weight_decay=cfg.weight_decay),
-        torch.optim.SparseAdam([model.word_embed.weight], lr=cfg.lr),
-    ]
+    optimizers = make_optimizers(cfg, dense_params, model.word_embed.weight)
     schedulers = [
         torch.optim.lr_scheduler.LambdaLR(o, lambda e: 1.0 / (1.0 + cfg.lr_decay * e))
         for o in optimizers

@@ -198,8 +198,8 @@ def test_the_defaults_of_ner_train_train_are_those_of_train_config():
     config = {f.name: f.default for f in fields(TrainConfig)}
     shared = set(options) & set(config)
     assert shared == {
-        "arch", "tag_scheme", "epochs", "batch_size", "lr", "patience", "seed", "device",
-        "word_dim", "char_encoder", "hidden", "dropout", "lowercase", "bidirectional",
+        "arch", "tag_scheme", "epochs", "batch_size", "lr", "optimizer", "momentum", "patience",
+        "seed", "device", "word_dim", "char_encoder", "hidden", "dropout", "lowercase", "bidirectional",
         "paragraph_merge", "max_minutes", "word_dropout", "singleton_unk", "case_augment",
         "freeze_pretrained", "average_last",
     }  # fmt: skip

@@ -4,6 +4,7 @@ word dropout and singletons, casing augmentation, frozen vectors, checkpoint ave
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from training.trainer import (
     backoff_ids,
     build_vocabs,
     evaluate_model,
+    make_optimizers,
     recase_choices,
     recased,
     singleton_ids,
@@ -194,3 +196,30 @@ def test_checkpoint_averaging_writes_the_average_and_the_best_epoch_beside_it(tm
     dev = load_corpus(tmp_path / "dev.txt", "conll")
     report, _ = evaluate_model(best.model, best.info.vocabs, dev, "bioes", torch.device("cpu"))
     assert report.micro.f1 == pytest.approx(metrics["best_epoch_dev_f1"], abs=1e-6)
+
+
+def test_sgd_with_momentum_learns_and_moves_only_rows_seen_in_training():
+    vectors = _vectors()
+    pretrained = torch.from_numpy(vectors.vectors).half().float()
+    cfg = _tiny(optimizer="sgd", momentum=0.9, lr=0.05, epochs=6)
+    tuned = train(corpus(60, 1), corpus(10, 2), cfg, vectors, log=str)
+    assert tuned.history[-1].loss < tuned.history[0].loss
+    assert max(h.dev_f1 for h in tuned.history) > 50
+    assert not torch.equal(_rows(tuned, ["anna", "oslo"]), pretrained[:2])
+    # The table's momentum is sparse: a word never seen in training keeps its vector.
+    assert torch.equal(_rows(tuned, ["never"]), pretrained[3:])
+    frozen = train(corpus(60, 1), corpus(10, 2), replace(cfg, freeze_pretrained=True), vectors,
+                   log=str)  # fmt: skip
+    assert torch.equal(_rows(frozen, vectors.words), pretrained)
+
+
+def test_the_optimizer_is_the_one_asked_for():
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    table = torch.nn.Parameter(torch.zeros(5, 2))
+    adam = make_optimizers(_tiny(), params, table)
+    assert [type(o) for o in adam] == [torch.optim.Adam, torch.optim.SparseAdam]
+    sgd = make_optimizers(_tiny(optimizer="sgd", momentum=0.8), params, table)
+    assert [type(o) for o in sgd] == [torch.optim.SGD, torch.optim.SGD]
+    assert all(o.param_groups[0]["momentum"] == 0.8 for o in sgd)
+    with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'"):
+        make_optimizers(_tiny(optimizer="rmsprop"), params, table)
