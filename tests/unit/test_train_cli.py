@@ -199,9 +199,9 @@ def test_the_defaults_of_ner_train_train_are_those_of_train_config():
     shared = set(options) & set(config)
     assert shared == {
         "arch", "tag_scheme", "epochs", "batch_size", "lr", "optimizer", "momentum", "patience",
-        "seed", "device", "word_dim", "char_encoder", "hidden", "dropout", "lowercase", "bidirectional",
-        "paragraph_merge", "max_minutes", "word_dropout", "singleton_unk", "case_augment",
-        "freeze_pretrained", "average_last",
+        "seed", "device", "word_dim", "char_encoder", "hidden", "dropout", "lowercase",
+        "bidirectional", "paragraph_merge", "max_minutes", "word_dropout", "singleton_unk",
+        "case_augment", "freeze_pretrained", "average_last",
     }  # fmt: skip
     for name in sorted(shared):
         assert options[name] == config[name], name
