@@ -111,6 +111,11 @@ class WorkerConfig:
         "sentence (always) or space (never).",
     )
     queue_docs: int = setting(512, "Documents buffered between consuming and tagging.")
+    queue_tokens: int = setting(
+        262_144,
+        "Tokens of the documents buffered between consuming and tagging (a tokenized document "
+        "holds about 250 bytes per token); a larger document is still taken, alone.",
+    )
     commit_interval_ms: int = setting(
         1000,
         "How often acknowledged offsets are committed (exactly-once: how often a transaction "
@@ -240,6 +245,7 @@ def validate(cfg: WorkerConfig) -> list[str]:
         "max_doc_bytes",
         "max_chunk_tokens",
         "queue_docs",
+        "queue_tokens",
         "commit_interval_ms",
         "topic_partitions",
     )

@@ -84,6 +84,7 @@ class Job:
     prepared: Any
     record: Consumed
     queued_at: float = 0.0
+    tokens: int = 0  # of the prepared document, for the work queue's budget
     entities: list[list[Entity]] = field(default_factory=list)
     pieces_left: int = 0
 

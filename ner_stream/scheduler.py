@@ -219,22 +219,27 @@ class Scheduler(Generic[J]):
 class Backpressure:
     """Whether the consumer's partitions are paused.
 
-    They pause while consumed documents wait for room in the work queue (`capacity` documents), and
-    resume once none waits and the queue has drained to half: resuming at the first free slot would
-    pause again at once, one fetch later.
+    They pause while consumed documents wait for room in the work queue (`capacity` documents,
+    and `token_capacity` tokens when given), and resume once none waits and the queue has
+    drained to half of both: resuming at the first free slot would pause again at once, one
+    fetch later.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, token_capacity: int | None = None) -> None:
         self.capacity = capacity
+        self.token_capacity = token_capacity
         self.paused = False
 
-    def update(self, waiting: int, queued: int) -> bool | None:
+    def update(self, waiting: int, queued: int, queued_tokens: int = 0) -> bool | None:
         """True: pause now; False: resume now; None: no change. `waiting`: documents consumed but
-        not yet queued; `queued`: documents in the work queue."""
+        not yet queued; `queued`: documents in the work queue; `queued_tokens`: their tokens."""
         if waiting and not self.paused:
             self.paused = True
             return True
-        if self.paused and not waiting and queued <= self.capacity // 2:
+        drained = queued <= self.capacity // 2 and (
+            self.token_capacity is None or queued_tokens <= self.token_capacity // 2
+        )
+        if self.paused and not waiting and drained:
             self.paused = False
             return False
         return None

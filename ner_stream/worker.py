@@ -52,6 +52,25 @@ log = logging.getLogger(__name__)
 LAG_INTERVAL_S = 5.0  # how often the lag gauges are refreshed
 
 
+class WorkQueue(queue.Queue):
+    """The documents on their way from the consumer thread to the tagging thread: at most
+    `maxsize` of them, and `tokens`, the tokens of the `Job`s in it, kept as they come and go
+    (under the queue's own lock), for the consumer thread's token budget."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self.tokens = 0
+
+    def _put(self, item: Any) -> None:
+        super()._put(item)
+        self.tokens += item.tokens if isinstance(item, Job) else 0
+
+    def _get(self) -> Any:
+        item = super()._get()
+        self.tokens -= item.tokens if isinstance(item, Job) else 0
+        return item
+
+
 class Worker(ConsumerRebalanceListener):
     """Runs the flow until `stop` is set; see the module docstring.
 
@@ -96,9 +115,12 @@ class Worker(ConsumerRebalanceListener):
         else:
             self.delivery = Delivery(cfg, producer, self.consumer, self.metrics, limits,
                                      self.partitions.get, clock)  # fmt: skip
-        self.work: queue.Queue = queue.Queue(maxsize=cfg.queue_docs)
-        self.overflow: deque[Job] = deque()  # consumed but the queue was full, in order
-        self.backpressure = Backpressure(cfg.queue_docs)
+        self.work = WorkQueue(cfg.queue_docs)
+        # Consumed, waiting for room in the work queue, in order: kept as records, decoded and
+        # tokenized only when they get room, since a tokenized document takes about 250 bytes a
+        # token (a 1 MiB document some 50 MiB) and a fetch can bring hundreds.
+        self.overflow: deque[tuple[Any, Partition]] = deque()
+        self.backpressure = Backpressure(cfg.queue_docs, cfg.queue_tokens)
         self.scheduler = Scheduler(
             BatchLimits(cfg.max_batch_docs, cfg.max_batch_tokens, cfg.max_wait_ms / 1000)
         )
@@ -159,6 +181,19 @@ class Worker(ConsumerRebalanceListener):
             # A record fetched before a revoke: its new owner will read it again.
             return
         self.delivery.track(tp, record.offset)
+        if self.overflow or not self._has_room():
+            self.overflow.append((record, part))
+            return
+        self._admit(record, part)
+
+    def _has_room(self) -> bool:
+        """Whether the work queue takes another document: fewer than --queue-docs in it, and
+        fewer tokens than --queue-tokens (so one document larger than that still goes, alone)."""
+        return not self.work.full() and self.work.tokens < self.cfg.queue_tokens
+
+    def _admit(self, record: Any, part: Partition) -> None:
+        """Decode and tokenize a record that has room in the work queue, and queue it (or send
+        its dead letter)."""
         source = Source(record.topic, record.partition, record.offset)
         # Null header values become empty ones here, once, for the output and the dead letter.
         consumed = Consumed(record.value, record.key, carried_headers(list(record.headers or [])),
@@ -178,20 +213,15 @@ class Worker(ConsumerRebalanceListener):
             self.delivery.dead_letter(processing_error(source, e), consumed)
             return
         self.metrics.stage["tokenize"].observe(time.perf_counter() - t1)
-        job = Job(decoded, prepared, consumed, queued_at=self.clock())
-        if self.overflow or not self._offer(job):
-            self.overflow.append(job)
-
-    def _offer(self, job: Job) -> bool:
-        try:
-            self.work.put_nowait(job)
-            return True
-        except queue.Full:
-            return False
+        job = Job(decoded, prepared, consumed, queued_at=self.clock(), tokens=prepared.num_tokens)
+        # Never full: the caller checked for room, and only this thread puts.
+        self.work.put_nowait(job)
 
     def _drain_overflow(self) -> None:
-        while self.overflow and self._offer(self.overflow[0]):
-            self.overflow.popleft()
+        while self.overflow and self._has_room():
+            record, part = self.overflow.popleft()
+            if part.active:
+                self._admit(record, part)
 
     def _apply_backpressure(self) -> None:
         """Pause every owned partition while work is waiting for room; resume when drained."""
@@ -199,7 +229,9 @@ class Worker(ConsumerRebalanceListener):
         # partition, count too: reading on would only grow that pile.
         held = self.delivery.held()
         change = self.backpressure.update(
-            len(self.overflow) + max(0, held - self.cfg.queue_docs), self.work.qsize() + held
+            len(self.overflow) + max(0, held - self.cfg.queue_docs),
+            self.work.qsize() + held,
+            self.work.tokens,
         )
         if change is True:
             log.debug("backpressure: paused %d partitions", self.consumer.pause())
@@ -231,7 +263,7 @@ class Worker(ConsumerRebalanceListener):
             if part is not None:
                 part.active = False
         # Not started: the partitions' next owner reads them again.
-        self.overflow = deque(j for j in self.overflow if j.live)
+        self.overflow = deque(w for w in self.overflow if w[1].active)
         if lost:
             self.delivery.on_lost(tps)
         else:

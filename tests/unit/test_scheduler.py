@@ -179,6 +179,14 @@ def test_backpressure_pauses_while_documents_wait_and_resumes_at_half_the_queue(
     assert b.update(waiting=0, queued=0) is None
 
 
+def test_backpressure_resumes_only_once_the_queued_tokens_drained_to_half_too():
+    b = Backpressure(capacity=8, token_capacity=1000)
+    assert b.update(waiting=1, queued=2, queued_tokens=1200) is True
+    assert b.update(waiting=0, queued=1, queued_tokens=600) is None  # few documents, many tokens
+    assert b.paused
+    assert b.update(waiting=0, queued=1, queued_tokens=500) is False and not b.paused
+
+
 def test_a_micro_batch_never_holds_more_than_its_limits_when_a_long_piece_rides_along():
     """A long document's piece rides along with a batch only within the batch's limits: room
     is kept for it while the batch fills."""

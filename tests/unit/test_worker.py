@@ -1069,3 +1069,44 @@ def test_a_document_that_hangs_the_model_process_is_dead_lettered_and_the_rest_g
     assert b"did not answer a pass in 1 s" in dead.header("ner_stream.detail")
     value = worker.metrics.registry.get_sample_value
     assert value("ner_stream_model_restarts_total") == 2  # with the batch, then alone
+
+
+def test_documents_beyond_the_token_budget_wait_as_records_and_are_tokenized_when_room_comes():
+    """A burst of large documents (legal records up to --max-doc-bytes) must not be tokenized
+    all at once: a tokenized document holds far more memory than its record. While the model is
+    busy, the worker tokenizes only what --queue-tokens lets into the work queue, and every
+    document is still tagged once the model frees up."""
+    tagger = make_tagger("rigged", max_chunk_tokens=32, max_pass_tokens=256)
+    runner = HeldRunner(tagger)
+    tagger.use_runner(runner)
+    tokenized: list[str] = []
+    prepare = tagger.prepare
+
+    def counting_prepare(text: str):
+        tokenized.append(text)
+        return prepare(text)
+
+    tagger.prepare = counting_prepare  # type: ignore[method-assign]
+    consumer, producer = FakeConsumer(partitions=1), FakeProducer()
+    text = " ".join(["Peter went to Paris ."] * 40)  # 200 tokens: a long document here
+    n = 60
+    for i in range(n):
+        consumer.append(0, doc(f"d{i}", text))
+    cfg = replace(CFG, queue_docs=64, queue_tokens=1000, max_batch_docs=8, max_batch_tokens=256)
+    worker = Worker(cfg, tagger, consumer, producer)
+    running = Running(worker)
+    try:
+        wait_for(lambda: runner.rows, what="a pass in the model")
+        time.sleep(0.5)  # the consumer thread keeps polling meanwhile
+        # The tagging side holds at most two long documents (its lane); the work queue 1000
+        # tokens, plus the one document that crossed the budget.
+        assert len(tokenized) <= 2 + 1000 // 200 + 1, f"{len(tokenized)} of {n} tokenized"
+        assert worker.work.tokens <= 1000 + 200
+        assert worker.backpressure.paused
+    finally:
+        runner.release.set()
+    wait_for(lambda: len(output_ids(producer)) == n, timeout=30, what="every document tagged")
+    assert running.stop() == 0
+    assert len(tokenized) == n  # each once
+    assert worker.work.tokens == 0
+
