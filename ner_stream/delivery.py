@@ -147,6 +147,7 @@ class Delivery:
         self.acks: queue.SimpleQueue[Ack] = queue.SimpleQueue()
         self.fatal: BaseException | None = None
         self.last_commit = clock()
+        self.closed = False  # the producer is closed: nothing more is sent
 
     # ------------------------------------------------------------- sending (either thread)
 
@@ -226,6 +227,11 @@ class Delivery:
         comes back as an `Ack`. An output the producer refuses for itself is dead-lettered;
         other errors about the broker raise (output) or set `fatal` (dead letter).
         """
+        if self.closed:
+            # Shutdown gave up waiting for the tagging thread (a long document): the record is
+            # not committed, so the partition's next owner reads it again.
+            log.debug("not sent after shutdown: %s/%d/%d", src.topic, src.partition, src.offset)
+            return
         try:
             future = self._send(topic, out)
         except Exception as e:
@@ -379,7 +385,9 @@ class Delivery:
         return left
 
     def close(self, deadline: float) -> None:
-        """Close the producer, waiting at most until `deadline` for what it still holds."""
+        """Close the producer, waiting at most until `deadline` for what it still holds; what
+        the tagging thread finishes afterwards is not sent (`_emit`)."""
+        self.closed = True
         try:
             self.producer.close(timeout=max(0.1, deadline - self.clock()))
         except Exception as e:

@@ -1110,3 +1110,24 @@ def test_documents_beyond_the_token_budget_wait_as_records_and_are_tokenized_whe
     assert len(tokenized) == n  # each once
     assert worker.work.tokens == 0
 
+
+def test_a_document_finished_after_the_shutdown_deadline_is_not_sent_and_not_an_error(caplog):
+    """Shutdown waits --shutdown-timeout-s for the tagging thread; a long document still in the
+    model then is left to the partition's next owner (its offset is not committed), and when it
+    finishes later nothing is sent on the closed producer, nor logged as an error."""
+    tagger = make_tagger("rigged", max_chunk_tokens=32, max_pass_tokens=256)
+    runner = HeldRunner(tagger)
+    tagger.use_runner(runner)
+    consumer, producer = FakeConsumer(partitions=1), FakeProducer()
+    consumer.append(0, doc("late", "Peter went to Paris ."))
+    worker = Worker(replace(CFG, shutdown_timeout_s=0.3), tagger, consumer, producer)
+    running = Running(worker)
+    wait_for(lambda: runner.rows, what="the document in the model")
+    with caplog.at_level(logging.ERROR):
+        assert running.stop() == 0
+        runner.release.set()  # the model answers after the worker has stopped
+        time.sleep(0.5)
+    assert producer.sent == []
+    assert consumer.committed_offset(0) in (None, 0)
+    assert worker.fatal is None
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
