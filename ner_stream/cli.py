@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -258,15 +259,23 @@ def _model_swapper(
     return swapper
 
 
-def _lines(stream) -> Iterator[tuple[int, str]]:
+def _lines(stream, max_bytes: int | None = None) -> Iterator[tuple[int, str]]:
     """(line number, line) of a binary stream, decoded as UTF-8.
 
     A line ends at "\n" only (its "\r\n" or "\n" is removed): a lone "\r" stays in the line,
     which text mode's universal newlines would have cut in two. A byte-order mark before the first
-    line is dropped. Raises `click.ClickException` naming the line when it is not valid UTF-8.
+    line is dropped. Raises `click.ClickException` naming the line when it is not valid UTF-8, or
+    when it is longer than `max_bytes` (without its line end): such a line is never read whole,
+    so that one line without an end in a huge file cannot take the memory.
     """
     name = getattr(stream, "name", "<stdin>")
-    for lineno, raw in enumerate(stream, 1):
+    # At most the longest line allowed and its "\r\n": one byte more is a line too long.
+    read = stream.readline if max_bytes is None else partial(stream.readline, max_bytes + 3)
+    for lineno, raw in enumerate(iter(read, b""), 1):
+        if max_bytes is not None and len(raw.rstrip(b"\n").removesuffix(b"\r")) > max_bytes:
+            raise click.ClickException(
+                f"{name}:{lineno}: longer than --max-doc-bytes ({max_bytes:,} bytes)"
+            )
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -278,8 +287,11 @@ def _lines(stream) -> Iterator[tuple[int, str]]:
         yield lineno, line.removeprefix("\ufeff") if lineno == 1 else line
 
 
-def read_documents(streams, fmt: str) -> Iterator[tuple[str, str, dict]]:
-    """(id, text, pass-through fields) per input line of binary `streams` (lines as in `_lines`).
+def read_documents(
+    streams, fmt: str, max_bytes: int | None = None
+) -> Iterator[tuple[str, str, dict]]:
+    """(id, text, pass-through fields) per input line of binary `streams` (lines as in `_lines`,
+    at most `max_bytes` each when given).
 
     `text`: each line is a document; `jsonl`: each line a JSON object with a text; `auto` takes a
     line starting with "{" as JSON and any other as text. A JSON line follows the input rules of
@@ -289,7 +301,7 @@ def read_documents(streams, fmt: str) -> Iterator[tuple[str, str, dict]]:
     n = 0
     for stream in streams:
         name = getattr(stream, "name", "<stdin>")
-        for lineno, line in _lines(stream):
+        for lineno, line in _lines(stream, max_bytes):
             if fmt == "text" or (fmt == "auto" and not line.lstrip().startswith("{")):
                 n += 1
                 yield str(n), line, {}
@@ -309,17 +321,6 @@ def read_documents(streams, fmt: str) -> Iterator[tuple[str, str, dict]]:
             yield doc_id or str(n), obj["text"], pass_through(obj)
 
 
-def _runs(items: Iterable, size: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 FORMAT = click.Choice(["auto", "jsonl", "text"])
 # Line separators that JSON leaves unescaped but str.splitlines (and JavaScript before ES2019)
 # splits on: escaped, so that one output stays one line for every reader.
@@ -332,6 +333,9 @@ def json_line(obj: object) -> str:
 
 
 TAG_BATCH_DOCS = 64  # documents per `Tagger.tag` call of `ner-stream tag`
+# Tokens per batch of `ner-stream tag`, and per submission of its windows: memory then stays
+# bounded by this, not by the documents' sizes (a tokenized document takes ~250 bytes a token).
+TAG_BATCH_TOKENS = 16_384
 
 
 def tag_documents(
@@ -339,23 +343,49 @@ def tag_documents(
     documents: Iterable[tuple[str, str, dict]],
     batch_docs: int = TAG_BATCH_DOCS,
     on_batch: Callable[[int, int], None] | None = None,
+    batch_tokens: int = TAG_BATCH_TOKENS,
 ) -> Iterator[dict[str, Any]]:
     """The output object of each of `documents` ((id, text, pass-through fields) each, as
     `read_documents` yields them), in input order: ``{"id", "entities", "meta"?}`` as
     `messages.output_object` builds it.
 
-    Lazy: documents are read and tagged `batch_docs` at a time, one `Tagger.tag_prepared` call
-    each, after which `on_batch(documents, tokens)` is called, if given.
-    Raises ValueError when `batch_docs` < 1, and whatever reading `documents` raises.
+    Lazy: documents are read, tokenized and tagged in batches of `batch_docs` documents or
+    `batch_tokens` tokens, whichever comes first (a longer document alone), one
+    `Tagger.tag_prepared` call each with its windows submitted `batch_tokens` at a time; after
+    each, `on_batch(documents, tokens)` is called, if given.
+    Raises ValueError when `batch_docs` or `batch_tokens` < 1, and whatever reading
+    `documents` raises.
     """
-    if batch_docs < 1:
-        raise ValueError("batch_docs must be at least 1")
-    for batch in _runs(documents, batch_docs):
-        results, stats = tagger.tag_prepared([tagger.prepare(text) for _, text, _ in batch])
+    if batch_docs < 1 or batch_tokens < 1:
+        raise ValueError("batch_docs and batch_tokens must be at least 1")
+    for batch in _prepared_batches(tagger, documents, batch_docs, batch_tokens):
+        results, stats = tagger.tag_prepared([p for _, p, _ in batch], max_tokens=batch_tokens)
         if on_batch is not None:
             on_batch(len(batch), stats.real_tokens)
         for (doc_id, _, meta), entities in zip(batch, results, strict=True):
             yield output_object(doc_id, entities, meta)
+
+
+def _prepared_batches(
+    tagger: Tagger, documents: Iterable[tuple[str, str, dict]], max_docs: int, max_tokens: int
+) -> Iterator[list[tuple[str, Any, dict]]]:
+    """(id, prepared document, pass-through fields) of `documents`, in batches of at most
+    `max_docs` documents and `max_tokens` tokens (a longer document alone), read lazily."""
+    batch: list[tuple[str, Any, dict]] = []
+    tokens = 0
+    for doc_id, text, meta in documents:
+        prepared = tagger.prepare(text)
+        n = prepared.num_tokens
+        if batch and tokens + n > max_tokens:
+            yield batch
+            batch, tokens = [], 0
+        batch.append((doc_id, prepared, meta))
+        tokens += n
+        if len(batch) == max_docs:
+            yield batch
+            batch, tokens = [], 0
+    if batch:
+        yield batch
 
 
 def _bytes_read(streams: Sequence) -> tuple[int | None, Callable[[], int]]:
@@ -385,6 +415,7 @@ def tag_streams(
     batch_docs: int = TAG_BATCH_DOCS,
     output: Path | None = None,
     progress: bool | None = False,
+    max_doc_bytes: int | None = None,
 ) -> None:
     """`ner-stream tag`: write one JSON line (`json_line`) per document of the binary `streams`
     (stdin when empty), read as `read_documents` reads them and tagged by `tag_documents`, in
@@ -394,7 +425,8 @@ def tag_streams(
     a file of that name is always whole; after an error the partial file is left, and named.
     `progress` shows documents, tokens/s and the time left on stderr (`TagProgress`); None:
     when the inputs are files and stderr is a terminal. `model` is a model file (None: the
-    packaged model). A warning about the chosen precision goes to stderr. Raises
+    packaged model). Lines longer than `max_doc_bytes` are refused (see `_lines`). A warning
+    about the chosen precision goes to stderr. Raises
     `click.ClickException` for a model file or options that cannot be used, for an output file
     that cannot be written, and for an input line that cannot be read.
     """
@@ -421,7 +453,8 @@ def tag_streams(
                 stderr.write(line + ("\x1b[K" if ending == "\r" else "") + ending)
                 stderr.flush()
 
-    outputs = tag_documents(tagger, read_documents(streams, fmt), batch_docs, on_batch)
+    documents = read_documents(streams, fmt, max_doc_bytes)
+    outputs = tag_documents(tagger, documents, batch_docs, on_batch)
     if output is None:
         for out in outputs:
             click.echo(json_line(out))
@@ -459,6 +492,9 @@ def _write_lines(path: Path, lines: Iterable[str]) -> None:
 @setting_option("max_f1_change", type=click.FloatRange(0))
 @setting_option("line_breaks", type=click.Choice(LINE_BREAK_MODES))
 @click.option("--batch-docs", type=click.IntRange(1), default=TAG_BATCH_DOCS, show_default=True)
+@click.option("--max-doc-bytes", type=click.IntRange(1), default=WorkerConfig.max_doc_bytes,
+              show_default=True, help="Longest input line, in bytes (as `run`'s limit on a "
+              "record); a longer one stops tag, naming it, without reading it whole.")  # fmt: skip
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the JSON lines to this file (through FILE.partial, renamed when "
               "done) instead of stdout.")  # fmt: skip
@@ -469,14 +505,14 @@ def _write_lines(path: Path, lines: Iterable[str]) -> None:
                 "core; fewer when other work shares the machine).")  # fmt: skip
 @click.argument("inputs", nargs=-1, type=click.File("rb"))
 def tag(
-    model, device, precision, max_f1_change, line_breaks, fmt, batch_docs, output, progress,
-    torch_threads, inputs,
+    model, device, precision, max_f1_change, line_breaks, fmt, batch_docs, max_doc_bytes, output,
+    progress, torch_threads, inputs,
 ) -> None:  # fmt: skip
     """Tag text or JSONL from files or stdin; print one JSON object per document. No Kafka.
 
     Each output is {"id", "entities", "meta"}: a JSON line's fields other than id and text are
     nested under "meta" (left out when there are none), as in the output of `run`. Outputs
-    come in input order; memory stays flat however large the input.
+    come in input order; memory stays bounded however large the input (see --max-doc-bytes).
     """
     if torch_threads < 0:
         raise click.BadParameter("must not be negative", param_hint="--torch-threads")
@@ -485,7 +521,7 @@ def tag(
     options = TaggerOptions(
         device=device, precision=precision, max_f1_change=max_f1_change, line_breaks=line_breaks
     )
-    tag_streams(model, options, inputs, fmt, batch_docs, output, progress)
+    tag_streams(model, options, inputs, fmt, batch_docs, output, progress, max_doc_bytes)
 
 
 @main.command()

@@ -8,7 +8,7 @@ model process) and `PendingTags.result` (tags -> entities). `tag` does all three
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -105,6 +105,21 @@ class BatchStats:
         return sum(n * t for n, t in self.batches)
 
 
+def _token_runs(windows: list[Window], max_tokens: int) -> Iterator[list[Window]]:
+    """`windows` in order, cut into runs of at most `max_tokens` tokens (a longer one alone)."""
+    run: list[Window] = []
+    tokens = 0
+    for window in windows:
+        n = len(window[0].windows[window[1]])
+        if run and tokens + n > max_tokens:
+            yield run
+            run, tokens = [], 0
+        run.append(window)
+        tokens += n
+    if run:
+        yield run
+
+
 class Tagger:
     """Named-entity tagger over a loaded model.
 
@@ -172,11 +187,29 @@ class Tagger:
         """Entities of each text, in order."""
         return self.tag_prepared([self.prepare(t) for t in texts])[0]
 
-    def tag_prepared(self, docs: Sequence[PreparedDoc]) -> tuple[list[list[Entity]], BatchStats]:
-        """Entities of each prepared document, and the shapes of the passes that were run."""
+    def tag_prepared(
+        self, docs: Sequence[PreparedDoc], max_tokens: int | None = None
+    ) -> tuple[list[list[Entity]], BatchStats]:
+        """Entities of each prepared document, and the shapes of the passes that were run.
+
+        With `max_tokens`, the windows are submitted in runs of at most that many tokens (a
+        longer window alone), one after the other, so that the tensors of one submission stay
+        bounded however long a document is; the stats are those of all runs together.
+        """
         windows = [(doc, w) for doc in docs for w in range(len(doc.windows))]
         owner = [i for i, doc in enumerate(docs) for _ in doc.windows]  # the doc of each window
-        per_window, stats = self.submit(windows).result()
+        if max_tokens is None:
+            per_window, stats = self.submit(windows).result()
+        else:
+            per_window, stats = [], BatchStats()
+            for run in _token_runs(windows, max_tokens):
+                entities, part = self.submit(run).result()
+                per_window.extend(entities)
+                stats.batches += part.batches
+                stats.sequences += part.sequences
+                stats.real_tokens += part.real_tokens
+                stats.inference_s += part.inference_s
+                stats.spans_s += part.spans_s
         out: list[list[Entity]] = [[] for _ in docs]
         for i, entities in zip(owner, per_window, strict=True):
             out[i].extend(entities)

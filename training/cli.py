@@ -514,7 +514,7 @@ def predict_cmd(model, device, precision, max_f1_change, line_breaks, inputs) ->
     options = TaggerOptions(
         device=device, precision=precision, max_f1_change=max_f1_change, line_breaks=line_breaks
     )
-    tag_streams(model, options, inputs, fmt="text")
+    tag_streams(model, options, inputs, fmt="text", max_doc_bytes=WorkerConfig.max_doc_bytes)
 
 
 if __name__ == "__main__":

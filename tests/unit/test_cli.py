@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 
+import click
 import pytest
 from click.testing import CliRunner
 
 from ner_stream import kafka_io
 from ner_stream.checkpoint import save
-from ner_stream.cli import main, tag_documents
+from ner_stream.cli import _lines, main, tag_documents
 from tests.fakes import FakeProducer, make_tagger, rigged_model
 from training.cli import main as ner_train
 
@@ -182,9 +184,9 @@ def test_tag_documents_yields_outputs_in_order_one_tag_call_per_batch():
     calls: list[int] = []
     real = tagger.tag_prepared
 
-    def counting(docs):
+    def counting(docs, max_tokens=None):
         calls.append(len(docs))
-        return real(docs)
+        return real(docs, max_tokens)
 
     tagger.tag_prepared = counting
     read: list[str] = []
@@ -209,6 +211,65 @@ def test_tag_documents_yields_outputs_in_order_one_tag_call_per_batch():
     assert rest[1]["meta"] == {"n": 3}
     with pytest.raises(ValueError, match="batch_docs"):
         next(tag_documents(tagger, documents(), batch_docs=0))
+
+
+def test_tag_documents_cuts_batches_and_submissions_by_tokens_and_tags_long_documents_whole():
+    """Memory follows the token budget, not the documents' sizes: a batch closes at
+    `batch_tokens`, a longer document goes alone and its windows reach the model at most
+    `batch_tokens` at a time; its entities are those of tagging it in one piece."""
+    tagger = make_tagger("rigged", max_chunk_tokens=8)
+    long_text = " ".join(["Peter went to Paris ."] * 30)  # 150 tokens, 30 windows
+    texts = ["Peter .", long_text, "Paris .", "Peter went to Paris ."]
+    submitted: list[int] = []
+    submit = tagger.submit
+
+    def counting_submit(windows):
+        windows = list(windows)
+        submitted.append(sum(len(d.windows[w]) for d, w in windows))
+        return submit(windows)
+
+    tagger.submit = counting_submit
+    docs = [(str(i), t, {}) for i, t in enumerate(texts)]
+    counted: list[tuple[int, int]] = []
+    outs = list(tag_documents(tagger, docs, batch_docs=64, batch_tokens=20,
+                              on_batch=lambda *n: counted.append(n)))  # fmt: skip
+    assert counted == [(1, 2), (1, 150), (2, 7)]  # docs and tokens of each batch
+    assert max(submitted) <= 20 and sum(submitted) == 159
+    whole = tagger.tag_prepared([tagger.prepare(long_text)])[0][0]
+    assert [e["start"] for e in outs[1]["entities"]] == [e.start for e in whole]
+    assert len(whole) == 60
+    with pytest.raises(ValueError, match="batch_tokens"):
+        next(tag_documents(tagger, docs, batch_tokens=0))
+
+
+def test_tag_refuses_a_line_longer_than_max_doc_bytes_and_names_it(model_path, tmp_path):
+    path = tmp_path / "in.txt"
+    path.write_bytes(b"Peter\r\n" + b"x" * 20 + b"\nParis\n" + b"y" * 5_000_000)
+    args = ["tag", "--model", model_path, "--batch-docs", "1", "--max-doc-bytes", "20", str(path)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert "in.txt:4: longer than --max-doc-bytes (20 bytes)" in result.output
+    assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == ["1", "2", "3"]
+    # A line of exactly the limit is read, whatever its line end.
+    ok = CliRunner().invoke(main, ["tag", "--model", model_path, "--max-doc-bytes", "7"],
+                            input=b"Peter .\r\nParis .")  # fmt: skip
+    assert ok.exit_code == 0, ok.output
+    assert len(ok.stdout.splitlines()) == 2
+
+
+def test_a_line_too_long_is_refused_without_being_read_whole():
+    class Watched(io.BytesIO):
+        largest = 0
+
+        def readline(self, size=-1):
+            line = super().readline(size)
+            self.largest = max(self.largest, len(line))
+            return line
+
+    stream = Watched(b"ok\n" + b"y" * 5_000_000)
+    with pytest.raises(click.ClickException, match=":2: longer than --max-doc-bytes"):
+        list(_lines(stream, 100))
+    assert stream.largest <= 103
 
 
 def test_ner_train_predict_is_ner_stream_tag_on_text_lines(model_path, tmp_path):
