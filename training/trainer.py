@@ -465,6 +465,38 @@ def average_states(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch
 OPTIMIZERS = ("adam", "sgd")
 
 
+class SparseMomentumSGD(torch.optim.Optimizer):
+    """SGD with momentum for parameters whose gradients are sparse (an embedding table's rows):
+    ``buf = momentum * buf + grad; param -= lr * buf``, torch.optim.SGD's form of Polyak's heavy
+    ball (Polyak 1964; Sutskever et al. 2013).
+
+    The buffer is kept sparse and coalesced, so it holds the rows touched so far and no more:
+    the update is the dense one's, and a row never touched never moves. (torch.optim.SGD keeps a
+    sparse buffer uncoalesced, so it grows with every step and each step costs more than the
+    last.) Raises RuntimeError for a dense gradient.
+    """
+
+    def __init__(self, params, lr: float, momentum: float) -> None:
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Update every parameter that has a gradient (`closure` is not used)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise RuntimeError("SparseMomentumSGD takes sparse gradients only")
+                grad = p.grad.coalesce()
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                buf = grad if buf is None else (buf * group["momentum"] + grad).coalesce()
+                state["momentum_buffer"] = buf
+                p.add_(buf, alpha=-group["lr"])
+        return None
+
+
 def make_optimizers(
     cfg: TrainConfig, dense_params: list[torch.nn.Parameter], word_table: torch.nn.Parameter
 ) -> list[torch.optim.Optimizer]:
@@ -472,8 +504,8 @@ def make_optimizers(
     gradient is sparse (the rows a batch touches).
 
     `adam`: Adam and SparseAdam (Kingma and Ba 2015). `sgd`: SGD with momentum `cfg.momentum`
-    for both (Ma and Hovy 2016, section 3.1); the table's momentum is a sparse buffer of the rows
-    touched so far, so rows of words never seen in training are never moved. `weight_decay`
+    for both (Ma and Hovy 2016, section 3.1), the table's with `SparseMomentumSGD`, so rows of
+    words never seen in training are never moved. `weight_decay`
     applies to the dense parameters only. Raises ValueError for another `cfg.optimizer`.
     """
     if cfg.optimizer == "adam":
@@ -486,7 +518,7 @@ def make_optimizers(
             torch.optim.SGD(
                 dense_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
             ),
-            torch.optim.SGD([word_table], lr=cfg.lr, momentum=cfg.momentum),
+            SparseMomentumSGD([word_table], lr=cfg.lr, momentum=cfg.momentum),
         ]
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
 

@@ -18,6 +18,7 @@ from training.cli import main
 from training.datasets import Sentence, load_corpus
 from training.embeddings import Embeddings
 from training.trainer import (
+    SparseMomentumSGD,
     TrainConfig,
     average_states,
     backoff_ids,
@@ -219,7 +220,33 @@ def test_the_optimizer_is_the_one_asked_for():
     adam = make_optimizers(_tiny(), params, table)
     assert [type(o) for o in adam] == [torch.optim.Adam, torch.optim.SparseAdam]
     sgd = make_optimizers(_tiny(optimizer="sgd", momentum=0.8), params, table)
-    assert [type(o) for o in sgd] == [torch.optim.SGD, torch.optim.SGD]
+    assert [type(o) for o in sgd] == [torch.optim.SGD, SparseMomentumSGD]
     assert all(o.param_groups[0]["momentum"] == 0.8 for o in sgd)
     with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'"):
         make_optimizers(_tiny(optimizer="rmsprop"), params, table)
+
+
+def test_sparse_momentum_matches_dense_sgd_and_its_buffer_stays_the_rows_touched():
+    """The table's optimiser makes torch.optim.SGD's dense momentum updates, while its buffer
+    holds only the rows touched so far, each once, however many steps (a buffer that grew with
+    every step made each SGD step slower than the last)."""
+    torch.manual_seed(0)
+    sparse_table = torch.nn.Embedding(50, 4, sparse=True)
+    dense_table = torch.nn.Embedding(50, 4)
+    dense_table.weight.data.copy_(sparse_table.weight.data)
+    untouched = sparse_table.weight.detach()[40:].clone()
+    sparse_opt = SparseMomentumSGD(sparse_table.parameters(), lr=0.1, momentum=0.9)
+    dense_opt = torch.optim.SGD(dense_table.parameters(), lr=0.1, momentum=0.9)
+    for step in range(200):
+        ids = torch.tensor([step % 7, (3 * step) % 11, 20 + step % 5])
+        for table, opt in ((sparse_table, sparse_opt), (dense_table, dense_opt)):
+            opt.zero_grad()
+            table(ids).pow(2).sum().backward()
+            opt.step()
+    assert torch.allclose(sparse_table.weight, dense_table.weight, atol=1e-5)
+    assert torch.equal(sparse_table.weight.detach()[40:], untouched)
+    buf = sparse_opt.state[sparse_table.weight]["momentum_buffer"]
+    assert buf.is_coalesced() and buf._nnz() <= 7 + 11 + 5
+    with pytest.raises(RuntimeError, match="sparse gradients only"):
+        dense_table.weight.grad = torch.ones(50, 4)
+        SparseMomentumSGD([dense_table.weight], lr=0.1, momentum=0.9).step()
