@@ -492,9 +492,9 @@ def _write_lines(path: Path, lines: Iterable[str]) -> None:
 @setting_option("max_f1_change", type=click.FloatRange(0))
 @setting_option("line_breaks", type=click.Choice(LINE_BREAK_MODES))
 @click.option("--batch-docs", type=click.IntRange(1), default=TAG_BATCH_DOCS, show_default=True)
-@click.option("--max-doc-bytes", type=click.IntRange(1), default=WorkerConfig.max_doc_bytes,
-              show_default=True, help="Longest input line, in bytes (as `run`'s limit on a "
-              "record); a longer one stops tag, naming it, without reading it whole.")  # fmt: skip
+@setting_option("max_doc_bytes", type=click.IntRange(1), help="Longest input line, in bytes (as "
+                "`run`'s limit on a record); a longer one stops tag, naming it, without reading "
+                "it whole.")  # fmt: skip
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the JSON lines to this file (through FILE.partial, renamed when "
               "done) instead of stdout.")  # fmt: skip
