@@ -7,7 +7,6 @@ credentials or the certificate check (`kafka_io.connect_admin`).
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import torch
 
-from ner_stream import __version__
+from ner_stream import __version__, heap
 from ner_stream.checkpoint import CheckpointError, default_model_path
 from ner_stream.config import SETTINGS, WorkerConfig
 from ner_stream.logs import configure_logging
@@ -115,13 +114,10 @@ def tune_interpreter() -> None:
       while it waits for a result) and must win it back from the consuming thread, which runs
       pure Python (tokenizing, JSON). CPython hands the GIL over only every switch interval
       (5 ms by default); the model is the bottleneck, so the wait is cut to 0.5 ms.
-    - The model, its vocabularies and the libraries are long-lived: frozen out of the garbage
-      collector's view, so the collections that the stream of short-lived objects triggers do
-      not walk them again and again.
+    - The garbage collector: the start-up heap frozen, collections far apart (`heap.settle`).
     """
     sys.setswitchinterval(0.0005)
-    gc.collect()
-    gc.freeze()
+    heap.settle()
 
 
 def _run_worker(cfg: WorkerConfig) -> int:
@@ -437,6 +433,7 @@ def tag_streams(
     warning = tagger.precision.warning(tagger.device)
     if warning:
         click.echo(f"ner-stream: {warning}", err=True)
+    heap.settle()
     streams = streams or (click.open_file("-", "rb"),)
     stderr = sys.stderr
     if progress is None:

@@ -31,7 +31,6 @@ refused at start, so that a misspelt hook cannot pass a test by never firing.
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import json
 import os
@@ -50,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from ner_stream import heap
 from ner_stream.checkpoint import load
 from ner_stream.model import Batch
 from ner_stream.runner import Forwarded, LocalRunner, RunnerDied
@@ -378,8 +378,7 @@ def serve(conn: Connection, model_path: str, precision: str, threads: int) -> No
     except Exception as e:  # reported to the parent, which fails with the message
         conn.send(("error", str(e)))
         return
-    gc.collect()
-    gc.freeze()
+    heap.settle()
     # Requests are read as they come, on a thread of their own: the parent may be sending the
     # next pass (more than a socket buffer holds) while this loop sends the answer to the last
     # one, and neither side may block the other.

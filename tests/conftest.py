@@ -1,9 +1,11 @@
-"""Shared fixtures. Nothing here is autouse: unit tests never touch a broker, and only tests that
-ask for ``kafka_bootstrap`` (directly or through ``topic_factory``) get one."""
+"""Shared fixtures. Only `_interpreter_settings` is autouse: unit tests never touch a broker, and
+only tests that ask for ``kafka_bootstrap`` (directly or through ``topic_factory``) get one."""
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -27,6 +29,18 @@ def _kafka_container_class():
             warnings.simplefilter("ignore", DeprecationWarning)
             from testcontainers.kafka import KafkaContainer
     return KafkaContainer
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_settings() -> Iterator[None]:
+    """`ner-stream tag` and the worker tune the interpreter of the process they run in
+    (`ner_stream.heap.settle`, the switch interval), this one under CliRunner: put back after
+    each test, so that no test runs under another's settings."""
+    thresholds, switch = gc.get_threshold(), sys.getswitchinterval()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
+    sys.setswitchinterval(switch)
 
 
 @pytest.fixture(scope="session")
