@@ -181,7 +181,7 @@ _EMOJI_MODIFIER = _mark(r"\U0001F3FB-\U0001F3FF")
 # text stays linear even on adversarial input.
 _TOKEN_RE = re.compile(
     rf"""
-    [{_SKIP}]*+
+    ([{_SKIP}]*+)                                                    # skipped: group 1
     (?:(?P<tok>
     # Fast paths, tried first because they cover most tokens: an ASCII word followed by nothing
     # that could make it part of a longer token, a symbol that starts no other kind of token, and
@@ -250,11 +250,14 @@ def _tokenize(text: str) -> list[Token]:
     """`tokenize` for a text that holds no invisible format characters."""
     tokens: list[Token] = []
     append = tokens.append
-    for match in _TOKEN_RE.finditer(text):
-        start, end = match.span(1)
-        if start < 0:  # the empty match at the end of the text
+    # findall hands over the groups' strings without a match object per token, and the matches
+    # tile the text (every character is skipped or starts a token), so offsets are running sums.
+    end = 0
+    for skipped, value, word in _TOKEN_RE.findall(text):
+        start = end + len(skipped)
+        end = start + len(value)
+        if not value:  # the empty match at the end of the text
             continue
-        value = text[start:end]
         if (
             value == "."
             and tokens
@@ -263,7 +266,7 @@ def _tokenize(text: str) -> list[Token]:
         ):
             tokens[-1] = Token(tokens[-1].text + ".", tokens[-1].start, end)
         # Only plain words with an internal apostrophe can carry a clitic (not URLs, handles).
-        elif ("'" in value or "’" in value) and match.start("word") >= 0:
+        elif ("'" in value or "’" in value) and word:
             tokens.extend(_split_clitic(value, start))
         else:
             append(_new_tuple(Token, (value, start, end)))
