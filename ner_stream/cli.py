@@ -332,6 +332,9 @@ TAG_BATCH_DOCS = 64  # documents per `Tagger.tag` call of `ner-stream tag`
 # Tokens per batch of `ner-stream tag`, and per submission of its windows: memory then stays
 # bounded by this, not by the documents' sizes (a tokenized document takes ~250 bytes a token).
 TAG_BATCH_TOKENS = 16_384
+# Submissions of `ner-stream tag` in the model at once: with a model process, it runs them while
+# this process reads, tokenizes and writes (docs/benchmarks.md, "Ninth round").
+TAG_IN_FLIGHT = 3
 
 
 def tag_documents(
@@ -340,22 +343,27 @@ def tag_documents(
     batch_docs: int = TAG_BATCH_DOCS,
     on_batch: Callable[[int, int], None] | None = None,
     batch_tokens: int = TAG_BATCH_TOKENS,
+    in_flight: int = TAG_IN_FLIGHT,
 ) -> Iterator[dict[str, Any]]:
     """The output object of each of `documents` ((id, text, pass-through fields) each, as
     `read_documents` yields them), in input order: ``{"id", "entities", "meta"?}`` as
     `messages.output_object` builds it.
 
     Lazy: documents are read, tokenized and tagged in batches of `batch_docs` documents or
-    `batch_tokens` tokens, whichever comes first (a longer document alone), one
-    `Tagger.tag_prepared` call each with its windows submitted `batch_tokens` at a time; after
-    each, `on_batch(documents, tokens)` is called, if given.
-    Raises ValueError when `batch_docs` or `batch_tokens` < 1, and whatever reading
-    `documents` raises.
+    `batch_tokens` tokens, whichever comes first (a longer document alone), with their windows
+    submitted `batch_tokens` at a time and up to `in_flight` submissions in the model at once
+    (`Tagger.tag_batches`); memory thus follows `batch_tokens x in_flight`, not the input. After
+    each batch, `on_batch(documents, tokens)` is called, if given.
+    Raises ValueError when `batch_docs`, `batch_tokens` or `in_flight` < 1, and whatever reading
+    `documents` or the model raises.
     """
     if batch_docs < 1 or batch_tokens < 1:
         raise ValueError("batch_docs and batch_tokens must be at least 1")
-    for batch in _prepared_batches(tagger, documents, batch_docs, batch_tokens):
-        results, stats = tagger.tag_prepared([p for _, p, _ in batch], max_tokens=batch_tokens)
+    batches = (
+        (batch, [p for _, p, _ in batch])
+        for batch in _prepared_batches(tagger, documents, batch_docs, batch_tokens)
+    )
+    for batch, results, stats in tagger.tag_batches(batches, batch_tokens, in_flight):
         if on_batch is not None:
             on_batch(len(batch), stats.real_tokens)
         for (doc_id, _, meta), entities in zip(batch, results, strict=True):
@@ -412,6 +420,8 @@ def tag_streams(
     output: Path | None = None,
     progress: bool | None = False,
     max_doc_bytes: int | None = None,
+    model_process: bool = False,
+    model_threads: int = 1,
 ) -> None:
     """`ner-stream tag`: write one JSON line (`json_line`) per document of the binary `streams`
     (stdin when empty), read as `read_documents` reads them and tagged by `tag_documents`, in
@@ -422,9 +432,12 @@ def tag_streams(
     `progress` shows documents, tokens/s and the time left on stderr (`TagProgress`); None:
     when the inputs are files and stderr is a terminal. `model` is a model file (None: the
     packaged model). Lines longer than `max_doc_bytes` are refused (see `_lines`). A warning
-    about the chosen precision goes to stderr. Raises
+    about the chosen precision goes to stderr. With `model_process` and a model on the CPU, the
+    network and the CRF run in a child process (`ModelProcess`, `model_threads` torch threads)
+    while this one reads, tokenizes and writes. Raises
     `click.ClickException` for a model file or options that cannot be used, for an output file
-    that cannot be written, and for an input line that cannot be read.
+    that cannot be written, for an input line that cannot be read, and for a model process that
+    fails to start or dies.
     """
     try:
         tagger = Tagger.from_file(model, options)
@@ -433,7 +446,33 @@ def tag_streams(
     warning = tagger.precision.warning(tagger.device)
     if warning:
         click.echo(f"ner-stream: {warning}", err=True)
+    process = None
+    if model_process and tagger.device.type == "cpu":
+        try:
+            process = ModelProcess(model or default_model_path(), tagger.precision.precision,
+                                   model_threads)  # fmt: skip
+        except ModelProcessError as e:
+            raise click.ClickException(str(e)) from None
+        tagger.use_runner(process)
+        torch.set_num_threads(1)
     heap.settle()
+    try:
+        _tag_to(tagger, streams, fmt, batch_docs, output, progress, max_doc_bytes)
+    finally:
+        if process is not None:
+            process.close()
+
+
+def _tag_to(
+    tagger: Tagger,
+    streams: Sequence,
+    fmt: str,
+    batch_docs: int,
+    output: Path | None,
+    progress: bool | None,
+    max_doc_bytes: int | None,
+) -> None:
+    """`tag_streams` once the model is loaded."""
     streams = streams or (click.open_file("-", "rb"),)
     stderr = sys.stderr
     if progress is None:
@@ -450,13 +489,18 @@ def tag_streams(
                 stderr.write(line + ("\x1b[K" if ending == "\r" else "") + ending)
                 stderr.flush()
 
-    documents = read_documents(streams, fmt, max_doc_bytes)
-    outputs = tag_documents(tagger, documents, batch_docs, on_batch)
+    def outputs() -> Iterator[dict[str, Any]]:
+        documents = read_documents(streams, fmt, max_doc_bytes)
+        try:
+            yield from tag_documents(tagger, documents, batch_docs, on_batch)
+        except ModelProcessError as e:
+            raise click.ClickException(f"the model process failed: {e}") from None
+
     if output is None:
-        for out in outputs:
+        for out in outputs():
             click.echo(json_line(out))
     else:
-        _write_lines(output, (json_line(out) for out in outputs))
+        _write_lines(output, (json_line(out) for out in outputs()))
     if progress:
         stderr.write(meter.line(time.monotonic()) + "\n")
 
@@ -498,12 +542,14 @@ def _write_lines(path: Path, lines: Iterable[str]) -> None:
 @click.option("--progress/--no-progress", default=None,
               help="Documents, tokens/s and time left on stderr [default: on when the inputs "
               "are files and stderr is a terminal].")  # fmt: skip
-@setting_option("torch_threads", help="CPU threads for the model (0: torch's default, one per "
-                "core; fewer when other work shares the machine).")  # fmt: skip
+@setting_option("torch_threads", help="CPU threads for the model (0: every core but one with "
+                "the model process, else torch's default, one per core).")  # fmt: skip
+@setting_option("model_process", help="On the CPU, run the model in a child process of its own "
+                "while this one reads, tokenizes and writes.")  # fmt: skip
 @click.argument("inputs", nargs=-1, type=click.File("rb"))
 def tag(
     model, device, precision, max_f1_change, line_breaks, fmt, batch_docs, max_doc_bytes, output,
-    progress, torch_threads, inputs,
+    progress, torch_threads, model_process, inputs,
 ) -> None:  # fmt: skip
     """Tag text or JSONL from files or stdin; print one JSON object per document. No Kafka.
 
@@ -518,7 +564,9 @@ def tag(
     options = TaggerOptions(
         device=device, precision=precision, max_f1_change=max_f1_change, line_breaks=line_breaks
     )
-    tag_streams(model, options, inputs, fmt, batch_docs, output, progress, max_doc_bytes)
+    threads = WorkerConfig(torch_threads=torch_threads).model_threads()
+    tag_streams(model, options, inputs, fmt, batch_docs, output, progress, max_doc_bytes,
+                model_process, threads)  # fmt: skip
 
 
 @main.command()

@@ -8,9 +8,11 @@ model process) and `PendingTags.result` (tags -> entities). `tag` does all three
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -120,6 +122,40 @@ def _token_runs(windows: list[Window], max_tokens: int) -> Iterator[list[Window]
         yield run
 
 
+K = TypeVar("K")
+
+
+class _Batch(Generic[K]):
+    """A batch of `Tagger.tag_batches`: its windows, and the answers to its runs so far."""
+
+    def __init__(self, key: K, docs: Sequence[PreparedDoc]) -> None:
+        self.key = key
+        self.size = len(docs)
+        self.windows: list[Window] = [(doc, w) for doc in docs for w in range(len(doc.windows))]
+        self.owner = [i for i, doc in enumerate(docs) for _ in doc.windows]  # each window's doc
+        self.per_window: list[list[Entity]] = []
+        self.stats = BatchStats()
+        # Runs submitted and not yet added, plus one until all its runs are submitted.
+        self.unanswered = 1
+
+    def add(self, entities: list[list[Entity]], part: BatchStats) -> None:
+        """The answer to this batch's next run (runs are answered in order)."""
+        self.per_window.extend(entities)
+        stats = self.stats
+        stats.batches += part.batches
+        stats.sequences += part.sequences
+        stats.real_tokens += part.real_tokens
+        stats.inference_s += part.inference_s
+        stats.spans_s += part.spans_s
+        self.unanswered -= 1
+
+    def outcome(self) -> tuple[K, list[list[Entity]], BatchStats]:
+        out: list[list[Entity]] = [[] for _ in range(self.size)]
+        for i, entities in zip(self.owner, self.per_window, strict=True):
+            out[i].extend(entities)
+        return self.key, out, self.stats
+
+
 class Tagger:
     """Named-entity tagger over a loaded model.
 
@@ -196,24 +232,65 @@ class Tagger:
         longer window alone), one after the other, so that the tensors of one submission stay
         bounded however long a document is; the stats are those of all runs together.
         """
-        windows = [(doc, w) for doc in docs for w in range(len(doc.windows))]
-        owner = [i for i, doc in enumerate(docs) for _ in doc.windows]  # the doc of each window
-        if max_tokens is None:
-            per_window, stats = self.submit(windows).result()
-        else:
-            per_window, stats = [], BatchStats()
-            for run in _token_runs(windows, max_tokens):
-                entities, part = self.submit(run).result()
-                per_window.extend(entities)
-                stats.batches += part.batches
-                stats.sequences += part.sequences
-                stats.real_tokens += part.real_tokens
-                stats.inference_s += part.inference_s
-                stats.spans_s += part.spans_s
-        out: list[list[Entity]] = [[] for _ in docs]
-        for i, entities in zip(owner, per_window, strict=True):
-            out[i].extend(entities)
-        return out, stats
+        ((_, entities, stats),) = self.tag_batches([(None, docs)], max_tokens)
+        return entities, stats
+
+    def tag_batches(
+        self,
+        batches: Iterable[tuple[K, Sequence[PreparedDoc]]],
+        max_tokens: int | None = None,
+        in_flight: int = 1,
+    ) -> Iterator[tuple[K, list[list[Entity]], BatchStats]]:
+        """For each (key, documents) of `batches`, in order: the key, the entities of each of
+        its documents, and the shapes of the passes run for them (as `tag_prepared`).
+
+        Lazy: `batches` is read as the results are taken. A batch's windows are submitted in
+        runs of at most `max_tokens` tokens (None: one run per batch). Up to `in_flight` runs
+        are submitted and not yet answered at a time: with a runner that runs elsewhere (a
+        model process), the model works on them while this thread prepares the next batch and
+        turns answers into entities; 1 waits for each run's answer before the next is
+        submitted. When reading `batches` raises, the batches read before are still tagged and
+        yielded, then the error is raised. Raises ValueError when `in_flight` < 1, and what the
+        runner raises.
+        """
+        if in_flight < 1:
+            raise ValueError(f"in_flight must be at least 1, got {in_flight}")
+        unfinished: deque[_Batch[K]] = deque()  # in order; the head is yielded once answered
+        submitted: deque[tuple[_Batch[K], PendingTags]] = deque()  # runs not yet answered
+
+        def finished() -> Iterator[tuple[K, list[list[Entity]], BatchStats]]:
+            while unfinished and unfinished[0].unanswered == 0:
+                yield unfinished.popleft().outcome()
+
+        source = iter(batches)
+        while True:
+            try:
+                key, docs = next(source)
+            except StopIteration:
+                break
+            except Exception:
+                # What was read before the failure is still tagged and handed out first.
+                while submitted:
+                    answered, pending = submitted.popleft()
+                    answered.add(*pending.result())
+                    yield from finished()
+                raise
+            batch = _Batch(key, docs)
+            unfinished.append(batch)
+            windows = batch.windows
+            for run in [windows] if max_tokens is None else _token_runs(windows, max_tokens):
+                submitted.append((batch, self.submit(run)))
+                batch.unanswered += 1
+                if len(submitted) >= in_flight:
+                    answered, pending = submitted.popleft()
+                    answered.add(*pending.result())
+                    yield from finished()
+            batch.unanswered -= 1  # every run submitted
+            yield from finished()
+        while submitted:
+            answered, pending = submitted.popleft()
+            answered.add(*pending.result())
+            yield from finished()
 
     def submit(self, windows: Sequence[Window]) -> PendingTags:
         """Start tagging `windows` (of any documents, mixed); returns at once when the runner

@@ -179,16 +179,17 @@ def test_tag_passes_its_line_break_mode_to_the_tagger(model_path, monkeypatch, a
     assert bad.exit_code == 2 and "'never' is not one of" in bad.output
 
 
-def test_tag_documents_yields_outputs_in_order_one_tag_call_per_batch():
+def test_tag_documents_yields_outputs_in_order_one_submission_per_batch():
     tagger = make_tagger("rigged")
     calls: list[int] = []
-    real = tagger.tag_prepared
+    real = tagger.submit
 
-    def counting(docs, max_tokens=None):
-        calls.append(len(docs))
-        return real(docs, max_tokens)
+    def counting(windows):
+        windows = list(windows)
+        calls.append(len({id(doc) for doc, _ in windows}))
+        return real(windows)
 
-    tagger.tag_prepared = counting
+    tagger.submit = counting
     read: list[str] = []
 
     def documents():
@@ -197,7 +198,8 @@ def test_tag_documents_yields_outputs_in_order_one_tag_call_per_batch():
             yield str(i), text, ({"n": i} if i == 3 else {})
 
     counted: list[tuple[int, int]] = []
-    outs = tag_documents(tagger, documents(), batch_docs=2, on_batch=lambda *n: counted.append(n))
+    outs = tag_documents(tagger, documents(), batch_docs=2, in_flight=1,
+                         on_batch=lambda *n: counted.append(n))  # fmt: skip
     first = next(outs)
     assert read == ["1", "2"] and calls == [2]  # lazy: one batch read and tagged
     rest = list(outs)
@@ -211,6 +213,29 @@ def test_tag_documents_yields_outputs_in_order_one_tag_call_per_batch():
     assert rest[1]["meta"] == {"n": 3}
     with pytest.raises(ValueError, match="batch_docs"):
         next(tag_documents(tagger, documents(), batch_docs=0))
+    with pytest.raises(ValueError, match="in_flight"):
+        next(tag_documents(tagger, documents(), in_flight=0))
+
+    # With submissions in flight, reading runs ahead of the outputs by at most that many
+    # batches, and the outputs are the same, in the same order.
+    read.clear()
+    ahead = tag_documents(tagger, documents(), batch_docs=1, in_flight=3)
+    assert next(ahead) == first and read == ["1", "2", "3"]
+    assert list(ahead) == rest and read == ["1", "2", "3", "4", "5"]
+
+
+def test_tag_documents_hands_out_what_was_read_before_a_bad_line(model_path):
+    tagger = make_tagger("rigged")
+
+    def documents():
+        yield "1", "Peter", {}
+        yield "2", "Paris", {}
+        raise click.ClickException("in.txt:3: bad line")
+
+    outs = tag_documents(tagger, documents(), batch_docs=1, in_flight=3)
+    assert [next(outs)["id"], next(outs)["id"]] == ["1", "2"]
+    with pytest.raises(click.ClickException, match="bad line"):
+        next(outs)
 
 
 def test_tag_documents_cuts_batches_and_submissions_by_tokens_and_tags_long_documents_whole():
@@ -337,11 +362,44 @@ def test_tag_torch_threads_sets_the_model_threads_and_refuses_a_negative(model_p
 
     seen: list[int] = []
     monkeypatch.setattr(torch, "set_num_threads", seen.append)
-    assert tag(model_path, "--torch-threads", "1", input=b"Peter\n")[0]["entities"]
+    args = ["--no-model-process"]
+    assert tag(model_path, *args, "--torch-threads", "1", input=b"Peter\n")[0]["entities"]
     assert seen == [1]
-    assert tag(model_path, input=b"Peter\n") and seen == [1]  # 0: torch's default left alone
+    assert tag(model_path, *args, input=b"Peter\n") and seen == [1]  # 0: torch's default
     bad = CliRunner().invoke(main, ["tag", "--model", model_path, "--torch-threads", "-1"])
     assert bad.exit_code == 2 and "must not be negative" in bad.output
+
+
+def test_tag_runs_the_model_in_a_model_process_with_the_same_outputs(model_path, monkeypatch):
+    from ner_stream import cli
+
+    started: list[int] = []
+    real = cli.ModelProcess
+
+    def recording(path, precision, threads, **kwargs):
+        started.append(threads)
+        return real(path, precision, threads, **kwargs)
+
+    monkeypatch.setattr(cli, "ModelProcess", recording)
+    lines = b"Peter went to Paris\n" * 150 + b"Paris\n"
+    here = tag(model_path, "--no-model-process", "--batch-docs", "2", input=lines)
+    assert started == []
+    there = tag(model_path, "--batch-docs", "2", "--torch-threads", "2", input=lines)
+    assert started == [2]  # --torch-threads: the model process's threads
+    assert there == here and len(there) == 151
+    assert [e["text"] for e in there[0]["entities"]] == ["Peter", "Paris"]
+
+
+def test_tag_fails_with_one_sentence_when_the_model_process_does_not_start(model_path, monkeypatch):
+    from ner_stream import cli
+
+    def failing(*args, **kwargs):
+        raise cli.ModelProcessError("the model process exited during start-up")
+
+    monkeypatch.setattr(cli, "ModelProcess", failing)
+    result = CliRunner().invoke(main, ["tag", "--model", model_path], input=b"Peter\n")
+    assert result.exit_code == 1
+    assert "the model process exited during start-up" in result.output
 
 
 class FakeAdmin:

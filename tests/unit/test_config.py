@@ -88,14 +88,15 @@ def test_the_flags_tag_shares_with_run_come_from_the_same_settings():
     shared = {name: p for name, p in _options(cli.tag).items() if name in by_name}
     assert set(shared) == {
         "model", "device", "precision", "max_f1_change", "line_breaks", "torch_threads",
-        "max_doc_bytes",
+        "max_doc_bytes", "model_process",
     }  # fmt: skip
     for name, p in shared.items():
         s = by_name[name]
         assert (p.opts[0], p.default, p.envvar) == (s.option, s.default, s.envvar)
-        # `tag` has no consuming side to leave a core to: its 0 means torch's own default; and
-        # no dead-letter topic: a line over --max-doc-bytes stops it.
-        if name not in ("torch_threads", "max_doc_bytes"):
+        # `tag`'s 0 threads mean torch's own default without a model process; it has no
+        # dead-letter topic (a line over --max-doc-bytes stops it); its model process overlaps
+        # reading and writing, not consuming.
+        if name not in ("torch_threads", "max_doc_bytes", "model_process"):
             assert p.help == s.help
     for command, topic in ((cli.produce, "input_topic"), (cli.consume, "output_topic")):
         p = _options(command)["topic"]
