@@ -19,8 +19,10 @@ from ner_stream.model import Batch
 from ner_stream.runner import LocalRunner
 
 def rss_mib():
+    # Anonymous memory only: the kernels' memory is there, while the file-backed part of RSS
+    # moves with which pages of torch's libraries happen to be read in.
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
+        if line.startswith("RssAnon"):
             return int(line.split()[1]) / 1024
 
 torch.set_num_threads(1)
