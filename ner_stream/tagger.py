@@ -258,6 +258,12 @@ class Tagger:
         unfinished: deque[_Batch[K]] = deque()  # in order; the head is yielded once answered
         submitted: deque[tuple[_Batch[K], PendingTags]] = deque()  # runs not yet answered
 
+        def answer_oldest() -> Iterator[tuple[K, list[list[Entity]], BatchStats]]:
+            """Wait for the oldest run's answer; yield the batches it finishes, in order."""
+            answered, pending = submitted.popleft()
+            answered.add(*pending.result())
+            yield from finished()
+
         def finished() -> Iterator[tuple[K, list[list[Entity]], BatchStats]]:
             while unfinished and unfinished[0].unanswered == 0:
                 yield unfinished.popleft().outcome()
@@ -271,9 +277,7 @@ class Tagger:
             except Exception:
                 # What was read before the failure is still tagged and handed out first.
                 while submitted:
-                    answered, pending = submitted.popleft()
-                    answered.add(*pending.result())
-                    yield from finished()
+                    yield from answer_oldest()
                 raise
             batch = _Batch(key, docs)
             unfinished.append(batch)
@@ -282,15 +286,11 @@ class Tagger:
                 submitted.append((batch, self.submit(run)))
                 batch.unanswered += 1
                 if len(submitted) >= in_flight:
-                    answered, pending = submitted.popleft()
-                    answered.add(*pending.result())
-                    yield from finished()
+                    yield from answer_oldest()
             batch.unanswered -= 1  # every run submitted
             yield from finished()
         while submitted:
-            answered, pending = submitted.popleft()
-            answered.add(*pending.result())
-            yield from finished()
+            yield from answer_oldest()
 
     def submit(self, windows: Sequence[Window]) -> PendingTags:
         """Start tagging `windows` (of any documents, mixed); returns at once when the runner
