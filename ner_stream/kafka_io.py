@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
 import threading
@@ -16,12 +17,45 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka import errors as kafka_errors
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.net import transport as kafka_transport
 from kafka.structs import OffsetAndMetadata
 from kafka.structs import TopicPartition as KafkaTP
 
 from ner_stream.config import WorkerConfig
 
 log = logging.getLogger(__name__)
+
+
+def _deliver_before_close(sock_recv):
+    """Wrap a kafka-python transport's ``_sock_recv`` (returns ``(bytes, error or None)``) so
+    that bytes read in the same call as the peer's close are handed over first.
+
+    kafka-python 3.0.12 drops them: its read loop aborts on the error before passing the bytes
+    on. A broker that refuses SASL credentials answers with the reason and closes the connection
+    `connection.failed.authentication.delay.ms` (100 ms by default) later; a client that reads
+    later than that, as a loaded machine does, got both in one call and saw only "socket
+    disconnected", so a wrong password was retried as an unreachable broker. Returning the
+    bytes without the error lets the loop deliver them; its next read finds the close again.
+    """
+
+    @functools.wraps(sock_recv)
+    def recv(self):
+        data, err = sock_recv(self)
+        return (data, None) if data and err is not None else (data, err)
+
+    recv.delivers_before_close = True
+    return recv
+
+
+def _patch_transports() -> None:
+    """Apply `_deliver_before_close` to kafka-python's TCP and TLS transports, once."""
+    for cls in (kafka_transport.KafkaTCPTransport, kafka_transport.KafkaSSLTransport):
+        own = vars(cls).get("_sock_recv")
+        if own is not None and not getattr(own, "delivers_before_close", False):
+            cls._sock_recv = _deliver_before_close(own)
+
+
+_patch_transports()
 
 
 class StartupError(Exception):
@@ -196,8 +230,9 @@ def connect_admin(cfg: WorkerConfig) -> KafkaAdminClient:
             disconnects = disconnects + 1 if "disconnected" in why else 0
         left = deadline - time.monotonic()
         if left <= 0:
-            # kafka-python 3.0.12 often reads the broker's close before its answer to a SCRAM
-            # exchange with a wrong password: every attempt then ends "socket disconnected".
+            # A broker that closes every connection of a SASL client may still be refusing its
+            # credentials without saying so (an answer lost by a kafka-python older or newer
+            # than the one `_deliver_before_close` mends).
             hint = (
                 "; a broker that drops every connection of a SASL client is often refusing its "
                 "credentials: check --sasl-username, --sasl-password and --sasl-mechanism"

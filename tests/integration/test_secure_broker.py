@@ -37,6 +37,7 @@ from typing import Any
 
 import pytest
 from kafka import KafkaAdminClient, KafkaProducer
+from kafka.net.transport import KafkaSSLTransport
 
 from ner_stream.config import WorkerConfig
 from ner_stream.kafka_io import StartupError, connect_admin
@@ -339,11 +340,11 @@ def test_produce_and_consume_work_over_sasl_ssl_around_a_worker(
     wrong = _cli(secure_broker, "admin", "consume", "--topic", secure_topics.output,
                  password="not-the-password")  # fmt: skip
     assert wrong.returncode == 3
-    # kafka-python reads the refusal itself only now and then (see kafka_io.connect_admin):
-    # either way the last line names the credentials to check; the lines before it are retries.
-    *retries, last = wrong.stderr.strip().splitlines()
-    assert "check --sasl-username, --sasl-password and --sasl-mechanism" in last, wrong.stderr
-    assert all("not reachable yet" in line for line in retries), wrong.stderr
+    # The broker's refusal itself, at once: no retries before it.
+    assert wrong.stderr.strip().splitlines() == [
+        f"Error: Kafka at {secure_broker.bootstrap} refused the credentials of SASL user "
+        "'admin' (SCRAM-SHA-512): check --sasl-username, --sasl-password and --sasl-mechanism"
+    ]
     assert "not-the-password" not in wrong.stdout + wrong.stderr
 
 
@@ -383,6 +384,34 @@ def test_a_wrong_password_exits_3_at_once_with_one_sentence(
     # kafka-python's own lines about the failed attempts are not repeated in the log.
     assert " kafka." not in log and "Traceback" not in log
     assert wrong not in log
+
+
+def test_a_wrong_password_is_named_when_the_refusal_and_the_close_are_read_together(
+    secure_broker, monkeypatch
+):
+    # The broker closes a refused connection 100 ms after its answer; a client that reads later
+    # than that (a loaded machine) gets both in one read. Reading 300 ms late makes that happen
+    # on every connection: the refusal must still be read, not retried as "socket disconnected".
+    late = KafkaSSLTransport._sock_recv
+
+    def read_late(transport):
+        time.sleep(0.3)
+        return late(transport)
+
+    monkeypatch.setattr(KafkaSSLTransport, "_sock_recv", read_late)
+    cfg = WorkerConfig(bootstrap_servers=secure_broker.bootstrap, security_protocol="SASL_SSL",
+                       sasl_mechanism="SCRAM-SHA-512", sasl_username="ner-stream",
+                       sasl_password="not-the-password", ssl_cafile=str(secure_broker.ca),
+                       connect_timeout_s=120)  # fmt: skip
+    t0 = time.monotonic()
+    with pytest.raises(StartupError) as raised:
+        connect_admin(cfg)
+    assert raised.value.exit_code == 3
+    assert str(raised.value) == (
+        f"Kafka at {secure_broker.bootstrap} refused the credentials of SASL user 'ner-stream' "
+        "(SCRAM-SHA-512): check --sasl-username, --sasl-password and --sasl-mechanism"
+    )
+    assert time.monotonic() - t0 < 60
 
 
 # ------------------------------------------------------------------------------------ (c)
