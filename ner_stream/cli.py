@@ -27,7 +27,7 @@ from ner_stream.checkpoint import CheckpointError, default_model_path
 from ner_stream.config import SETTINGS, WorkerConfig
 from ner_stream.logs import configure_logging
 from ner_stream.messages import document_id, output_object, parse_json, pass_through
-from ner_stream.model_process import ModelProcess, ModelProcessError
+from ner_stream.model_process import LocalUntilStarted, ModelProcess, ModelProcessError
 from ner_stream.model_swap import ModelSwapper
 from ner_stream.precision import PRECISIONS
 from ner_stream.progress import TagProgress
@@ -434,7 +434,8 @@ def tag_streams(
     packaged model). Lines longer than `max_doc_bytes` are refused (see `_lines`). A warning
     about the chosen precision goes to stderr. With `model_process` and a model on the CPU, the
     network and the CRF run in a child process (`ModelProcess`, `model_threads` torch threads)
-    while this one reads, tokenizes and writes. Raises
+    while this one reads, tokenizes and writes; until that child has started, this process runs
+    them itself (`LocalUntilStarted`). Raises
     `click.ClickException` for a model file or options that cannot be used, for an output file
     that cannot be written, for an input line that cannot be read, and for a model process that
     fails to start or dies.
@@ -450,10 +451,11 @@ def tag_streams(
     if model_process and tagger.device.type == "cpu":
         try:
             process = ModelProcess(model or default_model_path(), tagger.precision.precision,
-                                   model_threads)  # fmt: skip
+                                   model_threads, wait=False)  # fmt: skip
         except ModelProcessError as e:
             raise click.ClickException(str(e)) from None
-        tagger.use_runner(process)
+        # The first passes run here while the child starts on the other core.
+        tagger.use_runner(LocalUntilStarted(tagger.local, process))
         torch.set_num_threads(1)
     heap.settle()
     try:

@@ -52,7 +52,7 @@ import torch
 from ner_stream import heap
 from ner_stream.checkpoint import load
 from ner_stream.model import Batch
-from ner_stream.runner import Forwarded, LocalRunner, RunnerDied
+from ner_stream.runner import Forwarded, LocalRunner, PendingPass, Runner, RunnerDied
 from ner_stream.vocab import Vocabularies, word_key
 
 # Testing hook (see the module docstring): read by the child only.
@@ -120,6 +120,10 @@ class ModelProcess:
     back this model whatever the file holds by then: the worker takes up new models from a
     `--model` file while it runs (`ner_stream.model_swap`), and one refused there must not
     reach a restart.
+
+    With `wait` (the default) the constructor returns once the child has loaded the model;
+    without it, at once, and `started` says when the child is ready (a short command such as
+    `ner-stream tag` tags in its own process meanwhile: `LocalUntilStarted`).
     """
 
     def __init__(
@@ -130,6 +134,7 @@ class ModelProcess:
         start_timeout_s: float = 120.0,
         pass_timeout_s: float = DEFAULT_PASS_TIMEOUT_S,
         private_copy: bool = False,
+        wait: bool = True,
     ) -> None:
         self._spec = {"model": str(model_path), "precision": precision, "threads": threads}
         self._copy_dir: str | None = None
@@ -144,8 +149,11 @@ class ModelProcess:
         self._lock = threading.Lock()
         self._waiting: deque[Reply] = deque()
         self._digest: str | None = None  # of the model file the first child loaded
+        self._ready = False  # the current child has loaded the model
         try:
-            self._start()
+            self._launch()
+            if wait:
+                self.started(wait=True)
         except BaseException:
             self._remove_copy()
             raise
@@ -189,6 +197,12 @@ class ModelProcess:
 
     def _start(self) -> None:
         """Start a child and wait until it has loaded the model; ModelProcessError if it cannot."""
+        self._launch()
+        self.started(wait=True)
+
+    def _launch(self) -> None:
+        """Start a child (not waiting for it); ModelProcessError if the model file cannot be read
+        or is no longer the one the first child loaded."""
         try:
             with open(self._spec["model"], "rb") as f:
                 digest = hashlib.file_digest(f, "sha256").hexdigest()
@@ -205,16 +219,33 @@ class ModelProcess:
         # torch and Kafka client threads could inherit locks those threads hold, and
         # multiprocessing's "spawn" would import the caller's main module again.
         ours, theirs = socket.socketpair()
-        spec, start_timeout_s = self._spec, self._start_timeout_s
         with theirs:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", __name__, str(theirs.fileno()), json.dumps(spec)],
+                [sys.executable, "-m", __name__, str(theirs.fileno()), json.dumps(self._spec)],
                 pass_fds=[theirs.fileno()] + ([self._copy_fd] if self._copy_fd is not None else []),
             )
         self._conn = Connection(ours.detach())
-        if not self._conn.poll(start_timeout_s):
+        self._ready = False
+        self._launched = (time.monotonic(), digest)
+
+    def started(self, wait: bool = False) -> bool:
+        """Whether the child has loaded the model and takes passes; `wait`: wait for that, up to
+        the start timeout.
+
+        Raises `ModelProcessError` when the child cannot start: it exited, could not load the
+        model, or was not ready within the start timeout. This object is then closed.
+        """
+        if self._ready:
+            return True
+        launched_at, digest = self._launched
+        left = launched_at + self._start_timeout_s - time.monotonic()
+        if not self._conn.poll(max(0.0, left) if wait else 0):
+            if not wait and left > 0:
+                return False
             self.close()
-            raise ModelProcessError(f"the model process did not start in {start_timeout_s:.0f} s")
+            raise ModelProcessError(
+                f"the model process did not start in {self._start_timeout_s:.0f} s"
+            )
         try:
             reply = self._conn.recv()
         except (EOFError, OSError):
@@ -224,6 +255,8 @@ class ModelProcess:
             self.close()
             raise ModelProcessError(f"the model process could not load the model: {reply[1]}")
         self._digest = digest
+        self._ready = True
+        return True
 
     @property
     def pid(self) -> int:
@@ -234,8 +267,10 @@ class ModelProcess:
         """Send passes (see `Runner`) to the child; its reply comes later.
 
         Passes are answered in the order they were sent, so the caller can send the next one
-        before collecting this one and the child never waits for the caller.
+        before collecting this one and the child never waits for the caller. Waits for a child
+        that is still starting (see `started`, whose errors it raises).
         """
+        self.started(wait=True)
         payload = [
             (b.words.numpy(), b.chars.numpy(), b.cases.numpy(), b.mask.numpy()) for b in batches
         ]
@@ -313,6 +348,14 @@ class ModelProcess:
             self._remove_copy()
 
     def _stop(self, timeout_s: float) -> None:
+        if not self._ready:
+            # Still loading, or failed to: nothing of it to wait for (a `tag` of one line would
+            # otherwise wait out the child's start-up).
+            with contextlib.suppress(OSError):
+                self._process.kill()
+            self._process.wait(timeout_s)
+            self._conn.close()
+            return
         # A tagging thread left blocked on a reply (a shutdown that timed out) holds the lock:
         # the child is then terminated without being asked.
         if self._lock.acquire(timeout=1.0):
@@ -332,6 +375,26 @@ class ModelProcess:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._process.wait(1.0)
         return f"the model process stopped (exit code {self._process.returncode})"
+
+
+class LocalUntilStarted:
+    """A `Runner` for a short command (`ner-stream tag`): passes run in this process (`local`)
+    while the model process `process` (made with ``wait=False``) starts beside it, and in the
+    model process once it is ready, so that a small input does not wait for a second
+    interpreter to import torch and load the model.
+
+    Raises `ModelProcessError` (from `ModelProcess.started`) when the model process cannot start.
+    """
+
+    def __init__(self, local: Runner, process: ModelProcess) -> None:
+        self.local = local
+        self.process = process
+
+    def __call__(self, batches: list[Batch], rows: list[int]) -> PendingPass:
+        """Run the passes (see `Runner`) here, or in the model process once it has started."""
+        if self.process.started():
+            return self.process(batches, rows)
+        return self.local(batches, rows)
 
 
 class Reply:

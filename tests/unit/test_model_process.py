@@ -22,6 +22,7 @@ from ner_stream.model_process import (
     HANG_WORD_ENV,
     MAX_RESTARTS,
     RESTART_WINDOW_S,
+    LocalUntilStarted,
     ModelProcess,
     ModelProcessError,
     RestartWindow,
@@ -110,6 +111,68 @@ def test_the_child_exits_when_its_parent_is_gone(model_file):
     while proc._process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert proc._process.poll() == 0
+
+
+def test_without_wait_the_child_starts_beside_the_caller_and_then_takes_passes(model_file):
+    proc = ModelProcess(model_file, "fp32", threads=1, wait=False)
+    try:
+        assert proc.started(wait=True)
+        assert proc.digest is not None
+        tagger = Tagger.from_file(model_file, OPTIONS)
+        expected = tagger.tag(TEXTS)
+        tagger.use_runner(proc)
+        assert tagger.tag(TEXTS) == expected
+    finally:
+        proc.close()
+    assert proc._process.returncode == 0  # a started child is asked to stop
+
+
+def test_a_child_still_starting_is_killed_by_close_without_waiting_for_it(model_file):
+    proc = ModelProcess(model_file, "fp32", threads=1, wait=False)
+    proc.close()
+    assert proc._process.returncode == -signal.SIGKILL
+
+
+def test_a_model_that_cannot_be_loaded_fails_when_started_without_wait(tmp_path):
+    bad = tmp_path / "bad.nerm"
+    bad.write_bytes(b"not a model")
+    proc = ModelProcess(bad, "fp32", threads=1, wait=False)
+    with pytest.raises(ModelProcessError, match="could not load the model"):
+        proc.started(wait=True)
+    assert proc._process.poll() is not None
+
+
+class Starting:
+    """A model process that starts after `calls` looks at it, running passes as `runner` does."""
+
+    def __init__(self, runner, calls: int) -> None:
+        self.runner, self.calls, self.ran = runner, calls, 0
+
+    def started(self) -> bool:
+        self.calls -= 1
+        return self.calls < 0
+
+    def __call__(self, batches, rows):
+        self.ran += 1
+        return self.runner(batches, rows)
+
+
+def test_passes_run_here_until_the_model_process_has_started_then_there(model_file):
+    tagger = Tagger.from_file(model_file, OPTIONS)
+    docs = [tagger.prepare(t) for t in TEXTS * 4]
+    expected = [tagger.tag_prepared([d])[0][0] for d in docs]
+    local_calls: list[int] = []
+
+    def local(batches, rows):
+        local_calls.append(len(batches))
+        return tagger.local(batches, rows)
+
+    process = Starting(tagger.local, calls=3)
+    tagger.use_runner(LocalUntilStarted(local, process))
+    batches = [(i, [d]) for i, d in enumerate(docs)]
+    got = [out[0] for _, out, _ in tagger.tag_batches(batches, 1000, in_flight=3)]
+    assert got == expected
+    assert len(local_calls) == 3 and process.ran > 0
 
 
 def test_a_pass_that_fails_in_the_child_fails_alone(model_file, process):
