@@ -239,13 +239,16 @@ class ModelProcess:
             return True
         launched_at, digest = self._launched
         left = launched_at + self._start_timeout_s - time.monotonic()
-        if not self._conn.poll(max(0.0, left) if wait else 0):
+        try:
+            arrived = self._conn.poll(max(0.0, left) if wait else 0)
+        except OSError:  # closed: this start already failed, or `close` came first
+            raise ModelProcessError(self._stopped_message()) from None
+        if not arrived:
             if not wait and left > 0:
                 return False
             self.close()
-            raise ModelProcessError(
-                f"the model process did not start in {self._start_timeout_s:.0f} s"
-            )
+            limit = self._start_timeout_s
+            raise ModelProcessError(f"the model process did not start in {limit:g} s")
         try:
             reply = self._conn.recv()
         except (EOFError, OSError):
@@ -353,7 +356,8 @@ class ModelProcess:
             # otherwise wait out the child's start-up).
             with contextlib.suppress(OSError):
                 self._process.kill()
-            self._process.wait(timeout_s)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(timeout_s)
             self._conn.close()
             return
         # A tagging thread left blocked on a reply (a shutdown that timed out) holds the lock:
@@ -455,8 +459,11 @@ def serve(conn: Connection, model_path: str, precision: str, threads: int) -> No
     decoded: queue.SimpleQueue = queue.SimpleQueue()
     decoder = threading.Thread(target=_decode_and_reply, args=(conn, runner, decoded))
     decoder.start()
-    conn.send(("ready", os.getpid()))
     try:
+        try:
+            conn.send(("ready", os.getpid()))
+        except OSError:  # the parent is gone (it died or gave up while this one loaded)
+            return
         while True:
             message = requests.get()
             if message is None:  # asked to stop, or the parent is gone

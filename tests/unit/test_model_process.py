@@ -140,6 +140,24 @@ def test_a_model_that_cannot_be_loaded_fails_when_started_without_wait(tmp_path)
     with pytest.raises(ModelProcessError, match="could not load the model"):
         proc.started(wait=True)
     assert proc._process.poll() is not None
+    # Asked again, or given a pass, it is still the model process's error (which the tagging
+    # stage treats as a dead model), not an error of the passes.
+    with pytest.raises(ModelProcessError, match="stopped"):
+        proc.started()
+    with pytest.raises(ModelProcessError, match="stopped"):
+        proc([], [])
+
+
+def test_a_child_whose_parent_is_gone_while_it_loads_exits(model_file):
+    proc = ModelProcess(model_file, "fp32", threads=1, wait=False)
+    proc._conn.close()  # the parent died or gave up before the child was ready
+    deadline = time.monotonic() + 60
+    while proc._process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    code = proc._process.poll()
+    if code is None:
+        proc._process.kill()
+    assert code == 0
 
 
 class Starting:
