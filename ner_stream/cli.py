@@ -374,20 +374,27 @@ def _prepared_batches(
     tagger: Tagger, documents: Iterable[tuple[str, str, dict]], max_docs: int, max_tokens: int
 ) -> Iterator[list[tuple[str, Any, dict]]]:
     """(id, prepared document, pass-through fields) of `documents`, in batches of at most
-    `max_docs` documents and `max_tokens` tokens (a longer document alone), read lazily."""
+    `max_docs` documents and `max_tokens` tokens (a longer document alone), read lazily. When
+    reading `documents` raises, the documents read before it are still yielded, then the error
+    is raised."""
     batch: list[tuple[str, Any, dict]] = []
     tokens = 0
-    for doc_id, text, meta in documents:
-        prepared = tagger.prepare(text)
-        n = prepared.num_tokens
-        if batch and tokens + n > max_tokens:
+    try:
+        for doc_id, text, meta in documents:
+            prepared = tagger.prepare(text)
+            n = prepared.num_tokens
+            if batch and tokens + n > max_tokens:
+                yield batch
+                batch, tokens = [], 0
+            batch.append((doc_id, prepared, meta))
+            tokens += n
+            if len(batch) == max_docs:
+                yield batch
+                batch, tokens = [], 0
+    except Exception:
+        if batch:
             yield batch
-            batch, tokens = [], 0
-        batch.append((doc_id, prepared, meta))
-        tokens += n
-        if len(batch) == max_docs:
-            yield batch
-            batch, tokens = [], 0
+        raise
     if batch:
         yield batch
 

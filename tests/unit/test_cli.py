@@ -331,11 +331,14 @@ def test_tag_output_writes_the_lines_stdout_would_get_and_nothing_to_stdout(mode
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.jsonl"]
 
 
-def test_tag_output_after_a_bad_line_leaves_only_a_partial_file_and_names_it(model_path, tmp_path):
+@pytest.mark.parametrize("batch_docs", ["1", "64"])
+def test_tag_output_after_a_bad_line_leaves_only_a_partial_file_and_names_it(
+    model_path, tmp_path, batch_docs
+):
     path = tmp_path / "in.jsonl"
     path.write_bytes(b'{"text": "Peter"}\n{"text": "Paris"}\n{"text": 3}\n')
     out = tmp_path / "out.jsonl"
-    args = ["tag", "--model", model_path, "--batch-docs", "1", "-o", str(out), str(path)]
+    args = ["tag", "--model", model_path, "--batch-docs", batch_docs, "-o", str(out), str(path)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1
     assert "in.jsonl:3: expected an object with a text" in result.output
