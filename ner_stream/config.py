@@ -94,6 +94,11 @@ class WorkerConfig:
     )
     max_batch_docs: int = setting(128, "Most documents in one micro-batch.")
     max_batch_tokens: int = setting(8192, "Most real tokens in one micro-batch.")
+    max_batch_growth: int = setting(
+        2,
+        "While the model already holds two micro-batches, the next may grow to this many times "
+        "--max-batch-docs and --max-batch-tokens (1: never).",
+    )
     max_pass_tokens: int = setting(
         8192, "Most padded positions (rows x length) in one forward pass."
     )
@@ -241,6 +246,7 @@ def validate(cfg: WorkerConfig) -> list[str]:
     positive = (
         "max_batch_docs",
         "max_batch_tokens",
+        "max_batch_growth",
         "max_pass_tokens",
         "max_doc_bytes",
         "max_chunk_tokens",

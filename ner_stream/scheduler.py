@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generic, Protocol, TypeVar
 
 from ner_stream.batching import BatchLimits, MicroBatcher
@@ -83,6 +83,11 @@ class Scheduler(Generic[J]):
     - While the model is busy, a batch keeps growing past its wait limit, up to full: under load
       the batches grow and the model works on large ones. When the model is free, the wait limit
       decides, so light load keeps low latency.
+    - While the model holds `MAX_BATCHES_IN_FLIGHT` batches (a backlog: the next could not run
+      before one of them is done anyway), full means `growth` times the limits' documents and
+      tokens (`in_model` tells the count). Batches are then larger where the model is the limit,
+      and a document costs less in a larger pass; once a batch leaves the model, the open one
+      goes as soon as it holds the limits' plain size.
     - The pieces of a document longer than `piece_tokens` (half a micro-batch) wait in a lane of
       their own and join batches one at a time: the next one rides along with each batch that
       goes (room is kept for it in the open batch), one goes alone when the model is free and no
@@ -93,8 +98,14 @@ class Scheduler(Generic[J]):
     - Pieces of documents no longer `live` are dropped when their batch is taken.
     """
 
-    def __init__(self, limits: BatchLimits) -> None:
-        self.limits = limits
+    def __init__(self, limits: BatchLimits, growth: int = 1) -> None:
+        if growth < 1:
+            raise ValueError(f"growth must be at least 1, got {growth}")
+        self.base = limits
+        self.limits = limits  # the limits in force: `base`, or grown during a backlog
+        self._grown = replace(
+            limits, max_docs=limits.max_docs * growth, max_tokens=limits.max_tokens * growth
+        )
         # A long document takes at most half a micro-batch, so that the other half serves the
         # documents queued behind it.
         self.piece_tokens = max(1, limits.max_tokens // 2)
@@ -106,6 +117,12 @@ class Scheduler(Generic[J]):
     def __len__(self) -> int:
         """Pieces waiting (in the open batch and the long lane)."""
         return len(self._batcher) + len(self._long)
+
+    def in_model(self, batches: int) -> None:
+        """Tell how many batches the model holds (submitted, not answered): the limits in force
+        follow (see the class docstring)."""
+        self.limits = self._grown if batches >= MAX_BATCHES_IN_FLIGHT else self.base
+        self._batcher.limits = self.limits
 
     def accepts(self) -> bool:
         """Whether the caller may add another document now (see the class docstring)."""

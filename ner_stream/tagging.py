@@ -117,6 +117,7 @@ class TaggingStage:
             # it before this thread spends its time on their spans and outputs.
             finished = self._take_finished()
             model_free = not self._in_model
+            scheduler.in_model(len(self._in_model))
             wait = 0.0 if finished else scheduler.wait_s(self.clock(), model_free)
             job = None
             if not stopping and scheduler.accepts():

@@ -122,7 +122,8 @@ class Worker(ConsumerRebalanceListener):
         self.overflow: deque[tuple[Any, Partition]] = deque()
         self.backpressure = Backpressure(cfg.queue_docs, cfg.queue_tokens)
         self.scheduler = Scheduler(
-            BatchLimits(cfg.max_batch_docs, cfg.max_batch_tokens, cfg.max_wait_ms / 1000)
+            BatchLimits(cfg.max_batch_docs, cfg.max_batch_tokens, cfg.max_wait_ms / 1000),
+            growth=cfg.max_batch_growth,
         )
         self._last_lag = clock() - LAG_INTERVAL_S
         self.tagging = TaggingStage(tagger, self.work, self.scheduler, self.delivery, self.metrics,

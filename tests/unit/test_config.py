@@ -110,6 +110,7 @@ def test_the_flags_tag_shares_with_run_come_from_the_same_settings():
     [
         ({"max_batch_docs": 0}, "--max-batch-docs"),
         ({"max_batch_tokens": 0}, "--max-batch-tokens must be at least 1"),
+        ({"max_batch_growth": 0}, "--max-batch-growth must be at least 1"),
         ({"max_pass_tokens": 0, "max_chunk_tokens": 0}, "--max-pass-tokens must be at least 1"),
         ({"max_pass_tokens": -5}, "--max-pass-tokens must be at least 1"),
         ({"max_doc_bytes": -1}, "--max-doc-bytes"),

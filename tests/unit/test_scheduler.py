@@ -87,6 +87,46 @@ def test_while_the_model_is_busy_a_batch_grows_past_its_wait_limit_until_full():
     assert names(s.take(5.0, model_free=False, idle=False, stopping=False)) == ["a", "b", "c"]
 
 
+def test_while_the_model_holds_two_batches_the_next_grows_to_growth_times_the_limits():
+    s = Scheduler(BatchLimits(max_docs=2, max_tokens=100, max_wait_s=0.5), growth=2)
+    s.in_model(2)  # a backlog: the next batch could not run before one of these is done
+    assert [add(s, name, [10], now=0.0)[1] for name in "abc"] == [None] * 3
+    assert s.take(0.0, model_free=False, idle=False, stopping=False) is None  # 3 of 4
+    add(s, "d", [10], now=0.0)
+    assert names(s.take(0.0, model_free=False, idle=False, stopping=False)) == list("abcd")
+    # Tokens grow the same way: 200 of them, no more.
+    assert add(s, "f", [90], now=0.0)[1] is None
+    assert add(s, "g", [90], now=0.0)[1] is None
+    assert s.take(0.0, model_free=False, idle=False, stopping=False) is None  # 180 of 200
+    _, full = add(s, "h", [30], now=0.0)
+    assert names(full) == ["f", "g"]
+
+
+def test_once_a_batch_leaves_the_model_the_open_one_goes_at_the_plain_limits():
+    s = Scheduler(BatchLimits(max_docs=2, max_tokens=100, max_wait_s=0.5), growth=2)
+    s.in_model(2)
+    for name in "abc":
+        add(s, name, [10], now=0.0)
+    assert s.take(0.0, model_free=False, idle=False, stopping=False) is None
+    s.in_model(1)
+    assert names(s.take(0.0, model_free=False, idle=False, stopping=False)) == ["a", "b", "c"]
+    add(s, "d", [10], now=0.0)
+    _, full = add(s, "e", [10], now=0.0)
+    assert full is None
+    _, full = add(s, "f", [10], now=0.0)
+    assert names(full) == ["d", "e"]  # no backlog: the plain limit of two
+
+
+def test_without_growth_a_backlog_changes_nothing_and_growth_below_one_is_refused():
+    s = Scheduler(BatchLimits(max_docs=2, max_tokens=100, max_wait_s=0.5))
+    s.in_model(2)
+    add(s, "a", [10], now=0.0)
+    add(s, "b", [10], now=0.0)
+    assert names(s.take(0.0, model_free=False, idle=False, stopping=False)) == ["a", "b"]
+    with pytest.raises(ValueError, match="growth"):
+        Scheduler(BatchLimits(max_docs=2, max_tokens=100, max_wait_s=0.5), growth=0)
+
+
 def test_a_document_that_does_not_fit_sends_the_open_batch_first():
     s = scheduler(max_tokens=100)
     add(s, "a", [40], now=0.0)

@@ -812,6 +812,26 @@ def test_while_the_model_is_busy_a_batch_waits_until_full():
     assert output_ids(producer) == {f"d{i}" for i in range(7)}
 
 
+@pytest.mark.parametrize(("growth", "third"), [(2, 8), (1, 4)])
+def test_while_the_model_holds_two_batches_the_next_grows_by_max_batch_growth(growth, third):
+    tagger = make_tagger("rigged", max_chunk_tokens=32, max_pass_tokens=256)
+    runner = HeldRunner(tagger)
+    tagger.use_runner(runner)
+    consumer, producer = FakeConsumer(partitions=1), FakeProducer()
+    consumer.append(0, doc("d0", "Peter ."))
+    running = start(tagger, consumer, producer, max_batch_docs=4, max_wait_ms=1,
+                    max_batch_growth=growth)  # fmt: skip
+    wait_for(lambda: runner.rows == [1], what="the first document in the model")
+    for i in range(1, 13):
+        consumer.append(0, doc(f"d{i}", "Peter ."))
+    wait_for(lambda: len(runner.rows) >= 3, what="a third batch")
+    assert runner.rows[:3] == [1, 4, third]
+    runner.release.set()
+    wait_for(lambda: len(producer.delivered(OUT)) == 13, what="all outputs")
+    assert running.stop() == 0
+    assert output_ids(producer) == {f"d{i}" for i in range(13)}
+
+
 def test_the_lag_gauge_counts_the_records_not_yet_consumed(tagger):
     consumer, producer = FakeConsumer(partitions=1), FakeProducer()
     for i in range(10):
