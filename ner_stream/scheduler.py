@@ -102,7 +102,6 @@ class Scheduler(Generic[J]):
         if growth < 1:
             raise ValueError(f"growth must be at least 1, got {growth}")
         self.base = limits
-        self.limits = limits  # the limits in force: `base`, or grown during a backlog
         self._grown = replace(
             limits, max_docs=limits.max_docs * growth, max_tokens=limits.max_tokens * growth
         )
@@ -118,11 +117,15 @@ class Scheduler(Generic[J]):
         """Pieces waiting (in the open batch and the long lane)."""
         return len(self._batcher) + len(self._long)
 
+    @property
+    def limits(self) -> BatchLimits:
+        """The limits in force: `base`, or grown while the model holds a backlog."""
+        return self._batcher.limits
+
     def in_model(self, batches: int) -> None:
         """Tell how many batches the model holds (submitted, not answered): the limits in force
         follow (see the class docstring)."""
-        self.limits = self._grown if batches >= MAX_BATCHES_IN_FLIGHT else self.base
-        self._batcher.limits = self.limits
+        self._batcher.limits = self._grown if batches >= MAX_BATCHES_IN_FLIGHT else self.base
 
     def accepts(self) -> bool:
         """Whether the caller may add another document now (see the class docstring)."""
