@@ -13,6 +13,8 @@ Three parts, all with the same number of torch threads:
 3. corpus: the synthetic corpus cut into the worker's micro-batches (its document and token
    limits), each run either as the `Tagger` runs it (sorted by length, one forward pass per length
    bucket: "buckets on") or as one forward pass padded to its longest sequence ("buckets off").
+   The long-article corpus (about 180 words a document) is timed the same way, buckets on, fp32:
+   the worker's end-to-end rate on that corpus is compared with it.
 
 Efficiency = the model's useful FLOP/s (FLOPs per real token from the model's configuration,
 times tokens/s) / the matmul FLOP/s of the same dtype. Timings are medians over repeats.
@@ -105,6 +107,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="fewer repeats when one case would take longer than this",
     )
     p.add_argument("--corpus-docs", type=int, default=None)
+    p.add_argument(
+        "--long-corpus-docs",
+        type=int,
+        default=None,
+        help="articles of the long corpus timed as the short one is (0: none)",
+    )
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--micro-batch-docs", type=int, default=worker.max_batch_docs)
     p.add_argument("--micro-batch-tokens", type=int, default=worker.max_batch_tokens)
@@ -133,6 +141,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.repeats = args.repeats or (2 if q else 5)
     args.case_budget_s = args.case_budget_s or (5.0 if q else 20.0)
     args.corpus_docs = args.corpus_docs or (200 if q else 1000)
+    if args.long_corpus_docs is None:
+        # About as many tokens as the short corpus's 1000 documents.
+        args.long_corpus_docs = 60 if q else 360
     args.crf_shapes = args.crf_shapes or CRF_SHAPES
     args.rounds = args.rounds or (3 if q else 15)
     args.dtypes = [d for d in args.dtypes.split(",") if d]
@@ -347,6 +358,31 @@ def corpus_calls(tagger: Tagger, groups: list[list[PreparedDoc]], bucketed: bool
             calls.append([(sents, whole)])
             shapes.append((whole.rows, whole.length))
     return calls, shapes
+
+
+def long_corpus(tagger: Tagger, args: argparse.Namespace, threads: int, budget: float) -> dict:
+    """The long-article corpus (`corpus.py --kind long`) as the worker runs it: its micro-batches,
+    length buckets on, fp32, `threads` torch threads. Tokens/s of real tokens."""
+    docs = documents(args.long_corpus_docs, args.seed, kind="long")
+    prepared = [tagger.prepare(d["text"]) for d in docs]
+    groups = list(micro_batches(prepared, args.micro_batch_docs, args.micro_batch_tokens))
+    calls, shapes = corpus_calls(tagger, groups, bucketed=True)
+    real_tokens = sum(d.num_tokens for d in prepared)
+    padded = sum(n * t for n, t in shapes)
+    s = time_calls(tagger, calls, args.repeats, budget)
+    tps = real_tokens / s["median"]
+    log(f"long corpus fp32 buckets on {threads} thread(s) {tps:>10.0f} tok/s")
+    return {
+        "docs": len(prepared),
+        "sequences": sum(1 for d in prepared for w in d.windows if w),
+        "real_tokens": real_tokens,
+        "micro_batches": len(groups),
+        "threads": threads,
+        "forward_passes": len(shapes),
+        "padding_ratio": 1 - real_tokens / padded,
+        "seconds": s,
+        "tokens_per_s": tps,
+    }
 
 
 def text_path(tagger: Tagger, docs: list[dict], repeats: int) -> dict:
@@ -583,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats,
             "case_budget_s": args.case_budget_s,
             "corpus_docs": args.corpus_docs,
+            "long_corpus_docs": args.long_corpus_docs,
             "seed": args.seed,
             "micro_batch_docs": args.micro_batch_docs,
             "micro_batch_tokens": args.micro_batch_tokens,
@@ -698,6 +735,8 @@ def main(argv: list[str] | None = None) -> int:
             f"padding {pad:.1%}  eff {'n/a' if eff is None else f'{eff:.1%}'}"
         )
     result["corpus"] = corpus
+    if args.long_corpus_docs > 0:
+        result["long_corpus"] = long_corpus(tagger, args, threads, budget)
     result["text_path"] = text_path(tagger, docs, args.repeats)
 
     fp32 = [r for r in corpus["runs"] if r["dtype"] == "fp32"]
@@ -708,6 +747,7 @@ def main(argv: list[str] | None = None) -> int:
         "tokens_per_s_bucketed_fp32": on and on["tokens_per_s"],
         "tokens_per_s_bucketed_fp32_one_thread": one and one["tokens_per_s"],
         "tokens_per_s_unbucketed_fp32": off and off["tokens_per_s"],
+        "tokens_per_s_bucketed_fp32_long": (result.get("long_corpus") or {}).get("tokens_per_s"),
         "bucketing_speedup": on and off and on["tokens_per_s"] / off["tokens_per_s"],
         "efficiency_bucketed_fp32": on and on["efficiency_vs_matmul"],
         "matmul_gflops_fp32": matmul.get("fp32", {}).get("gflops"),

@@ -358,10 +358,21 @@ def summarize(
         ">=",
         "end-to-end words/s / spaCy's best words/s, long corpus",
     )
+    core_long = (model or {}).get("summary", {}).get("tokens_per_s_bucketed_fp32_long")
+    e2e_long_tps = e2e_long and e2e_long["summary"]["tokens_per_s"]
+    target(
+        "e2e_vs_model_core_long",
+        ratio(e2e_long_tps, core_long),
+        TARGETS["e2e_vs_model_core"],
+        ">=",
+        "end-to-end tokens/s / model-core tokens/s, long corpus",
+    )
     s["figures"] = {
         "exactly_once_docs_per_s": es.get("exactly_once_docs_per_s"),
         "exactly_once_p99_at_half_s": es.get("exactly_once_p99_at_half_s"),
         "model_core_tokens_per_s": core_tps,
+        "model_core_tokens_per_s_long": core_long,
+        "e2e_tokens_per_s_long": e2e_long_tps,
         "model_core_tokens_per_s_one_thread": (model or {})
         .get("summary", {})
         .get("tokens_per_s_bucketed_fp32_one_thread"),
@@ -552,6 +563,15 @@ def doc_blocks(meta: dict, model, e2e, spacy, summary) -> dict[str, str]:
                 crows,
             )  # fmt: skip
         )
+        lc = model.get("long_corpus")
+        if lc:
+            blocks["model"] += (
+                f"\n\nThe long-article corpus, the same way (fp32, buckets on, {lc['threads']} "
+                f"threads): {lc['docs']} articles, {lc['sequences']} sentences, "
+                f"{lc['real_tokens']:,} tokens in {lc['micro_batches']} micro-batches, "
+                f"{lc['forward_passes']} forward passes, padding {pct(lc['padding_ratio'])}: "
+                f"**{fmt(lc['tokens_per_s'])} tokens/s** ({lc['seconds']['n']} repeats)."
+            )
         if "text_path" in model:
             trows = [
                 [r["texts"], f"`{r['line_breaks']}`", fmt(r["tokens_per_s"]),

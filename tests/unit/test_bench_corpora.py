@@ -59,3 +59,20 @@ def test_the_corpora_table_is_written_when_anything_was_measured():
     assert "| short | `ner-stream tag` | 30,000 | 5.00x |" in table
     assert "| long | spaCy small, best of 1 or 2 processes | n/a | 1x |" in table
     assert "5.0 s" in table
+
+
+def test_end_to_end_against_the_model_core_is_judged_on_each_corpus_with_its_own_core():
+    model = {"summary": {"tokens_per_s_bucketed_fp32": 100_000,
+                         "tokens_per_s_bucketed_fp32_long": 120_000,
+                         "efficiency_bucketed_fp32": 0.3}}  # fmt: skip
+    e2e = {"summary": {"tokens_per_s": 85_000}}
+    e2e_long = {"summary": {"tokens_per_s": 90_000}}
+    targets = run_all.summarize(model, e2e, None, e2e_long=e2e_long)["targets"]
+    assert targets["e2e_vs_model_core"]["value"] == pytest.approx(0.85)
+    assert targets["e2e_vs_model_core"]["met"] is True
+    # 90,000 would pass against the short corpus's core; against the long one's it is 75%.
+    assert targets["e2e_vs_model_core_long"]["value"] == pytest.approx(0.75)
+    assert targets["e2e_vs_model_core_long"]["met"] is False
+    older = {"summary": {"tokens_per_s_bucketed_fp32": 100_000, "efficiency_bucketed_fp32": 0.3}}
+    assert run_all.summarize(older, e2e, None, e2e_long=e2e_long)["targets"][
+        "e2e_vs_model_core_long"]["met"] is None  # fmt: skip
