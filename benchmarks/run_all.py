@@ -13,6 +13,9 @@ cannot be installed, its result says so and the rest stands), (d) `ner-stream ta
 both corpora (bench_tag.py). Then the
 ratios against the targets are computed from the results of this same run (results/summary.json)
 and the tables between the `<!-- generated:NAME -->` markers of docs/benchmarks.md are rewritten.
+Before each part and at the end, a speed probe (`speed_probe`: one BiLSTM pass of the model's
+shape on one thread) records how fast the machine was at that moment: on a shared host the
+parts of one run can see different machines, and the environment table shows by how much.
 
 Environment: BENCH_QUICK=1 (smoke sizes), BENCH_MODEL (model file), BENCH_THREADS (torch threads
 of the model bench and OMP_NUM_THREADS of the worker; default: torch's default, one per core),
@@ -456,6 +459,10 @@ def doc_blocks(meta: dict, model, e2e, spacy, summary) -> dict[str, str]:
         ["CPU", f"{meta['cpu_model']}, {meta['cpus']} CPUs usable"],
         ["CPU flags", meta["cpu_flags"]],
         ["CPU busy just before the run", pct(meta.get("cpu_busy_before"))],
+        [
+            "speed probe before each part and at the end (ms a BiLSTM pass, one thread)",
+            probes_row(meta.get("speed_probes_ms") or {}),
+        ],
         ["load average at start", load],
         ["Python", meta["python"]],
         ["torch", f"{meta['torch']} ({meta['torch_threads']} threads)"],
@@ -792,6 +799,42 @@ def gpu_block(gpu: dict | None) -> str | None:
     return "\n".join(out)
 
 
+def speed_probe(seconds: float = 1.0) -> float:
+    """Milliseconds of one bidirectional LSTM pass of the packaged model's shape (input 108,
+    hidden 128 a direction, 128 rows x 24 steps, fp32, one torch thread), the median of the
+    passes of about `seconds`: the machine's speed at that moment. Taken before each part and
+    at the end of a run, it shows when the parts ran on a machine of different speeds (a shared
+    host), which a ratio of two parts then carries."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        lstm = torch.nn.LSTM(108, 128, bidirectional=True, batch_first=True)
+        x = torch.randn(128, 24, 108, generator=g)
+        samples = []
+        with torch.inference_mode():
+            lstm(x)  # warm-up (oneDNN primitive)
+            until = time.perf_counter() + seconds
+            while time.perf_counter() < until or len(samples) < 5:
+                t0 = time.perf_counter()
+                lstm(x)
+                samples.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    samples.sort()
+    return samples[len(samples) // 2] * 1000
+
+
+def probes_row(probes: dict[str, float]) -> str:
+    """The speed probes as one table cell: each in ms, and the slowest over the fastest."""
+    if not probes:
+        return "n/a"
+    cells = ", ".join(f"{name} {v:.1f}" for name, v in probes.items())
+    return f"{cells} (slowest / fastest {max(probes.values()) / min(probes.values()):.2f})"
+
+
 def update_doc(path: Path, blocks: dict[str, str]) -> None:
     try:
         text = path.read_text()
@@ -830,14 +873,14 @@ def main(argv: list[str] | None = None) -> int:
     host = host_info(measure_busy=True)
     status: dict[str, int] = {}
     paths = {p: results / f"{p}.json" for p in PARTS}
-    if "model" in args.only:
-        status["model"] = step_model(args, paths["model"])
-    if "e2e" in args.only:
-        status["e2e"] = step_e2e(args, paths["e2e"])
-    if "spacy" in args.only:
-        status["spacy"] = step_spacy(args, paths["spacy"])
-    if "tag" in args.only:
-        status["tag"] = step_tag(args, paths["tag"])
+    probes: dict[str, float] = {}
+    steps = {"model": step_model, "e2e": step_e2e, "spacy": step_spacy, "tag": step_tag}
+    for part, step in steps.items():
+        if part in args.only:
+            probes[part] = speed_probe()
+            status[part] = step(args, paths[part])
+    probes["end"] = speed_probe()
+    log("speed probe, ms a BiLSTM pass: " + probes_row(probes))
 
     model = read_json(paths["model"]) if status.get("model") == 0 else None
     e2e = read_json(paths["e2e"]) if status.get("e2e") == 0 else None
@@ -871,6 +914,7 @@ def main(argv: list[str] | None = None) -> int:
         "spacy": (spacy or {}).get("spacy", {}).get("version"),
         "model": display_path(args.model) if args.model else "packaged (ner_stream/models)",
         "wall_s": time.time() - t_start,
+        "speed_probes_ms": probes,
     }
     summary_doc = {
         "benchmark": "summary",

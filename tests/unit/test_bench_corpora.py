@@ -76,3 +76,25 @@ def test_end_to_end_against_the_model_core_is_judged_on_each_corpus_with_its_own
     older = {"summary": {"tokens_per_s_bucketed_fp32": 100_000, "efficiency_bucketed_fp32": 0.3}}
     assert run_all.summarize(older, e2e, None, e2e_long=e2e_long)["targets"][
         "e2e_vs_model_core_long"]["met"] is None  # fmt: skip
+
+
+def test_the_environment_shows_how_the_machine_s_speed_moved_across_the_run():
+    meta = {"quick": False, "time_utc": "t", "git": {"commit": "c", "dirty": False},
+            "cpu_model": "cpu", "cpus": 2, "cpu_flags": "", "load_average": [0.1],
+            "cpu_busy_before": 0.0, "python": "3", "torch": "2", "torch_threads": 2,
+            "kafka_python": "3", "kafka_broker": None, "spacy": "3.8", "model": "m",
+            "wall_s": 1.0, "speed_probes_ms": {"model": 8.0, "e2e": 10.0, "end": 8.5}}  # fmt: skip
+    summary = run_all.summarize(None, None, None)
+    env = run_all.doc_blocks(meta, None, None, None, summary)["environment"]
+    assert "model 8.0, e2e 10.0, end 8.5 (slowest / fastest 1.25)" in env
+    del meta["speed_probes_ms"]  # results of runs before the probe existed
+    assert "| n/a |" in run_all.doc_blocks(meta, None, None, None, summary)["environment"]
+
+
+def test_the_speed_probe_times_a_pass_and_leaves_torch_s_threads_as_they_were():
+    import torch
+
+    before = torch.get_num_threads()
+    ms = run_all.speed_probe(seconds=0.05)
+    assert 0 < ms < 10_000
+    assert torch.get_num_threads() == before
